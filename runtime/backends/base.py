@@ -1,0 +1,79 @@
+"""The backend interface: one compiled tree graph (target or draft) behind a uniform call.
+
+Modelled on Polygraphy's runners: a backend is loaded from the manifest entry of one graph,
+owns its device buffers (the fixed-capacity KV cache included) and runs one tree step at a time.
+Every backend (ONNX Runtime CPU/CUDA, TensorRT, TensorRT-RTX, torch) implements this and nothing
+else, so the generator never knows which one it drives.
+
+KV cache contract (written into the manifest as `kv_cache`): per layer one key and one value
+buffer of shape [B, kv_heads, capacity, head_dim]; rows [0, length[b]) of sequence b are valid.
+A step reads the whole buffer (no copy) plus `past_lengths`, returns K/V rows for its T tree
+tokens only, and `commit` moves just the accepted rows into the buffer.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass
+class StepInputs:
+    """One tree step for a batch. Host numpy arrays; backends move them to their device."""
+
+    input_ids: np.ndarray  # int64 [B, T]
+    position_ids: np.ndarray  # int64 [B, T]: past length + node depth
+    tree_mask: np.ndarray  # bool [B, T, T]: mask[b, i, j] = j is i or an ancestor of i
+
+
+@dataclass
+class StepOutputs:
+    """What a step returns. `logits`/`hidden_states` are host arrays (numpy) unless a backend
+    documents otherwise; `new_kv` stays on the backend's device until `commit` uses it."""
+
+    logits: np.ndarray  # float32 [B, T, V]
+    hidden_states: np.ndarray  # [B, T, H] after the final norm (what Medusa heads read)
+    new_kv: Any  # backend-private handle on the new K/V rows of the T tokens
+
+
+class TreeBackend(ABC):
+    """A loaded tree graph plus its KV cache for one batch of sequences."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def reset(self, batch_size: int, capacity: int) -> None:
+        """(Re)allocate the KV cache for `batch_size` sequences of at most `capacity` tokens and
+        set every sequence length to 0."""
+
+    @property
+    @abstractmethod
+    def lengths(self) -> np.ndarray:
+        """int64 [B]: valid cache rows per sequence."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Rows per sequence in the cache buffer."""
+
+    @abstractmethod
+    def step(self, inputs: StepInputs) -> StepOutputs:
+        """Run the graph on T tree tokens per sequence against the current cache."""
+
+    @abstractmethod
+    def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
+        """Append the K/V rows of tree nodes `accepted[b]` (indices into T, in path order) to
+        sequence b's cache. Only these rows move."""
+
+    def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Host copy of the valid cache (per layer, key and value): for tests and debugging."""
+        raise NotImplementedError(f"{self.name} does not expose its cache")
+
+    def close(self) -> None:
+        """Release device memory and sessions."""
+
+
+class BackendError(RuntimeError):
+    """A backend could not be created or run; the message says why and what to do."""
