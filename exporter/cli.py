@@ -1,0 +1,90 @@
+"""treespec-export MODEL --out DIR: write an artifact directory for tree speculative decoding."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from treespec.cli_util import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="treespec-export",
+        description="Export a Llama-family checkpoint (HF folder, .safetensors, .gguf or a preset: "
+                    "smollm2-135m, tiny-random) to ONNX tree graphs, engines and a manifest.")
+    p.add_argument("model", help="HF folder, .safetensors file, .gguf file, or preset name")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--attention", default="decomposed", choices=["decomposed", "onnx", "ort-mha", "plugin"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--drafter", action="append", choices=["lookup", "medusa", "draft"],
+                   help="drafter(s) to include (repeatable; the first is the default). Default: lookup")
+    p.add_argument("--drafter-weights", action="append", default=[], metavar="KIND=PATH",
+                   help="trained weights (safetensors) for a drafter, e.g. medusa=heads.safetensors")
+    p.add_argument("--engines", default="none", choices=["none", "tensorrt", "tensorrt-rtx"])
+    p.add_argument("--compute-capability", action="append", dest="compute_capabilities",
+                   help="TensorRT-RTX target compute capability (repeatable); default: its portable set")
+    p.add_argument("--triton-repo", type=Path, help="also write a Triton model repository here")
+    p.add_argument("--max-context", type=int, help="cache capacity limit (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-tree-tokens", type=int, default=128)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _weights(items: list[str]) -> dict[str, Path]:
+    from treespec.runtime.errors import InputError
+
+    out = {}
+    for item in items:
+        kind, sep, path = item.partition("=")
+        if not sep or kind not in ("medusa", "draft"):
+            raise InputError(f"--drafter-weights expects medusa=PATH or draft=PATH, got '{item}'")
+        if not Path(path).is_file():
+            raise InputError(f"--drafter-weights: {path} does not exist")
+        out[kind] = Path(path)
+    return out
+
+
+def _main(argv: list[str] | None) -> int:
+    from treespec.exporter.pipeline import ExportOptions, run_export
+    from treespec.runtime.errors import InputError
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(argv)
+    for name in ("max_context", "max_batch", "max_tree_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    opts = ExportOptions(
+        model=args.model, out=args.out, attention=args.attention, precision=args.precision,
+        drafters=args.drafter or ["lookup"], drafter_weights=_weights(args.drafter_weights),
+        engines=args.engines, compute_capabilities=args.compute_capabilities,
+        triton_repo=args.triton_repo, max_context=args.max_context, max_batch=args.max_batch,
+        max_tree_tokens=args.max_tree_tokens, force=args.force)
+    steps = 3 + len(opts.drafters) + (opts.engines != "none") + (opts.triton_repo is not None)
+    bar = tqdm(total=steps, bar_format="{n_fmt}/{total_fmt} {desc} [{elapsed}]", file=sys.stderr)
+
+    def progress(message: str) -> None:
+        if bar.n or bar.desc:
+            bar.update(1)
+        bar.set_description_str(message)
+
+    try:
+        manifest = run_export(opts, progress)
+        bar.set_description_str("done")
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
+    sizes = manifest["export"]["sizes_bytes"]
+    print(f"wrote {opts.out} ({sum(sizes.values()) / 1e6:.1f} MB): "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["export"]["timings_s"].items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""ONNX Runtime backend: one InferenceSession over a tree graph, KV cache bound in place.
+
+The cache buffers are numpy arrays wrapped as OrtValues once per `reset`; each step binds them
+by reference through IOBinding, so ONNX Runtime reads the cache where it lies. Only the accepted
+rows of the `new_key_i` / `new_value_i` outputs are copied into the buffers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
+from treespec.runtime.errors import ArtifactError
+
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def _providers(device: str) -> list:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    raise BackendError(f"onnxruntime backend: unknown device '{device}' (use cpu or cuda)")
+
+
+def open_session(path: Path, device: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=_providers(device))
+    except Exception as exc:  # ORT raises its own exception types for corrupt files
+        raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise BackendError("onnxruntime: CUDAExecutionProvider unavailable (install onnxruntime-gpu)")
+    return session
+
+
+class OnnxRuntimeBackend(TreeBackend):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, num_layers: int, num_kv_heads: int, head_dim: int,
+                 precision: str = "fp32", device: str = "cpu", threads: int | None = None):
+        self.session = open_session(path, device, threads)
+        self.num_layers = num_layers
+        self.kv_shape_tail = (num_kv_heads, head_dim)
+        self.dtype = NUMPY_DTYPES.get(precision, np.float32)
+        self.device = device
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._cache: list[np.ndarray] = []
+        self._lengths = np.zeros(0, dtype=np.int64)
+        self._binding = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    @property
+    def capacity(self) -> int:
+        return self._cache[0].shape[2] if self._cache else 0
+
+    def reset(self, batch_size: int, capacity: int) -> None:
+        import onnxruntime as ort
+
+        heads, dim = self.kv_shape_tail
+        shape = (batch_size, heads, capacity, dim)
+        if not self._cache or self._cache[0].shape != shape:
+            self._cache = [np.zeros(shape, dtype=self.dtype) for _ in range(2 * self.num_layers)]
+            binding = self.session.io_binding()
+            for i, buf in enumerate(self._cache):
+                kind = "key" if i % 2 == 0 else "value"
+                binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", ort.OrtValue.ortvalue_from_numpy(buf))
+            self._binding = binding
+        self._lengths = np.zeros(batch_size, dtype=np.int64)
+
+    def step(self, inputs: StepInputs) -> StepOutputs:
+        if self._binding is None:
+            raise BackendError("reset() must be called before step()")
+        if int(self._lengths.max()) + inputs.input_ids.shape[1] > self.capacity:
+            raise BackendError("KV cache capacity exceeded")
+        binding = self._binding
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(inputs.input_ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(inputs.position_ids, dtype=np.int64))
+        binding.bind_cpu_input("tree_mask", np.ascontiguousarray(inputs.tree_mask, dtype=np.bool_))
+        binding.bind_cpu_input("past_lengths", self._lengths.copy())
+        for name in self.output_names:  # outputs change shape with T: let ORT allocate them
+            binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        new_kv = [outs[f"new_{kind}_{i}"] for i in range(self.num_layers) for kind in ("key", "value")]
+        return StepOutputs(logits=outs["logits"], hidden_states=outs["hidden_states"], new_kv=new_kv)
+
+    def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
+        for b, rows in enumerate(accepted):
+            n = len(rows)
+            if n == 0:
+                continue
+            start = int(self._lengths[b])
+            if start + n > self.capacity:
+                raise BackendError("KV cache capacity exceeded")
+            idx = np.asarray(rows, dtype=np.int64)
+            for buf, new in zip(self._cache, outputs.new_kv):
+                buf[b, :, start:start + n] = new[b][:, idx]
+            self._lengths[b] = start + n
+
+    def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for i in range(self.num_layers):
+            k, v = self._cache[2 * i], self._cache[2 * i + 1]
+            out.append((k.copy(), v.copy()))
+        return out
+
+    def close(self) -> None:
+        self._binding = None
+        self._cache = []

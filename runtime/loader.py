@@ -1,0 +1,75 @@
+"""Build the runtime's parts (tokenizer, target backend, drafter) from a manifest."""
+from __future__ import annotations
+
+from treespec.runtime.backends.base import BackendError, TreeBackend
+from treespec.runtime.drafters.base import Drafter
+from treespec.runtime.errors import ArtifactError
+from treespec.runtime.manifest import Manifest
+
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
+
+
+def load_tokenizer(manifest: Manifest):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(manifest.tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot load the tokenizer from {manifest.tokenizer_dir}: {exc}") from None
+
+
+def load_graph(manifest: Manifest, name: str, backend: str, device: str,
+               threads: int | None = None) -> TreeBackend:
+    """A TreeBackend for the `target` or `draft` graph."""
+    entry = manifest.graph(name)
+    dims = manifest.dims if name == "target" else _draft_dims(manifest)
+    if backend == "onnxruntime":
+        from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        path = manifest.require_file(entry["onnx"])
+        manifest.require_file(entry["onnx"] + ".data") if entry.get("external_data") else None
+        return OnnxRuntimeBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
+                                  entry.get("precision", "fp32"), device, threads)
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        from treespec.runtime.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend.from_manifest(manifest, name, backend)
+    if backend == "torch":
+        from treespec.runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend.from_manifest(manifest, name, device)
+    raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+
+
+def _draft_dims(manifest: Manifest):
+    from treespec.runtime.manifest import ModelDims
+
+    return ModelDims.from_dict({**manifest.model, **manifest.graph("draft").get("dims", {})})
+
+
+def load_target(manifest: Manifest, backend: str, device: str, threads: int | None = None) -> TreeBackend:
+    return load_graph(manifest, "target", backend, device, threads)
+
+
+def load_drafter(manifest: Manifest, backend: str, device: str, threads: int | None = None,
+                 kind: str | None = None) -> Drafter | None:
+    kind = kind or manifest.default_drafter
+    if kind == "none":
+        return None
+    spec = manifest.drafters.get(kind)
+    if spec is None:
+        raise ArtifactError(f"these artifacts have no '{kind}' drafter (they have: "
+                            f"{', '.join(manifest.drafters) or 'none'}; add one with treespec-export --drafter)")
+    if kind == "lookup":
+        from treespec.runtime.drafters.lookup import LookupDrafter
+
+        return LookupDrafter(**spec.get("options", {}))
+    if kind == "medusa":
+        from treespec.runtime.drafters.medusa import MedusaDrafter
+
+        return MedusaDrafter.from_manifest(manifest, backend, device, threads)
+    if kind == "draft":
+        from treespec.runtime.drafters.draft_lm import DraftModelDrafter
+
+        return DraftModelDrafter.from_manifest(manifest, backend, device, threads)
+    raise ArtifactError(f"manifest names an unknown drafter kind '{kind}'")
