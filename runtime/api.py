@@ -92,7 +92,14 @@ class SpeculativeGenerator:
             raise InputError(f"tree needs {cfg.levels} Medusa heads but the graph has {max_depth}")
         return cfg
 
-    def encode(self, prompt: str | Sequence[int], raw: bool = False) -> list[int]:
+    def encode(self, prompt: str | Sequence[int] | Sequence[dict], raw: bool = False) -> list[int]:
+        """Token ids for a prompt: text (chat template applied unless raw), chat messages
+        ([{"role": ..., "content": ...}]) or token ids."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            if not any(str(m.get("content", "")).strip() for m in prompt):
+                raise InputError("the prompt is empty")
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("the prompt is empty")

@@ -41,7 +41,9 @@ def _generate(args) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [json.loads(line)["prompt"] for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        from treespec.runtime.prompts import read_prompts
+
+        prompts += read_prompts(Path(args.prompts_file))
     if not prompts:
         raise InputError("give --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
     gen = SpeculativeGenerator.from_artifacts(args.artifacts, args.backend, args.device,

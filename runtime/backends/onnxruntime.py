@@ -81,8 +81,6 @@ class OnnxRuntimeBackend(TreeBackend):
     def step(self, inputs: StepInputs) -> StepOutputs:
         if self._binding is None:
             raise BackendError("reset() must be called before step()")
-        if int(self._lengths.max()) + inputs.input_ids.shape[1] > self.capacity:
-            raise BackendError("KV cache capacity exceeded")
         binding = self._binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(inputs.input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(inputs.position_ids, dtype=np.int64))

@@ -1,0 +1,252 @@
+"""Which TensorRT flavour is installed, and the few calls where TensorRT and TensorRT-RTX differ.
+
+TensorRT-RTX's Python bindings mirror `tensorrt` class for class, so the exporter and the runtime
+backend are written and type-checked against `tensorrt` alone (tensorrt-stubs). This module is the
+one place that touches a flavour's module object: it imports `tensorrt`, `tensorrt_rtx` or
+`tensorrt_rtx_bindings` dynamically (the RTX bindings ship no stubs, so the module is `Any` here)
+and hands out objects annotated with the `tensorrt` types. Everything only one flavour has
+(compute-capability targets, the runtime cache, RTX's own CUDA-graph capture, engine validity
+checks, IAttention which tensorrt-stubs 10.13 predates) is a method of `TrtApi` below.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from treespec.runtime.backends.base import BackendError
+from treespec.runtime.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+BUILDERS = ("tensorrt", "tensorrt-rtx")
+_MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx", "tensorrt_rtx_bindings")}
+_INSTALL = {
+    "tensorrt": "pip install tensorrt (needs NVIDIA's package index and a GPU to build)",
+    "tensorrt-rtx": "pip install tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116",
+}
+# TensorRT-RTX's documented portable set when no compute capability is set (CPU-only AOT build).
+RTX_DEFAULT_CCS = ["8.0", "8.6", "8.9", "12.0"]
+_RTX_CC_NAMES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+_SEVERITY_WARNING = 2  # ILogger.Severity: INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4
+
+
+def normalize_cc(cc: str) -> str:
+    """'sm_86', 'SM86', '86' and '8.6' all name compute capability '8.6'; 'current' stays."""
+    text = cc.strip().lower().removeprefix("sm_").removeprefix("sm")
+    if text == "current" or "." in text:
+        return text
+    if text.isdigit() and len(text) in (2, 3):
+        return f"{text[:-1]}.{text[-1]}"
+    raise BackendError(f"'{cc}' is not a compute capability (write it as 8.6, sm_86 or current)")
+
+
+@dataclass(frozen=True)
+class TrtApi:
+    builder: str  # "tensorrt" or "tensorrt-rtx": the name recorded in the manifest
+    module: Any  # the imported flavour module; everything public below is typed as `tensorrt`
+    version: str
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.builder == "tensorrt-rtx"
+
+    @classmethod
+    def load(cls, builder: str) -> "TrtApi":
+        if builder not in _MODULES:
+            raise BackendError(f"unknown engine builder '{builder}' (use one of {', '.join(BUILDERS)})")
+        for name in _MODULES[builder]:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            # tensorrt-stubs installs a bare `tensorrt/` folder, importable as an empty namespace.
+            if hasattr(module, "Builder") and hasattr(module, "__version__"):
+                return cls(builder=builder, module=module, version=str(module.__version__))
+        raise BackendError(f"{builder} is not installed here ({_INSTALL[builder]})")
+
+    # -- objects, typed as the tensorrt API -------------------------------------------------------
+
+    def logger(self, sink: list[str]) -> "trt.ILogger":
+        """A logger that keeps warnings and errors in `sink`, so failures can quote them."""
+        base = self.module.ILogger
+
+        def __init__(obj: Any) -> None:
+            base.__init__(obj)
+
+        def log(obj: Any, severity: Any, msg: str) -> None:
+            if int(severity) <= _SEVERITY_WARNING:
+                sink.append(msg.strip())
+
+        logger: trt.ILogger = type("TreespecLogger", (base,), {"__init__": __init__, "log": log})()
+        return logger
+
+    def builder_for(self, logger: "trt.ILogger") -> "trt.Builder":
+        builder: trt.Builder = self.module.Builder(logger)
+        return builder
+
+    def strongly_typed_network(self, builder: "trt.Builder") -> "trt.INetworkDefinition":
+        # Strongly typed: every tensor keeps the dtype the ONNX gives it. TensorRT-RTX only has
+        # such networks; TensorRT 10.12+ deprecates the weakly typed ones.
+        flag = int(self.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        return builder.create_network(1 << flag)
+
+    def onnx_parser(self, network: "trt.INetworkDefinition", logger: "trt.ILogger") -> "trt.OnnxParser":
+        parser: trt.OnnxParser = self.module.OnnxParser(network, logger)
+        return parser
+
+    def runtime(self, logger: "trt.ILogger") -> "trt.Runtime":
+        runtime: trt.Runtime = self.module.Runtime(logger)
+        return runtime
+
+    def dims(self, shape: list[int]) -> "trt.Dims":
+        dims: trt.Dims = self.module.Dims(shape)
+        return dims
+
+    def progress_monitor(self, report: Callable[[str], None]) -> "trt.IProgressMonitor":
+        """Forwards the builder's top two phase levels (and top-level steps) to `report`."""
+        base = self.module.IProgressMonitor
+        depth: dict[str, int] = {}
+        totals: dict[str, int] = {}
+
+        def __init__(obj: Any) -> None:
+            base.__init__(obj)
+
+        def phase_start(obj: Any, phase: str, parent: str | None, steps: int) -> None:
+            depth[phase] = 0 if not parent else depth.get(parent, 0) + 1
+            totals[phase] = int(steps)
+            if depth[phase] <= 1:
+                report(phase if depth[phase] == 0 else f"  {phase}")
+
+        def step_complete(obj: Any, phase: str, step: int) -> bool:
+            if depth.get(phase) == 0:
+                report(f"{phase}: step {int(step) + 1}/{totals.get(phase, '?')}")
+            return True
+
+        def phase_finish(obj: Any, phase: str) -> None:
+            depth.pop(phase, None)
+
+        monitor: trt.IProgressMonitor = type("TreespecProgress", (base,), {
+            "__init__": __init__, "phase_start": phase_start,
+            "step_complete": step_complete, "phase_finish": phase_finish,
+        })()
+        return monitor
+
+    # -- build-time differences ------------------------------------------------------------------
+
+    def set_targets(self, config: "trt.IBuilderConfig", ccs: list[str] | None) -> list[str]:
+        """Choose the GPUs the engine will run on; returns what the manifest records.
+
+        TensorRT-RTX builds on the CPU for a list of compute capabilities (default: its portable
+        set; 'current' means the GPU present, and turns CPU-only AOT off). Full TensorRT builds for
+        the GPU it runs on; 'ampere+' asks for its hardware-compatible (Ampere and later) engines.
+        """
+        if self.is_rtx:
+            if not ccs:
+                return list(RTX_DEFAULT_CCS)
+            wanted = [normalize_cc(cc) for cc in ccs]
+            if "current" in wanted and len(wanted) > 1:
+                raise BackendError("compute capability 'current' cannot be combined with others")
+            unknown = [cc for cc in wanted if cc != "current" and cc not in _RTX_CC_NAMES]
+            if unknown:
+                raise BackendError(
+                    f"TensorRT-RTX {self.version} cannot target compute capability {', '.join(unknown)} "
+                    f"(it supports {', '.join(_RTX_CC_NAMES)}, or 'current')"
+                )
+            rtx_config: Any = config
+            rtx_config.num_compute_capabilities = len(wanted)
+            for i, cc in enumerate(wanted):
+                enum = self.module.ComputeCapability.CURRENT if cc == "current" else getattr(
+                    self.module.ComputeCapability, _RTX_CC_NAMES[cc])
+                if not rtx_config.set_compute_capability(enum, i):
+                    raise BackendError(f"TensorRT-RTX refused compute capability {cc}")
+            return wanted
+        if not ccs:
+            return ["current"]
+        if [c.lower() for c in ccs] == ["ampere+"]:
+            config.hardware_compatibility_level = self.module.HardwareCompatibilityLevel.AMPERE_PLUS
+            return ["ampere+"]
+        raise BackendError(
+            "full TensorRT builds for the GPU it runs on: leave compute capabilities unset, or ask "
+            "for 'ampere+' (hardware-compatible engines for Ampere and later)"
+        )
+
+    def mark_attention_decomposable(self, network: "trt.INetworkDefinition") -> int:
+        """Let the builder fall back to MatMul/Softmax for IAttention it has no fused kernel for.
+
+        The ONNX parser maps opset-23 `Attention` to IAttention; TensorRT-RTX refuses to build one
+        that has no dedicated kernel (fp32, or head sizes/masks outside its kernels) unless it is
+        marked decomposable. Returns how many were marked (0 where the flavour has no IAttention).
+        """
+        layer_type = getattr(self.module.LayerType, "ATTENTION_OUTPUT", None)
+        output_layer = getattr(self.module, "IAttentionOutputLayer", None)
+        if layer_type is None or output_layer is None:
+            return 0
+        marked = 0
+        for i in range(network.num_layers):
+            layer: Any = network.get_layer(i)
+            if layer.type == layer_type:
+                layer.__class__ = output_layer  # the bindings return the ILayer base class
+                layer.attention.decomposable = True
+                marked += 1
+        return marked
+
+    # -- run-time differences --------------------------------------------------------------------
+
+    def check_runs_here(self, runtime: "trt.Runtime", blob: bytes, made_by: str) -> None:
+        """TensorRT-RTX can tell from an engine's header whether this GPU can run it."""
+        if not self.is_rtx:
+            return
+        rtx_runtime: Any = runtime
+        validity, diagnostics = rtx_runtime.get_engine_validity(blob)
+        if validity == self.module.EngineValidity.INVALID:
+            raise ArtifactError(
+                f"{made_by}; TensorRT-RTX says this GPU cannot run it (diagnostics flags {int(diagnostics)}). "
+                "TensorRT-RTX runs on compute capability 7.5, 8.x and 12.x GPUs only (not 9.0/10.0): "
+                "use --engines tensorrt or the onnxruntime backend on this machine"
+            )
+
+    def execution_context(self, engine: "trt.ICudaEngine", runtime_cache: "RuntimeCache | None",
+                          cuda_graphs: bool) -> "trt.IExecutionContext":
+        """One execution context; on RTX with the shared runtime cache and RTX's graph capture."""
+        if not self.is_rtx:
+            return engine.create_execution_context()
+        rtx_engine: Any = engine
+        config = rtx_engine.create_runtime_config()
+        if runtime_cache is not None:
+            config.set_runtime_cache(runtime_cache.cache)
+        if cuda_graphs:
+            config.cuda_graph_strategy = self.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        context: trt.IExecutionContext = rtx_engine.create_execution_context(config)
+        return context
+
+    def open_runtime_cache(self, engine: "trt.ICudaEngine", path: Path | None) -> "RuntimeCache | None":
+        """TensorRT-RTX compiles kernels on first use; its runtime cache keeps them across runs."""
+        if not self.is_rtx or path is None:
+            return None
+        rtx_engine: Any = engine
+        cache = rtx_engine.create_runtime_config().create_runtime_cache()
+        # A cache from another GPU, driver or RTX version is refused (False) and simply refilled.
+        loaded = path.is_file() and bool(cache.deserialize(path.read_bytes()))
+        return RuntimeCache(path=path, cache=cache, loaded=loaded)
+
+    # cuda_graphs: full TensorRT is captured by the backend around execute_async_v3; TensorRT-RTX
+    # captures itself (it JIT-compiles shape-specialised kernels, so its own capture knows when).
+    @property
+    def captures_cuda_graphs_itself(self) -> bool:
+        return self.is_rtx
+
+
+@dataclass
+class RuntimeCache:
+    path: Path
+    cache: Any  # IRuntimeCache (TensorRT-RTX only)
+    loaded: bool
+
+    def save(self) -> None:
+        blob = memoryview(self.cache.serialize())
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(self.path)

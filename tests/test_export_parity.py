@@ -1,0 +1,92 @@
+"""Exported tree graphs (ONNX Runtime) vs. the HF PyTorch model given the equivalent 4-D mask."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from treespec.runtime.backends.base import StepInputs
+from treespec.runtime.loader import load_target
+from treespec.runtime.manifest import load_manifest
+from treespec.runtime.tree import Tree, batch_tree_inputs, chain_tree
+
+TOLERANCE = 1e-3
+
+
+def random_tree(rng: np.random.Generator, size: int, vocab: int) -> Tree:
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, size)]
+    return Tree(tokens=[int(t) for t in rng.integers(0, vocab, size)], parents=parents)
+
+
+def hf_tree_logits(model, prefix: list[int], tree: Tree) -> np.ndarray:
+    """Reference: HF forward over the prefix, then over the tree with a 4-D additive mask."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+        past_len = len(prefix)
+        allowed = np.concatenate([np.ones((len(tree), past_len), bool), tree.ancestor_mask()], axis=1)
+        mask = torch.where(torch.from_numpy(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
+        pos = torch.tensor([[past_len + d for d in tree.depths]])
+        logits = model(input_ids=torch.tensor([tree.tokens]), position_ids=pos, attention_mask=mask,
+                       past_key_values=out.past_key_values).logits
+    return logits[0].numpy()
+
+
+def ort_tree_logits(backend, prefix: list[int], tree: Tree) -> np.ndarray:
+    backend.reset(1, len(prefix) + len(tree) + 8)
+    for t in (chain_tree(prefix),):
+        ids, pos, mask = batch_tree_inputs([t], backend.lengths)
+        out = backend.step(StepInputs(ids, pos, mask))
+        backend.commit(out, [list(range(len(prefix)))])
+    ids, pos, mask = batch_tree_inputs([tree], backend.lengths)
+    return backend.step(StepInputs(ids, pos, mask)).logits[0]
+
+
+def check_parity(artifacts, checkpoint, cases: int, seed: int) -> float:
+    manifest = load_manifest(artifacts)
+    backend = load_target(manifest, "onnxruntime", "cpu")
+    model = checkpoint.model
+    model.config._attn_implementation = "eager"
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    sizes = [1, 64] + [int(rng.integers(2, 65)) for _ in range(cases - 2)]
+    for size in sizes:
+        prefix = [int(t) for t in rng.integers(0, manifest.dims.vocab_size, int(rng.integers(1, 40)))]
+        tree = random_tree(rng, size, manifest.dims.vocab_size)
+        got = ort_tree_logits(backend, prefix, tree)
+        want = hf_tree_logits(model, prefix, tree)
+        worst = max(worst, float(np.abs(got - want).max()))
+    print(f"max |ORT - PyTorch| over {cases} random trees: {worst:.2e}")
+    return worst
+
+
+def test_tiny_decomposed_parity(tiny_artifacts, tiny_hf):
+    assert check_parity(tiny_artifacts, tiny_hf, cases=8, seed=0) < TOLERANCE
+
+
+def test_tiny_onnx_attention_parity(tiny_artifacts_onnx_attention, tiny_hf):
+    assert check_parity(tiny_artifacts_onnx_attention, tiny_hf, cases=8, seed=1) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_smollm2_decomposed_parity(smollm2_artifacts, smollm2_hf):
+    assert check_parity(smollm2_artifacts, smollm2_hf, cases=5, seed=2) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_smollm2_onnx_attention_parity(smollm2_artifacts_onnx_attention, smollm2_hf):
+    assert check_parity(smollm2_artifacts_onnx_attention, smollm2_hf, cases=5, seed=3) < TOLERANCE
+
+
+def test_graph_io_contract(tiny_artifacts):
+    import onnx
+
+    manifest = load_manifest(tiny_artifacts)
+    graph = onnx.load(str(tiny_artifacts / "target.onnx"), load_external_data=False).graph
+    inputs = {i.name: i for i in graph.input}
+    assert list(inputs)[:4] == ["input_ids", "position_ids", "tree_mask", "past_lengths"]
+    assert inputs["tree_mask"].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    dims = [d.dim_param or d.dim_value for d in inputs["past_key_0"].type.tensor_type.shape.dim]
+    assert dims == ["batch", manifest.dims.num_kv_heads, "past", manifest.dims.head_dim]
+    outputs = [o.name for o in graph.output]
+    assert outputs[:2] == ["logits", "hidden_states"]
+    assert f"new_value_{manifest.dims.num_layers - 1}" in outputs
