@@ -78,7 +78,7 @@ def build_artifact_engines(artifact_dir: Path, builder: str = "tensorrt-rtx", pr
     """Read manifest.json, build the engines, write manifest.json back; returns the manifest."""
     path = Path(artifact_dir) / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from None
     build_engines(Path(artifact_dir), manifest, builder, precision, compute_capabilities, progress, graphs)
@@ -129,7 +129,7 @@ def build_engine(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, A
     report(f"{graph}: building with {api.builder} {api.version} ({graph_precision}, "
            f"compute capabilities {', '.join(targets)})")
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
         errors = [line for line in log if line][-3:]
@@ -187,7 +187,8 @@ def _add_profile(api: TrtApi, builder: "trt.Builder", config: "trt.IBuilderConfi
     shapes = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        low, opt, high = input_shapes(tensor.name, list(tensor.shape), profile)
+        shape = tensor.shape
+        low, opt, high = input_shapes(tensor.name, [shape[j] for j in range(len(shape))], profile)
         shapes.set_shape(tensor.name, api.dims(low), api.dims(opt), api.dims(high))
     if config.add_optimization_profile(shapes) < 0:
         raise ArtifactError(f"the builder refused optimisation profile '{profile.name}' {profile.to_dict()}")

@@ -120,7 +120,7 @@ def deserialize_engine(api: TrtApi, blob: bytes, record: Mapping[str, Any]) -> t
     runtime = api.runtime(api.logger(log))
     origin = made_by(record)
     api.check_runs_here(runtime, blob, origin)
-    engine = runtime.deserialize_cuda_engine(blob)
+    engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(blob)
     if engine is None:
         detail = log[-1] if log else "no message from TensorRT"
         raise ArtifactError(f"{origin} could not be deserialized by {api.builder} {api.version}: {detail}")
