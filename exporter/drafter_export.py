@@ -1,0 +1,61 @@
+"""Put a Medusa or draft-LM drafter into an artifact directory: its ONNX graph + manifest entry."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from treespec.exporter.drafter_models import (MedusaTopK, draft_from_weights, load_weights,
+                                              medusa_from_weights)
+from treespec.exporter.onnx_export import TORCH_DTYPES, _quiet_exporter, _save, export_tree_graph
+from treespec.exporter.tree_model import TreeDecoder
+
+MEDUSA_TOP_K = 8
+DEFAULT_TREES = {
+    "medusa": {"policy": "widths", "widths": [4, 8, 8, 8], "budget": 28},
+    "draft": {"policy": "widths", "widths": [4, 8, 8, 8, 8], "budget": 36},
+}
+
+
+def export_medusa_graph(heads, path: Path, precision: str, top_k: int = MEDUSA_TOP_K,
+                        with_logits: bool = True) -> Path:
+    module = MedusaTopK(heads, top_k, with_logits).to(TORCH_DTYPES[precision]).eval()
+    hidden = torch.zeros(2, 3, heads.blocks[0].in_features, dtype=TORCH_DTYPES[precision])
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    tokens = torch.export.Dim("tree_tokens", min=1, max=8192)
+    outputs = ["topk_ids", "topk_logprobs"] + (["logits"] if with_logits else [])
+    _quiet_exporter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (hidden,), dynamo=True, input_names=["hidden_states"],
+                                    output_names=outputs, dynamic_shapes=({0: batch, 1: tokens},),
+                                    opset_version=18, optimize=True)
+    _save(program, path)
+    return path
+
+
+def export_drafter(kind: str, ckpt, opts, work: Path, model: dict):
+    weights = opts.drafter_weights.get(kind)
+    meta = load_weights(weights)[1] if weights else {}
+    trained = {"weights": weights.name if weights else None, "trained": bool(weights),
+               "training": {k: v for k, v in meta.items() if k not in ("vocab_size", "hidden_size")}}
+    if kind == "medusa":
+        heads = medusa_from_weights(ckpt.model, weights)
+        export_medusa_graph(heads, work / "medusa.onnx", opts.precision)
+        graph = {"onnx": "medusa.onnx", "external_data": True, "precision": opts.precision,
+                 "num_heads": heads.num_heads, "top_k": MEDUSA_TOP_K, "outputs_logits": True,
+                 "profile": {"batch": [1, 1, opts.max_batch], "tree_tokens": [1, 1, opts.max_tree_tokens]},
+                 "engines": []}
+        spec = {"graph": "medusa", "num_heads": heads.num_heads, "top_k": MEDUSA_TOP_K, **trained}
+        return spec, {"medusa": graph}, DEFAULT_TREES["medusa"]
+    if kind == "draft":
+        draft = draft_from_weights(ckpt.model, weights)
+        export_tree_graph(TreeDecoder(draft, opts.attention), work / "draft.onnx", opts.precision)
+        from treespec.exporter.pipeline import graph_entry
+
+        graph = graph_entry("draft.onnx", opts, model["max_context"],
+                            dims={"num_layers": draft.config.num_hidden_layers})
+        spec = {"graph": "draft", "num_layers": draft.config.num_hidden_layers, "top_k": MEDUSA_TOP_K, **trained}
+        return spec, {"draft": graph}, DEFAULT_TREES["draft"]
+    raise ValueError(kind)

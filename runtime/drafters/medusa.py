@@ -1,0 +1,66 @@
+"""Medusa drafter: K heads on the target's last hidden state, one head per tree level.
+
+After each verification the heads run once on the hidden state of the last accepted node; head d
+gives the candidates for every node at depth d+1 (Medusa heads do not condition on the path).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from treespec.runtime.backends.onnxruntime import open_session
+from treespec.runtime.drafters.base import Candidates, Drafter
+from treespec.runtime.errors import ArtifactError
+from treespec.runtime.tree import Tree
+
+
+class MedusaDrafter(Drafter):
+    kind = "medusa"
+
+    def __init__(self, session, num_heads: int, top_k: int, hidden_size: int, dtype=np.float32):
+        self.session = session
+        self.max_depth = num_heads
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.return_distributions = False
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.heads: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+
+    @classmethod
+    def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
+        entry = manifest.graph("medusa")
+        if backend not in ("onnxruntime", "torch"):
+            raise ArtifactError(f"the Medusa drafter runs on onnxruntime here, not {backend}")
+        session = open_session(manifest.require_file(entry["onnx"]), device if backend == "onnxruntime" else "cpu",
+                               threads)
+        dtype = np.float16 if entry.get("precision") == "fp16" else np.float32
+        return cls(session, int(entry["num_heads"]), int(entry["top_k"]), manifest.dims.hidden_size, dtype)
+
+    def reset(self, contexts: list[list[int]], capacity: int) -> None:
+        self.heads = [(np.zeros((0, 0), np.int64), np.zeros((0, 0)), None) for _ in contexts]
+
+    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
+        feed = {"hidden_states": np.asarray(target_hidden, dtype=self.dtype).reshape(1, 1, -1)}
+        wanted = self.output_names if self.return_distributions else ["topk_ids", "topk_logprobs"]
+        outs = dict(zip(wanted, self.session.run(wanted, feed)))
+        probs = None
+        if self.return_distributions:
+            logits = outs["logits"][0, 0].astype(np.float64)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+        self.heads[b] = (outs["topk_ids"][0, 0], outs["topk_logprobs"][0, 0].astype(np.float64), probs)
+
+    def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
+        out = []
+        for b, (tree, frontier) in enumerate(zip(trees, frontiers)):
+            ids, logprobs, probs = self.heads[b]
+            per_node = []
+            for node in frontier:
+                head = tree.depths[node]
+                if head >= self.max_depth:
+                    per_node.append(Candidates.empty())
+                    continue
+                dist = probs[head] if probs is not None else None
+                per_node.append(Candidates(ids[head].astype(np.int64), logprobs[head], dist))
+            out.append(per_node)
+        return out
