@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from treespec.runtime.backends.base import BackendError
-from treespec.runtime.errors import ArtifactError
+from treespec.runtime.errors import ArtifactError, InputError
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -40,7 +40,7 @@ def normalize_cc(cc: str) -> str:
         return text
     if text.isdigit() and len(text) in (2, 3):
         return f"{text[:-1]}.{text[-1]}"
-    raise BackendError(f"'{cc}' is not a compute capability (write it as 8.6, sm_86 or current)")
+    raise InputError(f"'{cc}' is not a compute capability (write it as 8.6, sm_86 or current)")
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,10 @@ class TrtApi:
                 return list(RTX_DEFAULT_CCS)
             wanted = [normalize_cc(cc) for cc in ccs]
             if "current" in wanted and len(wanted) > 1:
-                raise BackendError("compute capability 'current' cannot be combined with others")
+                raise InputError("compute capability 'current' cannot be combined with others")
             unknown = [cc for cc in wanted if cc != "current" and cc not in _RTX_CC_NAMES]
             if unknown:
-                raise BackendError(
+                raise InputError(
                     f"TensorRT-RTX {self.version} cannot target compute capability {', '.join(unknown)} "
                     f"(it supports {', '.join(_RTX_CC_NAMES)}, or 'current')"
                 )
@@ -168,7 +168,7 @@ class TrtApi:
         if [c.lower() for c in ccs] == ["ampere+"]:
             config.hardware_compatibility_level = self.module.HardwareCompatibilityLevel.AMPERE_PLUS
             return ["ampere+"]
-        raise BackendError(
+        raise InputError(
             "full TensorRT builds for the GPU it runs on: leave compute capabilities unset, or ask "
             "for 'ampere+' (hardware-compatible engines for Ampere and later)"
         )
@@ -209,18 +209,36 @@ class TrtApi:
             )
 
     def execution_context(self, engine: "trt.ICudaEngine", runtime_cache: "RuntimeCache | None",
-                          cuda_graphs: bool) -> "trt.IExecutionContext":
-        """One execution context; on RTX with the shared runtime cache and RTX's graph capture."""
+                          cuda_graphs: bool, scratch: tuple[int, int] | None) -> "trt.IExecutionContext":
+        """A new execution context.
+
+        TensorRT: its activation memory is `scratch` (pointer, size), shared by all contexts of
+        the backend since they never run at once on its single stream; this keeps one context per
+        profile and per captured CUDA graph cheap. TensorRT-RTX: allocates its own, and gets the
+        shared runtime cache and, with `cuda_graphs`, RTX's own graph capture.
+        """
+        context: trt.IExecutionContext | None
         if not self.is_rtx:
-            return engine.create_execution_context()
-        rtx_engine: Any = engine
-        config = rtx_engine.create_runtime_config()
-        if runtime_cache is not None:
-            config.set_runtime_cache(runtime_cache.cache)
-        if cuda_graphs:
-            config.cuda_graph_strategy = self.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
-        context: trt.IExecutionContext = rtx_engine.create_execution_context(config)
+            strategy = self.module.ExecutionContextAllocationStrategy.USER_MANAGED
+            context = engine.create_execution_context(strategy)
+            if context is not None and scratch is not None:
+                context.set_device_memory(scratch[0], scratch[1])
+        else:
+            rtx_engine: Any = engine
+            config = rtx_engine.create_runtime_config()
+            if runtime_cache is not None:
+                config.set_runtime_cache(runtime_cache.cache)
+            if cuda_graphs:
+                config.cuda_graph_strategy = self.module.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            context = rtx_engine.create_execution_context(config)
+        if context is None:
+            raise BackendError(f"{self.builder} {self.version} could not create an execution context "
+                               "(out of GPU memory?)")
         return context
+
+    @property
+    def uses_shared_scratch(self) -> bool:
+        return not self.is_rtx
 
     def open_runtime_cache(self, engine: "trt.ICudaEngine", path: Path | None) -> "RuntimeCache | None":
         """TensorRT-RTX compiles kernels on first use; its runtime cache keeps them across runs."""
