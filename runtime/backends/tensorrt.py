@@ -97,6 +97,7 @@ class TensorRTBackend(TreeBackend):
         self._scratch = self._allocate_scratch()
         self._contexts = [self._profile_context(p) for p in range(len(self.profiles))]
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._eager: set[tuple[int, int, int]] = set()
         self._shapes: list[tuple[int, int] | None] = [None] * len(self._contexts)
         self._buffers: dict[str, torch.Tensor] = {}
         self._staging: dict[str, torch.Tensor] = {}
@@ -286,7 +287,7 @@ class TensorRTBackend(TreeBackend):
             self._stream.synchronize()
             self._cache_file.save()
         self._release_buffers()
-        self._contexts = []
+        self._contexts = []  # contexts before the engine, which goes with this object
         self._scratch = None
 
     # -- internals ---------------------------------------------------------------------------------
@@ -328,24 +329,35 @@ class TensorRTBackend(TreeBackend):
         if captured is not None:
             captured.graph.replay()
             return
-        context: trt.IExecutionContext | None = None
-        if self.cuda_graphs and not self.api.captures_cuda_graphs_itself and len(self._graphs) < MAX_CUDA_GRAPHS:
-            context = self._new_context(profile)  # None: capture impossible, run this shape eagerly
-        if context is not None:
-            self._bind(context)
-            self._set_shapes(context, batch, tokens)
-            self._enqueue(context)  # this step's result, and the warm-up TensorRT wants before capture
-            self._stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
-                self._enqueue(context)
-            self._graphs[key] = _Graph(context, graph)
-            return
+        if self._wants_graph(key):
+            dedicated = self._new_context(profile)
+            if dedicated is not None:
+                self._bind(dedicated)
+                self._set_shapes(dedicated, batch, tokens)
+                self._enqueue(dedicated)  # this step's result, and the run TensorRT wants before a capture
+                self._capture(key, dedicated)
+                return
+            self._eager.add(key)  # this TensorRT allows one context per profile: no graph for it
         context = self._contexts[profile]
         if self._shapes[profile] != (batch, tokens):
             self._set_shapes(context, batch, tokens)
             self._shapes[profile] = (batch, tokens)
         self._enqueue(context)
+
+    def _wants_graph(self, key: tuple[int, int, int]) -> bool:
+        return (self.cuda_graphs and not self.api.captures_cuda_graphs_itself and key not in self._eager
+                and len(self._graphs) < MAX_CUDA_GRAPHS)
+
+    def _capture(self, key: tuple[int, int, int], context: "trt.IExecutionContext") -> None:
+        self._stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._enqueue(context)
+        except RuntimeError:  # not stream-capturable (e.g. data-dependent shapes): stay eager
+            self._eager.add(key)
+            return
+        self._graphs[key] = _Graph(context, graph)
 
     def _enqueue(self, context: "trt.IExecutionContext") -> None:
         if not context.execute_async_v3(self._stream.cuda_stream):
@@ -361,6 +373,7 @@ class TensorRTBackend(TreeBackend):
 
     def _release_buffers(self) -> None:
         self._graphs.clear()  # graphs hold the old addresses
+        self._eager.clear()
         self._shapes = [None] * len(self._contexts)
         self._buffers = {}
         self._staging = {}
