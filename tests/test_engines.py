@@ -187,6 +187,17 @@ def test_engine_of_another_builder_is_refused(tiny_fp16, tmp_path):
     _names_maker(str(err.value), other)
 
 
+def test_engine_this_machine_cannot_load_is_refused(tiny_fp16, tmp_path):
+    """deserialize=True asks TensorRT-RTX itself; with no supported GPU here it must refuse cleanly."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: whether RTX can load the engine depends on it")
+    path, record = _copy_engine(tiny_fp16, tmp_path)
+    with pytest.raises(ArtifactError, match="cannot run here|could not be deserialized") as err:
+        check_engine(path, record, deserialize=True)
+    _names_maker(str(err.value), record)
+
+
 def test_engine_without_record_is_refused(tiny_fp16, tmp_path):
     path, _ = _copy_engine(tiny_fp16, tmp_path)
     Path(str(path) + ".json").unlink()

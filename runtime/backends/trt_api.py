@@ -203,9 +203,9 @@ class TrtApi:
         validity, diagnostics = rtx_runtime.get_engine_validity(blob)
         if validity == self.module.EngineValidity.INVALID:
             raise ArtifactError(
-                f"{made_by}; TensorRT-RTX says this GPU cannot run it (diagnostics flags {int(diagnostics)}). "
-                "TensorRT-RTX runs on compute capability 7.5, 8.x and 12.x GPUs only (not 9.0/10.0): "
-                "use --engines tensorrt or the onnxruntime backend on this machine"
+                f"{made_by} cannot run here: TensorRT-RTX finds no GPU it supports for it (diagnostics "
+                f"flags {int(diagnostics)}). TensorRT-RTX runs on compute capability 7.5, 8.x and 12.x GPUs "
+                "only (not 9.0/10.0): use --engines tensorrt or the onnxruntime backend on this machine"
             )
 
     def execution_context(self, engine: "trt.ICudaEngine", runtime_cache: "RuntimeCache | None",
