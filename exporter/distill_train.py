@@ -155,7 +155,7 @@ def train(opts: TrainOptions) -> dict:
         state_fn = module.trainable_state
         load_fn = lambda s: module.load_state_dict(s, strict=False)  # noqa: E731
     else:
-        module = make_draft_model(draft_base, opts.num_layers).float().to(opts.device)
+        module = make_draft_model(draft_base, opts.num_layers).to(opts.device)  # already fp32
         params = list(module.model.layers.parameters())
         state_fn = lambda: draft_trainable_state(module)  # noqa: E731
         load_fn = lambda s: module.model.layers.load_state_dict(  # noqa: E731
