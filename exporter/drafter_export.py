@@ -35,8 +35,18 @@ def export_medusa_graph(heads, path: Path, precision: str, top_k: int = MEDUSA_T
     return path
 
 
+BUNDLED_WEIGHTS = {"smollm2-135m": Path(__file__).resolve().parent.parent / "weights" / "smollm2"}
+
+
+def bundled_weights(model: str, kind: str) -> Path | None:
+    """The committed trained drafters for the default model (see tools/gpu_train_drafters.sh)."""
+    folder = BUNDLED_WEIGHTS.get(model)
+    path = folder / f"{kind}.safetensors" if folder else None
+    return path if path is not None and path.is_file() else None
+
+
 def export_drafter(kind: str, ckpt, opts, work: Path, model: dict):
-    weights = opts.drafter_weights.get(kind)
+    weights = opts.drafter_weights.get(kind) or bundled_weights(opts.model, kind)
     meta = load_weights(weights)[1] if weights else {}
     trained = {"weights": weights.name if weights else None, "trained": bool(weights),
                "training": {k: v for k, v in meta.items() if k not in ("vocab_size", "hidden_size")}}

@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "tests" / "data" / "bench.jsonl"
+ALL_DRAFTERS = ["lookup", "medusa", "draft"]
 
 
 def _export(out: Path, model: str, **kwargs) -> Path:
@@ -36,8 +37,8 @@ def artifacts_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(artifacts_root) -> Path:
-    """Tiny random Llama (GQA, untied embeddings), decomposed attention, lookup drafter."""
-    return _export(artifacts_root / "tiny", "tiny-random", max_context=256)
+    """Tiny random Llama (GQA, untied embeddings), decomposed attention, every drafter (untrained)."""
+    return _export(artifacts_root / "tiny", "tiny-random", max_context=256, drafters=ALL_DRAFTERS)
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +48,11 @@ def tiny_artifacts_onnx_attention(artifacts_root) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_artifacts(artifacts_root) -> Path:
-    """SmolLM2-135M-Instruct, fp32, decomposed attention, every drafter this build can export."""
+    """SmolLM2-135M-Instruct, fp32, decomposed attention, the committed trained drafters."""
     prebuilt = os.environ.get("TREESPEC_TEST_SMOLLM2")
     if prebuilt:
         return Path(prebuilt)
-    return _export(artifacts_root / "smollm2", "smollm2-135m", max_context=1024)
+    return _export(artifacts_root / "smollm2", "smollm2-135m", max_context=1024, drafters=ALL_DRAFTERS)
 
 
 @pytest.fixture(scope="session")
