@@ -1,6 +1,7 @@
 """Put a Medusa or draft-LM drafter into an artifact directory: its ONNX graph + manifest entry."""
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def bundled_weights(model: str, kind: str) -> Path | None:
 def export_drafter(kind: str, ckpt, opts, work: Path, model: dict):
     weights = opts.drafter_weights.get(kind) or bundled_weights(opts.model, kind)
     meta = load_weights(weights)[1] if weights else {}
-    trained = {"weights": weights.name if weights else None, "trained": bool(weights),
+    if weights:  # keep the weights beside the graph: the torch backend rebuilds the drafter from them
+        (work / "drafters").mkdir(exist_ok=True)
+        shutil.copyfile(weights, work / "drafters" / f"{kind}.safetensors")
+    trained = {"weights": f"drafters/{kind}.safetensors" if weights else None, "trained": bool(weights),
                "training": {k: v for k, v in meta.items() if k not in ("vocab_size", "hidden_size")}}
     if kind == "medusa":
         heads = medusa_from_weights(ckpt.model, weights)

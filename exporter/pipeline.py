@@ -50,6 +50,7 @@ def model_section(model, name: str, source: str, max_context: int | None) -> dic
     return {
         "name": name,
         "source": source,
+        "checkpoint": None,  # filled by run_export: what treespec-export was given
         "architecture": cfg.model_type,
         "num_layers": cfg.num_hidden_layers,
         "num_heads": heads,
@@ -98,6 +99,8 @@ def run_export(opts: ExportOptions, progress: Callable[[str], None] = print) -> 
         progress(f"loading {opts.model}")
         ckpt = load_checkpoint(opts.model)
         model = model_section(ckpt.model, ckpt.name, ckpt.source, opts.max_context)
+        model["checkpoint"] = opts.model if opts.model in ("smollm2-135m", "tiny-random") else str(
+            Path(opts.model).resolve())
         ckpt.tokenizer.save_pretrained(str(work / "tokenizer"))
         timings["load_s"] = time.perf_counter() - t
 
