@@ -87,7 +87,8 @@ class TensorRTBackend(TreeBackend):
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise BackendError(f"{self._origin} needs a CUDA GPU (device '{device}' is not one): "
                                "use --backend onnxruntime here")
-        if self.device.index is None:
+        index: int | None = self.device.index  # None for plain "cuda" (torch's stubs say int)
+        if index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(self.device)
         self._runtime, self.engine = deserialize_engine(self.api, blob, self.record)
