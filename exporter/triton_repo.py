@@ -1,0 +1,382 @@
+"""Write a Triton Inference Server model repository for an artifact directory.
+
+    <repo>/treespec_repo.json         what wrote the repository (compared on reuse)
+    <repo>/treespec/config.pbtxt      the orchestrator: python backend, decoupled (streaming)
+    <repo>/treespec/1/model.py        puts this environment on the stub's sys.path, then runs
+                                      treespec.runtime.triton_model
+    <repo>/target|draft|medusa/       one model per graph: platform onnxruntime_onnx, or
+                                      tensorrt_plan when the manifest records full-TensorRT engines,
+                                      files linked (or copied) from the artifact directory, for
+                                      users who prefer BLS or ensembles over the orchestrator
+
+Every config.pbtxt is built as a `ModelConfig` protobuf (the one tritonclient ships) and printed
+with text_format, so it parses by construction. The orchestrator reads the draft -> tree -> verify
+loop's graphs or engines from the artifact directory (absolute path in its parameters) with the
+backend named in its parameters; its device follows its instance group (KIND_CPU / KIND_GPU).
+Writing is deterministic: writing the same artifacts with the same options again changes nothing,
+which is what lets `treespec serve` reuse a repository unchanged across restarts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from treespec.runtime.errors import ArtifactError, InputError
+from treespec.runtime.manifest import load_manifest
+
+STAMP = "treespec_repo.json"
+ORCHESTRATOR = "treespec"
+GRAPHS = ("target", "draft", "medusa")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+DEVICES = ("cpu", "cuda")
+DEFAULT_MAX_TOKENS = 128
+
+# name, Triton type, dims, optional: Triton's LLM conventions (the generate endpoints map JSON
+# fields onto these) plus the token interface and treespec's own knobs.
+ORCHESTRATOR_INPUTS = [
+    ("text_input", "TYPE_STRING", [1], True),
+    ("input_ids", "TYPE_INT64", [-1], True),
+    ("max_tokens", "TYPE_INT32", [1], True),
+    ("temperature", "TYPE_FP32", [1], True),
+    ("top_p", "TYPE_FP32", [1], True),
+    ("top_k", "TYPE_INT32", [1], True),
+    ("seed", "TYPE_INT64", [1], True),
+    ("stream", "TYPE_BOOL", [1], True),
+    ("tree", "TYPE_STRING", [1], True),
+    ("raw", "TYPE_BOOL", [1], True),
+]
+ORCHESTRATOR_OUTPUTS = [
+    ("text_output", "TYPE_STRING", [-1]),
+    ("output_ids", "TYPE_INT64", [-1]),
+    ("accepted_tokens", "TYPE_INT32", [1]),
+    ("steps", "TYPE_INT32", [1]),
+]
+
+# ONNX TensorProto element type -> Triton data type
+ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
+                  7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
+
+MODEL_PY = '''"""treespec's orchestrator for Triton's python backend (written by treespec triton-repo).
+
+The python backend stub runs its own embedded Python, which does not see the environment treespec
+is installed in (PYTHONPATH is ignored). The parameter `python_path` in config.pbtxt records that
+environment's package folders; they are put on sys.path (with their .pth files, so editable
+installs work) before treespec.runtime.triton_model takes over.
+"""
+import json
+import os
+import site
+import sys
+
+
+def _use_environment(config):
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    wanted = [p for p in json.loads(params.get("python_path", "[]")) if os.path.isdir(p)]
+    # Like a venv without system site-packages: drop the stub interpreter's own package folders.
+    keep = [p for p in sys.path if p not in wanted and not p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    sys.path[:] = keep[:1] + wanted + keep[1:]
+    for folder in wanted:
+        site.addsitedir(folder)  # runs .pth files (editable installs); folders already listed stay put
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        _use_environment(json.loads(args["model_config"]))
+        from treespec.runtime.triton_model import TreespecModel
+
+        self._impl = TreespecModel()
+        self._impl.initialize(args)
+
+    def execute(self, requests):
+        return self._impl.execute(requests)
+
+    def finalize(self):
+        impl = getattr(self, "_impl", None)
+        if impl is not None:
+            impl.finalize()
+'''
+
+
+def _pb():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise InputError(f"writing a Triton repository needs tritonclient and protobuf "
+                         f"(pip install 'tritonclient[all]' protobuf): {exc}") from None
+    return model_config_pb2, text_format
+
+
+def python_path() -> list[str]:
+    """This interpreter's package folders (not its standard library) for the stub's sys.path."""
+    paths = sysconfig.get_paths()
+    stdlib = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")}
+    cwd = os.path.realpath(os.getcwd())
+    out: list[str] = []
+    for p in sys.path:
+        if not p or not os.path.isdir(p):  # '' (the cwd) and zipped standard libraries
+            continue
+        real = os.path.realpath(p)
+        if real == cwd or real in stdlib or os.path.basename(real) == "lib-dynload":
+            continue
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _treespec_root() -> str:
+    import treespec
+
+    return str(Path(treespec.__file__).resolve().parent)
+
+
+def _tensor(pb, kind: str, name: str, dtype: str, dims: list[int], optional: bool = False):
+    cls = pb.ModelInput if kind == "input" else pb.ModelOutput
+    t = cls(name=name, data_type=pb.DataType.Value(dtype), dims=dims)
+    if optional:
+        t.optional = True
+    return t
+
+
+def _instance_group(pb, device: str, count: int):
+    kind = pb.ModelInstanceGroup.KIND_GPU if device == "cuda" else pb.ModelInstanceGroup.KIND_CPU
+    return pb.ModelInstanceGroup(kind=kind, count=count)
+
+
+def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances: int = 1,
+                        threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS):
+    pb, _ = _pb()
+    cfg = pb.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=0)
+    cfg.model_transaction_policy.decoupled = True
+    cfg.input.extend(_tensor(pb, "input", n, t, d, o) for n, t, d, o in ORCHESTRATOR_INPUTS)
+    cfg.output.extend(_tensor(pb, "output", n, t, d) for n, t, d in ORCHESTRATOR_OUTPUTS)
+    cfg.instance_group.append(_instance_group(pb, device, instances))
+    params = {
+        "artifact_dir": str(artifact_dir),
+        "backend": backend,
+        "threads": str(threads or 0),
+        "default_max_tokens": str(max_tokens),
+        "python_path": json.dumps(python_path()),
+        "treespec_root": _treespec_root(),
+    }
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _onnx_io(path: Path) -> tuple[list, list]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise ArtifactError(f"cannot read {path.name} to describe its inputs/outputs: {exc}") from None
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            if t.elem_type not in ONNX_TO_TRITON:
+                raise ArtifactError(f"{path.name}: {v.name} has ONNX type {t.elem_type}, which Triton cannot serve")
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            out.append((v.name, ONNX_TO_TRITON[t.elem_type], dims))
+        return out
+
+    inits = {i.name for i in model.graph.initializer}
+    return describe([v for v in model.graph.input if v.name not in inits]), describe(model.graph.output)
+
+
+def _trt_engine(entry: dict[str, Any]) -> dict[str, Any] | None:
+    for record in entry.get("engines", []) or []:
+        if record.get("builder") == "tensorrt":
+            return record
+    return None
+
+
+def graph_config(manifest, name: str, device: str):
+    """(ModelConfig, {file in version dir: source path}) for one graph of the artifacts."""
+    pb, _ = _pb()
+    entry = manifest.graph(name)
+    onnx_path = manifest.require_file(entry["onnx"])
+    inputs, outputs = _onnx_io(onnx_path)
+    engine = _trt_engine(entry)
+    cfg = pb.ModelConfig(name=name, max_batch_size=0)
+    files: dict[str, Path] = {}
+    if engine is not None:
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = "model.plan"
+        files["model.plan"] = manifest.require_file(engine["file"])
+        device = "cuda"  # TensorRT plans run on GPUs only
+    else:
+        cfg.platform = "onnxruntime_onnx"
+        cfg.default_model_filename = "model.onnx"
+        files["model.onnx"] = onnx_path
+        if entry.get("external_data"):  # ONNX Runtime finds it by the name stored in the graph
+            data = manifest.require_file(entry["onnx"] + ".data")
+            files[data.name] = data
+    cfg.input.extend(_tensor(pb, "input", n, t, d) for n, t, d in inputs)
+    cfg.output.extend(_tensor(pb, "output", n, t, d) for n, t, d in outputs)
+    cfg.instance_group.append(_instance_group(pb, device, 1))
+    return cfg, files
+
+
+def config_text(cfg) -> str:
+    _, text_format = _pb()
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str):
+    """Parse a config.pbtxt with tritonclient's ModelConfig protobuf (raises on any error)."""
+    pb, text_format = _pb()
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def _manifest_digest(artifact_dir: Path) -> str:
+    return hashlib.sha256((artifact_dir / "manifest.json").read_bytes()).hexdigest()
+
+
+def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+              instances: int = 1, threads: int | None = None, graphs: bool = True,
+              link: str = "symlink") -> dict[str, str | Path]:
+    """Everything the repository holds: relative path -> text, or -> a source file to link/copy."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
+    if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+        raise InputError(f"instances must be a positive integer, got {instances!r}")
+    if link not in ("symlink", "copy"):
+        raise InputError(f"link must be 'symlink' or 'copy', got '{link}'")
+    artifact_dir = Path(artifact_dir).resolve()
+    manifest = load_manifest(artifact_dir)
+    if backend == "tensorrt" and _trt_engine(manifest.graph("target")) is None:
+        raise ArtifactError(f"{artifact_dir} has no full-TensorRT engine for the target graph: "
+                            "build one with treespec-export --engines tensorrt, or use --backend onnxruntime")
+    if backend == "tensorrt-rtx" and not any(r.get("builder") == "tensorrt-rtx"
+                                             for r in manifest.graph("target").get("engines", []) or []):
+        raise ArtifactError(f"{artifact_dir} has no TensorRT-RTX engine for the target graph: "
+                            "build one with treespec-export --engines tensorrt-rtx, or use --backend onnxruntime")
+    plan: dict[str, str | Path] = {}
+    cfg = orchestrator_config(artifact_dir, backend, device, instances, threads)
+    plan[f"{ORCHESTRATOR}/config.pbtxt"] = config_text(cfg)
+    plan[f"{ORCHESTRATOR}/1/model.py"] = MODEL_PY
+    if graphs:
+        for name in GRAPHS:
+            if name not in manifest.graphs:
+                continue
+            gcfg, files = graph_config(manifest, name, device)
+            plan[f"{name}/config.pbtxt"] = config_text(gcfg)
+            for fname, src in files.items():
+                plan[f"{name}/1/{fname}"] = src
+    stamp = {"treespec_version": _version(), "artifact_dir": str(artifact_dir),
+             "manifest_sha256": _manifest_digest(artifact_dir), "backend": backend, "device": device,
+             "instances": instances, "threads": threads, "link": link,
+             "models": sorted({k.split("/")[0] for k in plan})}
+    plan[STAMP] = json.dumps(stamp, indent=2) + "\n"
+    return plan
+
+
+def _version() -> str:
+    from treespec import __version__
+
+    return __version__
+
+
+def _matches(out_dir: Path, plan: dict[str, str | Path], link: str) -> bool:
+    """True when out_dir holds exactly the planned files (nothing else)."""
+    present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+               if (p.is_file() or p.is_symlink()) and "__pycache__" not in p.parts}
+    if present != set(plan):
+        return False
+    for rel, content in plan.items():
+        path = out_dir / rel
+        if isinstance(content, str):
+            if path.is_symlink() or path.read_text() != content:
+                return False
+        elif link == "symlink":
+            if not path.is_symlink() or Path(os.readlink(path)) != content:
+                return False
+        elif path.is_symlink() or path.stat().st_size != content.stat().st_size:
+            return False
+    return True
+
+
+def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: str = "onnxruntime",
+                      device: str = "cpu", force: bool = False, instances: int = 1,
+                      threads: int | None = None, graphs: bool = True, link: str = "symlink") -> Path:
+    """Write the model repository for `artifact_dir` into `out_dir` and return out_dir.
+
+    backend: how the orchestrator runs the graphs (onnxruntime, tensorrt, tensorrt-rtx); device:
+    cpu or cuda (the instance group's kind); instances: orchestrator processes; threads: ONNX
+    Runtime threads per instance (0/None: its default); graphs: also write the per-graph models;
+    link: 'symlink' the graph files from the artifacts or 'copy' them. An out_dir that already
+    holds exactly this repository is left untouched; any other non-empty out_dir needs force.
+    """
+    out_dir = Path(out_dir)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if _matches(out_dir, plan, link):
+            return out_dir
+        if not force:
+            raise InputError(f"--out {out_dir} is not empty: choose another directory or pass --force to replace it")
+        shutil.rmtree(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, content in sorted(plan.items()):
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                path.write_text(content)
+            elif link == "symlink":
+                path.symlink_to(content)
+            else:
+                shutil.copyfile(content, path)
+        if out_dir.exists():
+            out_dir.rmdir()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_stamp(repo_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(repo_dir) / STAMP).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: str = "onnxruntime",
+                       device: str = "cpu", instances: int = 1, threads: int | None = None) -> bool:
+    """Reuse repo_dir when it already is this repository (returns True), else (re)write it.
+
+    A folder that treespec wrote for other artifacts or options is rewritten; a non-empty folder
+    that treespec did not write is refused.
+    """
+    repo_dir = Path(repo_dir)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads)
+    if repo_dir.is_dir() and any(repo_dir.iterdir()) and _matches(repo_dir, plan, "symlink"):
+        return True
+    ours = read_stamp(repo_dir) is not None
+    write_triton_repo(artifact_dir, repo_dir, backend, device, force=ours, instances=instances, threads=threads)
+    return False
+
+
+def default_repo_dir(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu") -> Path:
+    """A per-artifacts cache folder: $TREESPEC_CACHE or ~/.cache/treespec, then triton/<name>-<hash>."""
+    artifact_dir = Path(artifact_dir).resolve()
+    root = Path(os.environ.get("TREESPEC_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "treespec")
+    key = hashlib.sha256(f"{artifact_dir}|{backend}|{device}".encode()).hexdigest()[:12]
+    return root / "triton" / f"{artifact_dir.name}-{key}"
