@@ -7,6 +7,7 @@ predict what the target predicts (labels come from the target, never from the ra
 from __future__ import annotations
 
 import random
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -16,13 +17,30 @@ import torch
 from treespec.runtime.errors import InputError
 
 TEXT_SUFFIXES = (".py", ".md", ".rst", ".txt")
-PROMPT_TEMPLATES = (
+SNIPPET_TEMPLATES = (
     "Explain the following in simple terms:\n\n{snippet}",
     "Summarize this text in a few sentences:\n\n{snippet}",
-    "What is the main idea of this passage?\n\n{snippet}",
-    "Continue writing the following text:\n\n{snippet}",
-    "Write a short, friendly answer about the topic of this text:\n\n{snippet}",
+    "Explain what this code does:\n\n{snippet}",
+    "Rewrite the following so that it is easier to read:\n\n{snippet}",
     "Give three key points from this text:\n\n{snippet}",
+    "Extract the names of functions and classes mentioned here:\n\n{snippet}",
+)
+# Topic words from the corpus seed everyday assistant requests, so the data covers questions,
+# lists, stories, advice, maths and code, not only text about text.
+TOPIC_TEMPLATES = (
+    "What is {a}? Explain in a short paragraph.",
+    "Explain {a} to a ten-year-old.",
+    "Give three tips for working with {a}.",
+    "Write a short story about {a} and {b}.",
+    "Write a poem about {a}.",
+    "List five facts about {a}, one per line.",
+    "What is the difference between {a} and {b}?",
+    "Write a Python function that works with {a}, with a docstring.",
+    "Write a SQL query about {a} and explain it.",
+    "I need advice: how should I prepare for a meeting about {a}?",
+    "What is {n} times {m}? Show the steps.",
+    "Write an email to a colleague about {a}.",
+    "Give the pros and cons of {a}.",
 )
 
 
@@ -56,14 +74,29 @@ def read_corpus(dirs: list[Path], max_bytes: int, seed: int) -> list[str]:
     return texts
 
 
+def _topic_words(texts: list[str], rng: random.Random, limit: int = 20000) -> list[str]:
+    words = set()
+    for text in texts[:2000]:
+        words.update(w.lower() for w in re.findall(r"\b[A-Za-z]{5,14}\b", text[:5000]))
+        if len(words) > limit:
+            break
+    return sorted(words)
+
+
 def make_prompts(texts: list[str], count: int, seed: int) -> list[list[dict]]:
     rng = random.Random(seed)
+    words = _topic_words(texts, rng)
     prompts = []
     for _ in range(count):
-        text = rng.choice(texts)
-        start = rng.randrange(0, max(1, len(text) - 400))
-        snippet = text[start:start + rng.randint(150, 400)].strip()
-        prompts.append([{"role": "user", "content": rng.choice(PROMPT_TEMPLATES).format(snippet=snippet)}])
+        if rng.random() < 0.35:
+            text = rng.choice(texts)
+            start = rng.randrange(0, max(1, len(text) - 400))
+            snippet = text[start:start + rng.randint(150, 400)].strip()
+            content = rng.choice(SNIPPET_TEMPLATES).format(snippet=snippet)
+        else:
+            content = rng.choice(TOPIC_TEMPLATES).format(a=rng.choice(words), b=rng.choice(words),
+                                                         n=rng.randint(2, 99), m=rng.randint(2, 99))
+        prompts.append([{"role": "user", "content": content}])
     return prompts
 
 

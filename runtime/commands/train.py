@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--corpus-bytes", type=int, default=20_000_000)
     p.add_argument("--sequences", type=int, default=2048, help="prompts the target answers (training data)")
     p.add_argument("--corpus-windows", type=int, default=0, help="extra raw-text windows")
+    p.add_argument("--generate-batch", type=int, default=128, help="prompts the target answers at once")
     p.add_argument("--new-tokens", type=int, default=192)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
@@ -51,7 +52,7 @@ def run(args) -> int:
             raise InputError("--device cuda: no CUDA GPU is available")
     opts = TrainOptions(kind=args.kind, model=args.model, out=args.out, corpus=args.corpus,
                         corpus_bytes=args.corpus_bytes, sequences=args.sequences,
-                        corpus_windows=args.corpus_windows, new_tokens=args.new_tokens, steps=args.steps,
+                        corpus_windows=args.corpus_windows, generate_batch=args.generate_batch, new_tokens=args.new_tokens, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                         checkpoint_every=args.checkpoint_every, resume=not args.no_resume, dataset=args.dataset,
                         num_heads=getattr(args, "num_heads", 4), num_layers=getattr(args, "num_layers", 2))
