@@ -4,19 +4,9 @@
 `treespec serve` runs: it writes (or reuses) the model repository, starts the server on 127.0.0.1,
 prints the endpoints and blocks until Ctrl-C / SIGTERM, then stops the server cleanly.
 
-What the bundled server needs, found by trying it (Triton 2.51 from nvidia-pytriton 0.7.0):
-- the binary `pytriton/tritonserver/bin/tritonserver` finds its libraries through its RPATH
-  (`nvidia_pytriton.libs/`); LD_LIBRARY_PATH gets that folder anyway, for the python stub.
-- the python backend runs each model in a separate process, `triton_python_backend_stub`, which
-  must sit next to `libtriton_python.so`. The wheel ships one stub per Python version under
-  `python_backend_stubs/<ver>/`; we assemble a private backend directory (symlinked backend
-  library and utils, the stub for this interpreter's version) instead of writing into the wheel.
-- the stub embeds libpython3.X: we put this interpreter's own `libpython3.X.so` first on
-  LD_LIBRARY_PATH so the stub runs the same CPython build (and standard library) as the venv.
-- the stub does not see this venv's packages: the generated model.py adds them itself (see
-  treespec.exporter.triton_repo).
-- only the `treespec` model is loaded (`--model-control-mode explicit`): the per-graph models
-  in the repository need Triton's onnxruntime/tensorrt backends, which this wheel does not ship.
+Only the `treespec` model is loaded (`--model-control-mode explicit`): the per-graph models in the
+repository need Triton's onnxruntime/tensorrt backends, which the wheel does not ship. How the
+bundled server is made to run our python model: treespec.runtime.triton_env.
 """
 from __future__ import annotations
 
@@ -25,128 +15,27 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from treespec.runtime.errors import TreespecError
+from treespec.runtime.triton_env import ServerError, TritonInstall, stage_stub_numpy
 
 HOST = "127.0.0.1"
 
 
-class ServerError(TreespecError):
-    """The Triton server is not installed, failed to start or died."""
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started the server dies (Linux)."""
+    try:
+        import ctypes
 
-
-STUB_NUMPY = "numpy==1.26.4"
-
-
-def numpy_major() -> int:
-    from importlib.metadata import version
-
-    return int(version("numpy").split(".")[0])
-
-
-def stub_numpy_target() -> Path:
-    """Where `numpy<2` for the python backend stub lives (inside this environment)."""
-    return Path(os.environ.get("TREESPEC_TRITON_NUMPY_DIR", Path(sys.prefix) / "treespec-triton-numpy"))
-
-
-def stub_numpy_command() -> list[str]:
-    return [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(stub_numpy_target()), STUB_NUMPY]
-
-
-def stub_numpy_dir(install: bool = True) -> Path | None:
-    """None when this environment's numpy is < 2 already; else a folder holding numpy<2."""
-    if numpy_major() < 2:
-        return None
-    target = stub_numpy_target()
-    if (target / "numpy" / "__init__.py").is_file():
-        return target
-    cmd = stub_numpy_command()
-    if not install or os.environ.get("TREESPEC_NO_AUTO_INSTALL"):
-        raise ServerError("the python backend stub of nvidia-pytriton needs numpy<2 (its pybind11 garbles "
-                          f"numpy 2 arrays); install it once with: {' '.join(cmd)}")
-    print(f"installing {STUB_NUMPY} for the Triton python backend stub: {' '.join(cmd)}", file=sys.stderr)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise ServerError(f"could not install {STUB_NUMPY} for the python backend stub ({' '.join(cmd)}):\n"
-                          + done.stdout[-2000:])
-    return target
-
-
-def stage_stub_numpy(cwd: Path) -> None:
-    """Make numpy<2 the first numpy the stub sees.
-
-    The stub embeds Python in isolated mode (PYTHONPATH is ignored) and imports numpy before any
-    model code runs; the first entry of its sys.path is its working directory, which it inherits
-    from tritonserver. So numpy<2 is linked into the server's working directory.
-    """
-    numpy_dir = stub_numpy_dir()
-    if numpy_dir is None:
-        return
-    for entry in numpy_dir.iterdir():
-        if entry.name.startswith("numpy"):  # numpy, numpy.libs, numpy-1.26.4.dist-info
-            link = cwd / entry.name
-            if not link.exists():
-                link.symlink_to(entry)
-
-
-def _pytriton_root() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServerError("the Triton server is not installed: pip install --no-deps nvidia-pytriton==0.7.0")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-class TritonInstall:
-    """Paths inside the nvidia-pytriton wheel."""
-
-    def __init__(self, root: Path | None = None):
-        root = root or _pytriton_root()
-        base = root / "tritonserver"
-        self.server_bin = base / "bin" / "tritonserver"
-        self.libs_dir = root.parent / "nvidia_pytriton.libs"
-        self.python_backend = base / "backends" / "python"
-        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-        self.stub = base / "python_backend_stubs" / ver / "triton_python_backend_stub"
-        for path, what in ((self.server_bin, "tritonserver binary"), (self.libs_dir, "bundled libraries"),
-                           (self.python_backend / "libtriton_python.so", "python backend")):
-            if not path.exists():
-                raise ServerError(f"nvidia-pytriton is incomplete: its {what} ({path}) is missing; "
-                                  "reinstall it with pip install --no-deps --force-reinstall nvidia-pytriton")
-        if not self.stub.exists():
-            raise ServerError(f"nvidia-pytriton has no python backend stub for Python {ver} ({self.stub})")
-
-    def backend_dir(self, dest: Path) -> Path:
-        """A backend directory whose python backend has this interpreter's stub beside it."""
-        py = dest / "python"
-        py.mkdir(parents=True, exist_ok=True)
-        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            link = py / name
-            if not link.exists():
-                link.symlink_to(self.python_backend / name)
-        stub = py / "triton_python_backend_stub"
-        if not stub.exists():
-            shutil.copy2(self.stub, stub)
-        return dest
-
-    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ if base is None else base)
-        libdirs = [str(self.libs_dir)]
-        pylib = sysconfig.get_config_var("LIBDIR")
-        if pylib and list(Path(pylib).glob(f"libpython{sys.version_info.major}.{sys.version_info.minor}*.so*")):
-            libdirs.insert(0, pylib)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libdirs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return env
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -174,7 +63,8 @@ class TritonServer:
     def __init__(self, repo_dir: str | Path, http_port: int | None = 8000, grpc_port: int | None = 8001,
                  metrics_port: int | None = 8002, models: Sequence[str] = ("treespec",),
                  log_file: str | Path | None = None, startup_timeout: float = 600.0,
-                 exit_timeout: int = 30, log_verbose: int = 0, extra_args: Sequence[str] = ()):
+                 exit_timeout: int = 30, log_verbose: int = 0, extra_args: Sequence[str] = (),
+                 supervise: bool = True, supervise_interval: float = 1.0, on_event=None):
         self.repo_dir = Path(repo_dir).resolve()
         if not self.repo_dir.is_dir():
             raise ServerError(f"model repository {self.repo_dir} does not exist (write it with treespec triton-repo)")
@@ -190,6 +80,12 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self.supervise, self.supervise_interval = supervise, supervise_interval
+        self.on_event = on_event
+        self.events: list[str] = []  # what the supervisor did (stub deaths, model reloads)
+        self.reloads = 0
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
 
     # endpoints -----------------------------------------------------------------------------
     @property
@@ -216,7 +112,9 @@ class TritonServer:
                f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}",
                "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
                "--model-control-mode=explicit", "--strict-readiness=true",
-               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}"]
+               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}",
+               f"--log-file={self.log_file}",  # written unbuffered, unlike a redirected stdout
+               "--pinned-memory-pool-byte-size=0"]  # our python model does not use it; CPU hosts have none
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd + self.extra_args
 
@@ -233,11 +131,13 @@ class TritonServer:
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "ab")
+        self.console_file = self._workdir / "console.log"  # stdout/stderr: stub crashes, fatal errors
+        log = open(self.console_file, "ab")
         t0 = time.perf_counter()
+        # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
         self.proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.install.environment(),
-                                     cwd=self._workdir, start_new_session=True)
+                                     cwd=self._workdir, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         try:
             self.wait_ready(self.startup_timeout)
@@ -245,7 +145,60 @@ class TritonServer:
             self.stop()
             raise
         self.startup_s = time.perf_counter() - t0
+        if self.supervise:
+            self._stopping.clear()
+            self._watch = threading.Thread(target=self._supervisor, name="triton-supervisor", daemon=True)
+            self._watch.start()
         return self
+
+    # Triton 2.51 restarts a dead python-backend stub only for non-decoupled models; a decoupled
+    # model (ours) keeps answering "Stub process ... is not healthy" forever. The supervisor
+    # watches the stub processes and reloads the model (unload + load) when one dies.
+    def _event(self, message: str) -> None:
+        self.events.append(message)
+        if self.on_event is not None:
+            self.on_event(message)
+
+    def _supervisor(self) -> None:
+        known = set(self.stub_pids())
+        while not self._stopping.wait(self.supervise_interval):
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            current = set(self.stub_pids())
+            if known - current and not self._stopping.is_set():
+                self._event(f"python backend stub(s) {sorted(known - current)} died; reloading "
+                            f"{', '.join(self.models)}")
+                try:
+                    for model in self.models:
+                        self.reload(model)
+                    self._event(f"reloaded {', '.join(self.models)}")
+                except ServerError as exc:
+                    self._event(f"reload failed: {exc}")
+                current = set(self.stub_pids())
+            known = current
+
+    def _post(self, path: str, timeout: float) -> tuple[int, str]:
+        req = urllib.request.Request(self.http_url + path, data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            return 0, str(exc)
+
+    def reload(self, model: str = "treespec") -> None:
+        """Unload and load a model: new stub processes (a plain load of an unchanged model is a no-op)."""
+        code, body = self._post(f"/v2/repository/models/{model}/unload", 60)
+        if code != 200:
+            raise ServerError(f"could not unload {model}: {code} {body}")
+        deadline = time.monotonic() + 60
+        while self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        code, body = self._post(f"/v2/repository/models/{model}/load", self.startup_timeout)
+        if code != 200:
+            raise ServerError(f"could not load {model}: {code} {body}")
+        self.reloads += 1
 
     def _get(self, path: str, timeout: float = 2.0) -> int:
         try:
@@ -272,13 +225,25 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready after {timeout:.0f} s; log {self.log_file}:\n{self.log_tail()}")
 
     def log_text(self) -> str:
-        try:
-            return Path(self.log_file).read_text(errors="replace") if self.log_file else ""
-        except OSError:
-            return ""
+        """The server log, then anything written to its stdout/stderr."""
+        parts = []
+        for path in (self.log_file, getattr(self, "console_file", None)):
+            try:
+                parts.append(Path(path).read_text(errors="replace") if path else "")
+            except OSError:
+                pass
+        return "\n".join(p for p in parts if p)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    BENIGN = ("CudaDriverHelper has not been initialized",)  # logged at every start on a host without CUDA
+
+    def error_lines(self) -> list[str]:
+        """The log's error lines (Triton's `E<date> ...` lines, Python tracebacks), known-benign ones left out."""
+        text = self.log_text().splitlines()
+        return [line for line in text if (line[:1] == "E" and line[1:5].isdigit() or "Traceback" in line)
+                and not any(b in line for b in self.BENIGN)]
 
     def stub_pids(self) -> list[int]:
         """Process ids of the python backend stubs (the models' processes) under this server."""
@@ -301,6 +266,9 @@ class TritonServer:
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton waits for in-flight requests up to exit_timeout), then SIGKILL."""
         code = None
+        self._stopping.set()
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join(5)
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,178 @@
+"""Clients and fixtures' building blocks for the tests against the real Triton server.
+
+Every call has a bounded timeout: a server that stops answering fails the test, it never hangs it.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Short chat prompts; the server applies the chat template as the Python API does.
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "Explain what a CPU does in one sentence.",
+]
+MAX_TOKENS = 16
+TIMEOUT = 120.0  # seconds without a response before a request counts as hung
+NUMPY = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "BYTES": np.object_}
+
+
+@dataclass
+class StreamResult:
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)  # accepted_tokens of each response
+    responses: int = 0
+    final: bool = False
+    error: str | None = None
+    first_s: float | None = None  # time to the first response
+    total_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.final
+
+
+def _inputs(tg, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, tree=None, **scalars):
+    items = []
+
+    def add(name, dtype, value):
+        t = tg.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        items.append(t)
+
+    if text is not None:
+        add("text_input", "BYTES", np.array([text.encode("utf-8")], dtype=np.object_))
+    if input_ids is not None:
+        add("input_ids", "INT64", np.array(input_ids, dtype=np.int64))
+    if max_tokens is not None:
+        add("max_tokens", "INT32", np.array([max_tokens], dtype=np.int32))
+    add("stream", "BOOL", np.array([stream]))
+    if tree is not None:
+        add("tree", "BYTES", np.array([tree.encode()], dtype=np.object_))
+    for name, (dtype, value) in scalars.items():  # e.g. temperature=("FP32", 0.5)
+        add(name, dtype, np.array([value], dtype=NUMPY[dtype]))
+    return items
+
+
+def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, tree=None,
+                timeout: float = TIMEOUT, on_response=None, raw_inputs=None, **scalars) -> StreamResult:
+    """One request on a gRPC bidirectional stream; collects responses until the final one."""
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(url)
+    q: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=timeout * 4)
+    out = StreamResult()
+    t0 = time.perf_counter()
+    try:
+        inputs = raw_inputs(tg) if raw_inputs else _inputs(tg, text, input_ids, max_tokens, stream, tree, **scalars)
+        client.async_stream_infer("treespec", inputs, enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = q.get(timeout=timeout)
+            except queue.Empty:
+                out.error = f"no response within {timeout} s (hung)"
+                break
+            if error is not None:
+                out.error = str(error)
+                break
+            if out.first_s is None:
+                out.first_s = time.perf_counter() - t0
+            response = result.get_response()
+            if response.outputs:
+                out.responses += 1
+                out.text += b"".join(result.as_numpy("text_output").reshape(-1)).decode("utf-8")
+                out.ids += [int(t) for t in result.as_numpy("output_ids").reshape(-1)]
+                out.accepted.append(int(result.as_numpy("accepted_tokens").reshape(-1)[0]))
+                if on_response is not None:
+                    on_response(out)
+            if response.parameters["triton_final_response"].bool_param:
+                out.final = True
+                break
+    finally:
+        out.total_s = time.perf_counter() - t0
+        try:
+            client.stop_stream(cancel_requests=not out.final)
+        except Exception:
+            pass
+        client.close()
+    return out
+
+
+def http_post(url: str, body: dict | bytes, timeout: float = TIMEOUT) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def http_generate(server, body: dict, timeout: float = TIMEOUT) -> tuple[int, dict]:
+    code, text = http_post(f"{server.http_url}/v2/models/treespec/generate", body, timeout)
+    return code, json.loads(text)
+
+
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def ids_of(value) -> list[int]:
+    """The generate endpoint returns a one-element output as a scalar."""
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def metrics(server) -> dict[str, float]:
+    """treespec_* samples of the metrics endpoint, keyed by the sample's text before its value."""
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    out = {}
+    for line in lines:
+        if line.startswith("treespec_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def repo_snapshot(repo: Path) -> dict[str, tuple]:
+    """Every entry of a repository: file contents' hash and mtime, or a symlink's target."""
+    import hashlib
+
+    snap = {}
+    for p in sorted(repo.rglob("*")):
+        rel = str(p.relative_to(repo))
+        if "__pycache__" in p.parts:
+            continue
+        if p.is_symlink():
+            snap[rel] = ("link", str(p.readlink()))
+        elif p.is_file():
+            snap[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        else:
+            snap[rel] = ("dir",)
+    return snap
+
+
+def expected_outputs(gen, prompts=PROMPTS, max_tokens=MAX_TOKENS, tree=None) -> dict[str, tuple[str, list[int]]]:
+    out = {}
+    for p in prompts:
+        r = gen.generate(p, max_new_tokens=max_tokens, tree=tree)
+        out[p] = (r.text, list(r.token_ids))
+    return out
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
