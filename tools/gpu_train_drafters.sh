@@ -12,7 +12,7 @@ common=(--model smollm2-135m --device cuda --seed 0 --dataset "$out/selfdistill.
 quiet() { tr '\r' '\n' | grep -v "step/s\|seq/s\|it/s" | tail -n 12; }
 if [ "$which" != draft ]; then
   python3 -m treespec.runtime.cli train-medusa --out "$out/medusa.safetensors" "${common[@]}" \
-    --num-heads 4 --steps 1500 --lr 1e-3 2>&1 | quiet
+    --num-heads 4 --steps 1200 --lr 1e-3 2>&1 | quiet
 fi
 if [ "$which" != medusa ]; then
   python3 -m treespec.runtime.cli train-draft --out "$out/draft.safetensors" "${common[@]}" \
