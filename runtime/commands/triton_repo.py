@@ -1,0 +1,23 @@
+"""`treespec triton-repo --artifacts A --out DIR`: write a Triton model repository."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifacts", required=True, type=Path, help="artifact directory from treespec-export")
+    p.add_argument("--out", required=True, type=Path, help="model repository folder to write")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "tensorrt-rtx"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def run(args) -> int:
+    from treespec.exporter.triton_repo import write_triton_repo
+    from treespec.runtime.manifest import load_manifest
+
+    load_manifest(args.artifacts)  # a clear error for a missing or broken artifact directory
+    write_triton_repo(args.artifacts, args.out, backend=args.backend, device=args.device, force=args.force)
+    print(f"wrote the Triton model repository {args.out}")
+    return 0
