@@ -22,8 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +85,15 @@ def _use_environment(config):
 
 class TritonPythonModel:
     def initialize(self, args):
-        _use_environment(json.loads(args["model_config"]))
-        from treespec.runtime.triton_model import TreespecModel
+        config = json.loads(args["model_config"])
+        _use_environment(config)
+        try:
+            from treespec.runtime.triton_model import TreespecModel
+        except ImportError as exc:
+            where = config.get("parameters", {}).get("python_path", {}).get("string_value")
+            raise RuntimeError(f"treespec cannot be imported from {where} ({exc}): install it in that "
+                               "environment (pip install -e <treespec checkout>) or rewrite the repository "
+                               "with treespec triton-repo from the environment it is installed in") from exc
 
         self._impl = TreespecModel()
         self._impl.initialize(args)
@@ -114,19 +119,14 @@ def _pb():
 
 
 def python_path() -> list[str]:
-    """This interpreter's package folders (not its standard library) for the stub's sys.path."""
-    paths = sysconfig.get_paths()
-    stdlib = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")}
-    cwd = os.path.realpath(os.getcwd())
-    out: list[str] = []
-    for p in sys.path:
-        if not p or not os.path.isdir(p):  # '' (the cwd) and zipped standard libraries
-            continue
-        real = os.path.realpath(p)
-        if real == cwd or real in stdlib or os.path.basename(real) == "lib-dynload":
-            continue
-        if p not in out:
-            out.append(p)
+    """This environment's package folders for the stub's sys.path: its site-packages (and the user
+    site, when enabled). Deliberately not sys.path, which depends on how the writer was started
+    (pytest, PYTHONPATH, the cwd): the same environment must give the same repository."""
+    import site
+
+    out = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        out.append(site.getusersitepackages())
     return out
 
 

@@ -88,6 +88,9 @@ class TreespecModel:
         self.gen = SpeculativeGenerator.from_artifacts(artifact_dir, backend=self.backend, device=device,
                                                        threads=threads)
         self.max_context = self.gen.max_context
+        from treespec.runtime.presets import preset_names
+
+        self.presets = preset_names()
         self.vocab = self.gen.manifest.dims.vocab_size
         pb_utils.Logger.log_info(
             f"treespec: loaded {artifact_dir} ({self.backend} on {device}) in {time.perf_counter() - t0:.1f} s")
@@ -156,6 +159,10 @@ class TreespecModel:
         if top_k < 0:
             raise InputError(f"top_k must be >= 0, got {top_k}")
         tree = _scalar(request, "tree", str, None)
+        if tree and tree != "none" and not tree.lstrip().startswith("{") and tree not in self.presets:
+            # never a file path: a request must not make the server read files
+            raise InputError(f"unknown tree '{tree}': use none, inline JSON or a preset "
+                             f"({', '.join(self.presets)})")
         return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                     top_k=top_k, seed=_scalar(request, "seed", int, None), tree=tree or None,
                     raw=_scalar(request, "raw", bool, False), stream=_scalar(request, "stream", bool, False))

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tritonclient.grpc.model_config_pb2")
-
-from treespec.exporter.triton_repo import (ORCHESTRATOR_INPUTS, ORCHESTRATOR_OUTPUTS, STAMP, _onnx_io,  # noqa: E402
+from treespec.exporter.triton_repo import (ORCHESTRATOR_INPUTS, ORCHESTRATOR_OUTPUTS, STAMP, _onnx_io,
                                            default_repo_dir, ensure_triton_repo, parse_config,
                                            write_triton_repo)
-from treespec.runtime.errors import ArtifactError, InputError  # noqa: E402
-from treespec.runtime.manifest import load_manifest  # noqa: E402
+from treespec.runtime.errors import ArtifactError, InputError
+from treespec.runtime.manifest import load_manifest
 
 
 def _configs(repo: Path) -> dict:

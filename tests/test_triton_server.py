@@ -1,0 +1,221 @@
+"""The real Triton server (nvidia-pytriton's tritonserver 2.51, CPU) serving the SmolLM2 artifacts.
+
+One server for the module. Greedy outputs over HTTP generate, HTTP generate_stream (SSE) and gRPC
+streaming equal the Python API's and plain decoding's (tree "none"); 8 concurrent streaming clients
+x 3 requests all complete correctly with no errors in the server log; bad requests get clear
+errors and the server goes on serving; metrics appear; `serve()` restarts on the unchanged
+repository (this last test stops the module's server).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from triton_helpers import (MAX_TOKENS, PROMPTS, TIMEOUT, expected_outputs, grpc_stream,
+                            http_generate, http_post, ids_of, metrics, repo_snapshot, sse_events)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def api(smollm2_artifacts):
+    from treespec.runtime.api import SpeculativeGenerator
+
+    gen = SpeculativeGenerator.from_artifacts(smollm2_artifacts)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="module")
+def expected(api):
+    """Greedy outputs of the Python API, checked equal to plain autoregressive decoding."""
+    spec = expected_outputs(api)
+    plain = expected_outputs(api, tree="none")
+    assert spec == plain, "speculative greedy decoding differs from plain decoding in the Python API"
+    return spec
+
+
+@pytest.fixture(scope="module")
+def repo(smollm2_artifacts, tmp_path_factory):
+    from treespec.exporter.triton_repo import write_triton_repo
+
+    return write_triton_repo(smollm2_artifacts, tmp_path_factory.mktemp("triton") / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(repo, expected):  # expected first: the references are computed before the server loads
+    from treespec.runtime.serve import TritonServer
+
+    with TritonServer(repo, None, None, None, startup_timeout=600) as srv:
+        print(f"\ntritonserver ready in {srv.startup_s:.1f} s")
+        yield srv
+
+
+def test_http_generate_equals_the_python_api_and_plain_decoding(server, expected):
+    for i, (prompt, (text, ids)) in enumerate(expected.items()):
+        for tree in (None, "none") if i < 2 else (None,):
+            body = {"text_input": prompt, "max_tokens": MAX_TOKENS}
+            if tree:
+                body["tree"] = tree
+            code, out = http_generate(server, body)
+            assert code == 200, out
+            assert out["text_output"] == text and ids_of(out["output_ids"]) == ids, (prompt, tree)
+            assert out["accepted_tokens"] == len(ids)
+
+
+def test_http_generate_stream_sends_one_event_per_step(server, expected):
+    prompt = PROMPTS[1]
+    code, body = http_post(f"{server.http_url}/v2/models/treespec/generate_stream",
+                           {"text_input": prompt, "max_tokens": MAX_TOKENS, "stream": True})
+    assert code == 200, body
+    events = sse_events(body)
+    assert "".join(e["text_output"] for e in events) == expected[prompt][0]
+    assert [t for e in events for t in ids_of(e["output_ids"])] == expected[prompt][1]
+    assert sum(e["accepted_tokens"] for e in events) == len(expected[prompt][1]) and len(events) > 1
+
+
+def test_grpc_streaming_equals_the_python_api(server, api, expected):
+    for prompt, (text, ids) in expected.items():
+        out = grpc_stream(server.grpc_url, prompt)
+        assert out.ok, out.error
+        assert out.text == text and out.ids == ids
+        assert sum(out.accepted) == len(ids) and out.responses == len(out.accepted) > 1
+        whole = grpc_stream(server.grpc_url, prompt, stream=False, tree="none")
+        assert whole.ok and whole.responses == 1 and whole.ids == ids
+    # the token interface: ids in, ids out (no chat template applied by the server)
+    prompt = PROMPTS[0]
+    out = grpc_stream(server.grpc_url, input_ids=api.encode(prompt))
+    assert out.ok and out.ids == expected[prompt][1]
+
+
+def test_eight_concurrent_streaming_clients(server, api, expected):
+    n = MAX_TOKENS // 2  # greedy: the first n tokens of the references
+    want = {p: (api.tokenizer.decode(ids[:n], skip_special_tokens=True), ids[:n]) for p, (_, ids) in expected.items()}
+    results: dict[tuple[int, int], object] = {}
+
+    def client(c: int) -> None:
+        for r in range(3):
+            prompt = PROMPTS[(c + r) % len(PROMPTS)]
+            results[(c, r)] = (prompt, grpc_stream(server.grpc_url, prompt, max_tokens=n))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 3)
+    elapsed = time.perf_counter() - t0
+    assert len(results) == 24
+    for (c, r), (prompt, out) in sorted(results.items()):
+        assert out.ok, f"client {c} request {r}: {out.error}"
+        assert out.text == want[prompt][0] and out.ids == want[prompt][1], (c, r)
+    print(f"\n24 streaming requests from 8 clients in {elapsed:.1f} s")
+    assert server.error_lines() == []
+
+
+BAD_REQUESTS = [
+    ({"max_tokens": 8}, 400, "missing input: give text_input"),
+    ({"text_input": "Hi", "max_tokens": -3}, 400, "max_tokens must be a positive integer"),
+    ({"text_input": "Hi", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
+    ({"text_input": "OVER_CONTEXT", "max_tokens": 8}, 400, "the context limit is"),
+    ({"text_input": "Hi", "max_tokens": "eight"}, None, "Unable to parse"),  # Triton's own type check
+    ({"text_input": "Hi", "temperature": -1.0}, 400, "temperature must be >= 0"),
+    ({"text_input": "Hi", "top_p": 0.0}, 400, "top_p must be in (0, 1]"),
+    ({"text_input": "Hi", "tree": "{not json"}, 400, "tree: invalid JSON"),
+    ({"text_input": "Hi", "tree": "no-such-preset"}, 400, "unknown tree 'no-such-preset'"),
+    ({"text_input": "Hi", "tree": "/etc/passwd"}, 400, "unknown tree '/etc/passwd'"),
+    ({"text_input": "", "max_tokens": 8}, 400, "the prompt is empty"),
+    ({"text_input": "Hi", "input_ids": [1, 2]}, 400, "either text_input or input_ids"),
+    ({"input_ids": [1, 10 ** 9]}, 400, "input_ids must lie in"),
+]
+
+
+@pytest.mark.parametrize("body,code,message", BAD_REQUESTS, ids=[m for _, _, m in BAD_REQUESTS])
+def test_bad_http_requests_get_clear_errors(server, api, body, code, message):
+    if body.get("text_input") == "OVER_CONTEXT":
+        body = {**body, "text_input": "word " * (api.max_context + 8)}
+    got, out = http_generate(server, body)
+    assert got >= 400 and (code is None or got == code), out
+    assert message in out["error"], out
+
+
+def test_bad_grpc_requests_then_a_good_one(server, expected):
+    import numpy as np
+
+    def wrong_type(tg):
+        text = tg.InferInput("text_input", [1], "BYTES")
+        text.set_data_from_numpy(np.array([b"Hi"], dtype=np.object_))
+        tokens = tg.InferInput("max_tokens", [1], "FP32")
+        tokens.set_data_from_numpy(np.array([8.0], dtype=np.float32))
+        return [text, tokens]
+
+    out = grpc_stream(server.grpc_url, raw_inputs=wrong_type)
+    assert out.error and "max_tokens" in out.error and "expects 'INT32'" in out.error, out.error
+    out = grpc_stream(server.grpc_url, max_tokens=4)
+    assert out.error and "missing input" in out.error
+    out = grpc_stream(server.grpc_url, "Hi", max_tokens=-1)
+    assert out.error and "max_tokens must be a positive integer" in out.error
+    prompt = PROMPTS[2]
+    out = grpc_stream(server.grpc_url, prompt)
+    assert out.ok and out.ids == expected[prompt][1]
+    code, body = http_generate(server, {"text_input": prompt, "max_tokens": MAX_TOKENS})
+    assert code == 200 and ids_of(body["output_ids"]) == expected[prompt][1]
+    assert server.error_lines() == []  # bad requests are answered, not logged as server errors
+
+
+def test_acceptance_metrics_on_the_metrics_endpoint(server):
+    m = metrics(server)
+    label = '{model="treespec"}'
+    steps = m[f"treespec_steps_total{label}"]
+    assert m[f"treespec_tokens_total{label}"] > steps > 0
+    assert m[f"treespec_accepted_tokens_per_step_count{label}"] == steps
+    mean = m[f"treespec_accepted_tokens_per_step_sum{label}"] / steps
+    assert mean >= 1.0 and abs(m[f"treespec_mean_accepted_tokens{label}"] - mean) < 1e-6
+    assert m['treespec_requests_total{model="treespec",outcome="success"}'] > 0
+    assert m['treespec_requests_total{model="treespec",outcome="invalid"}'] > 0
+    print(f"\nmean accepted tokens per step: {mean:.3f} over {steps:.0f} steps")
+
+
+def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm2_artifacts, expected):
+    """Runs last: stops the module's server, then restarts with `serve()` (what `treespec serve` runs)."""
+    from treespec.runtime.serve import free_port
+
+    server.stop()
+    before = repo_snapshot(repo)
+    for _ in range(1):
+        port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        code = (f"import sys; from treespec.runtime.serve import serve; sys.exit(serve({str(smollm2_artifacts)!r}, "
+                f"{port}, {grpc_port}, {metrics_port}, repo_dir={str(repo)!r}))")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        lines = []
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                lines.append(line)
+                if "Ctrl-C stops the server" in line:
+                    break
+            out = "".join(lines)
+            assert "(reused)" in out and f"http://127.0.0.1:{port}" in out, out
+            prompt = PROMPTS[3]
+            got, body = http_post(f"http://127.0.0.1:{port}/v2/models/treespec/generate",
+                                  {"text_input": prompt, "max_tokens": MAX_TOKENS})
+            assert got == 200 and f'"text_output":' in body
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=120)
+            print(f"\nserve() stopped {time.perf_counter() - t0:.1f} s after SIGTERM")
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 0 and "stopped (exit code 0)" in rest, out + rest
+        assert repo_snapshot(repo) == before
