@@ -10,6 +10,7 @@ bundled server is made to run our python model: treespec.runtime.triton_env.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -177,8 +178,8 @@ class TritonServer:
                 current = set(self.stub_pids())
             known = current
 
-    def _post(self, path: str, timeout: float) -> tuple[int, str]:
-        req = urllib.request.Request(self.http_url + path, data=b"{}", method="POST")
+    def _post(self, path: str, timeout: float, body: bytes = b"{}") -> tuple[int, str]:
+        req = urllib.request.Request(self.http_url + path, data=body, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read().decode(errors="replace")
@@ -188,16 +189,19 @@ class TritonServer:
             return 0, str(exc)
 
     def reload(self, model: str = "treespec") -> None:
-        """Unload and load a model: new stub processes (a plain load of an unchanged model is a no-op)."""
-        code, body = self._post(f"/v2/repository/models/{model}/unload", 60)
+        """Load the model again: new stub processes. A plain load of an unchanged model is a no-op, so
+        the model's own config goes along with one more parameter (`reload`); Triton then loads the
+        new instances first and swaps them in, so the model never disappears meanwhile."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/config", timeout=30) as r:
+                config = json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ServerError(f"could not read the config of {model}: {exc}") from None
+        config.setdefault("parameters", {})["reload"] = {"string_value": str(self.reloads + 1)}
+        body = json.dumps({"parameters": {"config": json.dumps(config)}}).encode()
+        code, text = self._post(f"/v2/repository/models/{model}/load", self.startup_timeout, body)
         if code != 200:
-            raise ServerError(f"could not unload {model}: {code} {body}")
-        deadline = time.monotonic() + 60
-        while self._get(f"/v2/models/{model}/ready") == 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        code, body = self._post(f"/v2/repository/models/{model}/load", self.startup_timeout)
-        if code != 200:
-            raise ServerError(f"could not load {model}: {code} {body}")
+            raise ServerError(f"could not load {model}: {code} {text}")
         self.reloads += 1
 
     def _get(self, path: str, timeout: float = 2.0) -> int:
@@ -280,6 +284,14 @@ class TritonServer:
             code = self.proc.returncode
         return code
 
+    def kill(self) -> int | None:
+        """SIGKILL the server and its stubs at once."""
+        self._stopping.set()
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        return self.proc.returncode if self.proc is not None else None
+
     def cleanup(self) -> None:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -327,14 +339,21 @@ def serve(artifact_dir: str | Path, port: int = 8000, grpc_port: int = 8001, met
         raise ServerError(f"tritonserver exited unexpectedly (code {server.proc.returncode}); "
                           f"log {server.log_file}:\n{server.log_tail()}")
     except KeyboardInterrupt:
-        print("stopping tritonserver (waiting for in-flight requests)...", flush=True)
-        code = server.stop()
+        print("stopping tritonserver (waiting for in-flight requests; Ctrl-C again to force)...", flush=True)
+        try:
+            code = server.stop()
+        except KeyboardInterrupt:
+            code = server.kill()
+            print("forced", flush=True)
         print(f"stopped (exit code {code})", flush=True)
+        if code and server.reloads:
+            print("(a model's stub died with a request in flight earlier: Triton 2.51 never releases such a "
+                  "request, so it waited --exit-timeout-secs for it)", flush=True)
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
         if server.proc is not None and server.proc.poll() is None:
-            server.stop()
+            server.kill()
         server.cleanup()
 
 
