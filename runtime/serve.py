@@ -152,9 +152,9 @@ class TritonServer:
             self._watch.start()
         return self
 
-    # Triton 2.51 restarts a dead python-backend stub only for non-decoupled models; a decoupled
-    # model (ours) keeps answering "Stub process ... is not healthy" forever. The supervisor
-    # watches the stub processes and reloads the model (unload + load) when one dies.
+    # Triton 2.51 does not restart the dead python-backend stub of a decoupled model (ours; checked):
+    # the model stays "ready" and answers "Stub process ... is not healthy" forever. The supervisor
+    # watches the stub processes and reloads the model (see reload) when one dies.
     def _event(self, message: str) -> None:
         self.events.append(message)
         if self.on_event is not None:
