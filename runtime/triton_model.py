@@ -27,6 +27,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from treespec.runtime.api import MAX_NEW_TOKENS_LIMIT
 from treespec.runtime.errors import InputError, TreespecError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -149,6 +150,9 @@ class TreespecModel:
         max_tokens = _scalar(request, "max_tokens", int, self.default_max_tokens)
         if max_tokens <= 0:
             raise InputError(f"max_tokens must be a positive integer, got {max_tokens}")
+        if max_tokens > MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"max_tokens {max_tokens} is over the limit {MAX_NEW_TOKENS_LIMIT} (generation "
+                             f"stops at the context limit, {self.max_context} tokens, anyway)")
         temperature = _scalar(request, "temperature", float, 0.0)
         if temperature < 0:
             raise InputError(f"temperature must be >= 0, got {temperature}")
@@ -213,6 +217,7 @@ class TreespecModel:
             if not first:  # the first chunk is the prefill's token; the rest are verification steps
                 steps += 1
                 self.m_accepted.observe(chunk.accepted)
+                self.m_steps.increment(1)
                 self.total_steps += 1
                 self.total_accepted += chunk.accepted
             first = False
@@ -224,8 +229,6 @@ class TreespecModel:
             else:
                 text.append(chunk.text)
                 ids += chunk.token_ids
-        if steps:
-            self.m_steps.increment(steps)
         if self.total_steps:
             self.m_mean.set(self.total_accepted / self.total_steps)
         if not stream:

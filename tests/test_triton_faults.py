@@ -56,7 +56,7 @@ def server(repo, expected, request):
         yield srv
 
 
-@pytest.mark.parametrize("server", [5], indirect=True)  # exit timeout: see the last step
+@pytest.mark.parametrize("server", [3], indirect=True)  # exit timeout: see the last step
 def test_killed_stub_mid_stream_gives_an_error_then_the_model_comes_back(server, expected):
     killed = []
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from triton_helpers import (MAX_TOKENS, PROMPTS, TIMEOUT, expected_outputs, grpc_stream,
+from triton_helpers import (LEFT, MAX_TOKENS, PROMPTS, TIMEOUT, expected_outputs, grpc_stream,
                             http_generate, http_post, ids_of, metrics, repo_snapshot, sse_events)
 
 pytestmark = pytest.mark.slow
@@ -81,13 +81,14 @@ def test_http_generate_stream_sends_one_event_per_step(server, expected):
 
 
 def test_grpc_streaming_equals_the_python_api(server, api, expected):
-    for prompt, (text, ids) in expected.items():
+    for i, (prompt, (text, ids)) in enumerate(expected.items()):
         out = grpc_stream(server.grpc_url, prompt)
         assert out.ok, out.error
         assert out.text == text and out.ids == ids
         assert sum(out.accepted) == len(ids) and out.responses == len(out.accepted) > 1
-        whole = grpc_stream(server.grpc_url, prompt, stream=False, tree="none")
-        assert whole.ok and whole.responses == 1 and whole.ids == ids
+        if i < 2:
+            whole = grpc_stream(server.grpc_url, prompt, stream=False, tree="none")
+            assert whole.ok and whole.responses == 1 and whole.ids == ids
     # the token interface: ids in, ids out (no chat template applied by the server)
     prompt = PROMPTS[0]
     out = grpc_stream(server.grpc_url, input_ids=api.encode(prompt))
@@ -123,6 +124,7 @@ BAD_REQUESTS = [
     ({"max_tokens": 8}, 400, "missing input: give text_input"),
     ({"text_input": "Hi", "max_tokens": -3}, 400, "max_tokens must be a positive integer"),
     ({"text_input": "Hi", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
+    ({"text_input": "Hi", "max_tokens": 2 ** 31 - 1}, 400, "max_tokens 2147483647 is over the limit"),
     ({"text_input": "OVER_CONTEXT", "max_tokens": 8}, 400, "the context limit is"),
     ({"text_input": "Hi", "max_tokens": "eight"}, None, "Unable to parse"),  # Triton's own type check
     ({"text_input": "Hi", "temperature": -1.0}, 400, "temperature must be >= 0"),
@@ -169,7 +171,27 @@ def test_bad_grpc_requests_then_a_good_one(server, expected):
     assert server.error_lines() == []  # bad requests are answered, not logged as server errors
 
 
+def test_a_cancelled_stream_stops_generating(server, expected):
+    """A client that goes away mid-stream: the model sees the cancellation at its next step and
+    moves on to the next request instead of generating for nobody."""
+    before = metrics(server)['treespec_requests_total{model="treespec",outcome="cancelled"}']
+    leave = grpc_stream(server.grpc_url, PROMPTS[0], max_tokens=200, on_response=lambda p: p.responses < 2)
+    assert leave.responses == 2 and leave.error == LEFT
+    prompt = PROMPTS[1]
+    t0 = time.perf_counter()
+    out = grpc_stream(server.grpc_url, prompt)
+    assert out.ok and out.ids == expected[prompt][1]
+    alone = time.perf_counter() - t0
+    deadline = time.monotonic() + 30
+    while metrics(server)['treespec_requests_total{model="treespec",outcome="cancelled"}'] == before:
+        assert time.monotonic() < deadline, "the cancellation was not counted"
+        time.sleep(0.2)
+    print(f"\nrequest after a cancelled 200-token stream took {alone:.1f} s")
+
+
 def test_acceptance_metrics_on_the_metrics_endpoint(server):
+    assert http_generate(server, {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})[0] == 200
+    assert http_generate(server, {"text_input": "Hi", "max_tokens": -1})[0] == 400
     m = metrics(server)
     label = '{model="treespec"}'
     steps = m[f"treespec_steps_total{label}"]

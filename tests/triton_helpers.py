@@ -23,6 +23,7 @@ PROMPTS = [
 ]
 MAX_TOKENS = 16
 TIMEOUT = 120.0  # seconds without a response before a request counts as hung
+LEFT = "the client left"
 NUMPY = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "BYTES": np.object_}
 
 
@@ -66,7 +67,8 @@ def _inputs(tg, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, t
 
 def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, tree=None,
                 timeout: float = TIMEOUT, on_response=None, raw_inputs=None, **scalars) -> StreamResult:
-    """One request on a gRPC bidirectional stream; collects responses until the final one."""
+    """One request on a gRPC bidirectional stream; collects responses until the final one.
+    on_response(progress) sees each response; returning False makes the client leave (cancel)."""
     import tritonclient.grpc as tg
 
     client = tg.InferenceServerClient(url)
@@ -94,8 +96,9 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
                 out.text += b"".join(result.as_numpy("text_output").reshape(-1)).decode("utf-8")
                 out.ids += [int(t) for t in result.as_numpy("output_ids").reshape(-1)]
                 out.accepted.append(int(result.as_numpy("accepted_tokens").reshape(-1)[0]))
-                if on_response is not None:
-                    on_response(out)
+                if on_response is not None and on_response(out) is False:
+                    out.error = LEFT  # the client goes away: stop_stream cancels the request
+                    break
             if response.parameters["triton_final_response"].bool_param:
                 out.final = True
                 break
