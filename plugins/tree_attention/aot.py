@@ -132,7 +132,8 @@ def compile_tree_attention(dtype: str, head_dim: int, scale: float | None, confi
     src = ASTSource(fn=tree_attention_kernel, signature=signature, attrs=attrs, **{const_kw: constexprs})
     target = GPUTarget("cuda", cc, 32)
     backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
+    options = backend.parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                     "enable_fp_fusion": True})
     compiled = triton.compile(src, target=target, options=options.__dict__)
     meta = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):

@@ -78,6 +78,8 @@ def make_inputs(case: Case, device: str = "cpu") -> dict[str, Any]:
         mask = level_tree_mask(case.extra["levels"]).expand(b, t, t).clone()
     else:
         mask = random_tree_mask(b, t, gen)
+    for row in case.extra.get("hidden_rows", []):  # rows that see no new key (not even themselves)
+        mask[:, row] = False
     return dict(q=randn(b, h, t, d), k_new=randn(b, kvh, t, d), v_new=randn(b, kvh, t, d),
                 past_k=randn(b, kvh, c, d), past_v=randn(b, kvh, c, d),
                 past_lengths=torch.tensor(case.past_lengths, dtype=torch.int64, device=device),
