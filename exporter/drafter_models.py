@@ -104,12 +104,32 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def _meta_int(metadata: dict[str, str], key: str, path: Path) -> int | None:
+    value = metadata.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{path}: metadata '{key}' must be an integer, got {value!r}") from None
+
+
 def check_compatible(metadata: dict[str, str], target_config, path: Path) -> None:
     """Refuse weights trained for another target (vocabulary or width differs)."""
     for key, want in (("vocab_size", target_config.vocab_size), ("hidden_size", target_config.hidden_size)):
-        got = metadata.get(key)
-        if got is not None and int(got) != int(want):
-            raise InputError(f"{path}: drafter was trained for {key}={got}, the target has {want}")
+        got = _meta_int(metadata, key, path)
+        if got is not None and got != int(want):
+            raise InputError(f"{path}: drafter was trained for {key}={got}, the target has {want} "
+                             "(drafter weights only fit the model they were trained for)")
+
+
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path, strict: bool):
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:  # shape mismatch: weights for a model of another width
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
+                      str(exc).splitlines()[0])
+        raise InputError(f"{path}: drafter weights do not fit the target ({detail})") from None
 
 
 def medusa_from_weights(target: nn.Module, path: Path | None, num_heads: int = 4) -> MedusaHeads:
@@ -118,8 +138,11 @@ def medusa_from_weights(target: nn.Module, path: Path | None, num_heads: int = 4
         return MedusaHeads(cfg.hidden_size, num_heads, target.lm_head)
     state, meta = load_weights(path)
     check_compatible(meta, cfg, path)
-    heads = MedusaHeads(cfg.hidden_size, int(meta.get("num_heads", len(state) // 2)), target.lm_head)
-    missing = heads.load_state_dict(state, strict=False).missing_keys
+    num_heads = _meta_int(meta, "num_heads", path) or len(state) // 2
+    if num_heads <= 0:
+        raise InputError(f"{path}: not a Medusa heads file (no heads)")
+    heads = MedusaHeads(cfg.hidden_size, num_heads, target.lm_head)
+    missing = _load_state(heads, state, path, strict=False).missing_keys
     if any(k.startswith("blocks.") for k in missing):
         raise InputError(f"{path}: not a Medusa heads file (missing {missing[:2]})")
     return heads
@@ -135,9 +158,9 @@ def draft_from_weights(target: nn.Module, path: Path | None, num_layers: int | N
         return make_draft_model(target, num_layers)
     state, meta = load_weights(path)
     check_compatible(meta, target.config, path)
-    draft = make_draft_model(target, int(meta.get("num_layers", num_layers)))
+    draft = make_draft_model(target, _meta_int(meta, "num_layers", path) or num_layers)
     layer_state = {k[len("layers."):]: v for k, v in state.items() if k.startswith("layers.")}
     if not layer_state:
         raise InputError(f"{path}: not a draft-model file (no layers.* tensors)")
-    draft.model.layers.load_state_dict(layer_state)
+    _load_state(draft.model.layers, layer_state, path, strict=True)
     return draft

@@ -98,6 +98,7 @@ def run_export(opts: ExportOptions, progress: Callable[[str], None] = print) -> 
         t = time.perf_counter()
         progress(f"loading {opts.model}")
         ckpt = load_checkpoint(opts.model)
+        _check_drafter_weights(opts, ckpt)
         model = model_section(ckpt.model, ckpt.name, ckpt.source, opts.max_context)
         model["checkpoint"] = opts.model if opts.model in ("smollm2-135m", "tiny-random") else str(
             Path(opts.model).resolve())
@@ -152,6 +153,17 @@ def run_export(opts: ExportOptions, progress: Callable[[str], None] = print) -> 
 
         write_triton_repo(opts.out, opts.triton_repo, force=opts.force)
     return manifest
+
+
+def _check_drafter_weights(opts: ExportOptions, ckpt) -> None:
+    """Refuse drafter weights made for another model before spending time on the export."""
+    if not opts.drafter_weights:
+        return
+    from treespec.exporter.drafter_models import check_compatible, load_weights
+
+    for kind, path in opts.drafter_weights.items():
+        if kind in opts.drafters:
+            check_compatible(load_weights(path)[1], ckpt.model.config, path)
 
 
 def add_drafter(kind: str, ckpt, opts: ExportOptions, work: Path, model: dict):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -33,9 +34,10 @@ class StreamChunk:
 
 
 def _validate_sampling(temperature: float, top_p: float, top_k: int) -> SamplingParams:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise InputError(f"temperature must be >= 0 and finite, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise InputError(f"top_k must be an integer >= 0, got {top_k!r}")

@@ -28,8 +28,10 @@ def load_graph(manifest: Manifest, name: str, backend: str, device: str,
 
         path = manifest.require_file(entry["onnx"])
         manifest.require_file(entry["onnx"] + ".data") if entry.get("external_data") else None
-        return OnnxRuntimeBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                                  entry.get("precision", "fp32"), device, threads)
+        ort_backend = OnnxRuntimeBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
+                                         entry.get("precision", "fp32"), device, threads)
+        check_graph_dims(manifest, name, ort_backend.session)
+        return ort_backend
     if backend in ("tensorrt", "tensorrt-rtx"):
         from treespec.runtime.backends.tensorrt import TensorRTBackend
 
@@ -39,6 +41,25 @@ def load_graph(manifest: Manifest, name: str, backend: str, device: str,
 
         return TorchBackend.from_manifest(manifest, name, device)
     raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+
+
+def check_graph_dims(manifest: Manifest, name: str, session) -> None:
+    """Refuse a graph whose vocabulary or hidden size differs from the target's (e.g. a drafter
+    exported for another model): drafted token ids must be the target's token ids."""
+    dims = manifest.dims
+    wanted = {"logits": ("vocabulary", dims.vocab_size)}
+    if name in ("target", "medusa"):  # Medusa heads read the target's hidden states
+        wanted["hidden_states"] = ("hidden size", dims.hidden_size)
+    for arg in list(session.get_inputs()) + list(session.get_outputs()):
+        if arg.name not in wanted or not arg.shape:
+            continue
+        what, want = wanted[arg.name]
+        got = arg.shape[-1]
+        if isinstance(got, int) and got != want:
+            raise ArtifactError(
+                f"{manifest.root}: the '{name}' graph has a {what} of {got} ({arg.name}) but the target "
+                f"model's is {want}: it was exported for another model; re-export the artifacts with "
+                "treespec-export")
 
 
 def _draft_dims(manifest: Manifest):
@@ -67,7 +88,9 @@ def load_drafter(manifest: Manifest, backend: str, device: str, threads: int | N
     if kind == "medusa":
         from treespec.runtime.drafters.medusa import MedusaDrafter
 
-        return MedusaDrafter.from_manifest(manifest, backend, device, threads)
+        drafter = MedusaDrafter.from_manifest(manifest, backend, device, threads)
+        check_graph_dims(manifest, "medusa", drafter.session)
+        return drafter
     if kind == "draft":
         from treespec.runtime.drafters.draft_lm import DraftModelDrafter
 

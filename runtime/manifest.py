@@ -144,4 +144,30 @@ def load_manifest(root: str | Path) -> Manifest:
     for key in ("model", "tokenizer", "graphs"):
         if key not in data:
             raise ArtifactError(f"{path} is missing its '{key}' section")
+    _check_sections(path, data)
     return Manifest(root=root, data=data)
+
+
+def _is_range(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            and value[0] <= value[1] <= value[2])
+
+
+def _check_sections(path: Path, data: dict[str, Any]) -> None:
+    """The fields the runtime indexes directly, so a hand-edited manifest fails with a message."""
+    tokenizer = data["tokenizer"]
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("path"), str):
+        raise ArtifactError(f"{path}: 'tokenizer' must be an object with a 'path' string")
+    graphs = data["graphs"]
+    if not isinstance(graphs, dict):
+        raise ArtifactError(f"{path}: 'graphs' must be an object (graph name -> entry)")
+    for name, entry in graphs.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("onnx"), str):
+            raise ArtifactError(f"{path}: graph '{name}' must be an object with an 'onnx' file name")
+        profile = entry.get("profile")
+        if profile is None and name != "target":
+            continue  # only the target's profile is read by the runtime; engine builds check theirs
+        if not isinstance(profile, dict) or not all(_is_range(profile.get(k)) for k in ("batch", "tree_tokens")):
+            raise ArtifactError(f"{path}: graph '{name}' needs a 'profile' with 'batch' and 'tree_tokens' "
+                                "as [min, opt, max] positive integers")
