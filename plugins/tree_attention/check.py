@@ -67,11 +67,12 @@ def level_tree_mask(widths: list[int]) -> torch.Tensor:
 
 
 def make_inputs(case: Case, device: str = "cpu") -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(case.seed)
+    gen = torch.Generator().manual_seed(case.seed)  # tree shapes
+    values = torch.Generator(device=device).manual_seed(case.seed)
     dtype = getattr(torch, case.dtype)
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=values, device=device).to(dtype)
 
     b, h, kvh, t, d, c = case.batch, case.heads, case.kv_heads, case.tokens, case.head_dim, case.capacity
     if case.extra.get("levels"):

@@ -1,0 +1,226 @@
+"""Benchmark (not a test): tree-attention kernel vs SDPA with a dense boolean mask vs FlexAttention.
+
+    python plugins/gpu/bench_kernel.py --out DIR [--deadline SECONDS]
+
+fp16, B=1, past length P (cache full) in {512, 2048, 8192}, tree tokens T in {16, 64, 128}, for
+SmolLM2 heads (H=9, KVH=3, D=64) and a Llama-like shape (H=32, KVH=8, D=128). Times are medians
+of triton.testing.do_bench, which empties the L2 cache before every run (a real model reads a
+different layer's cache each time). Ours: the Triton launcher over a few tile configs with the
+single-launch kernel (splits=1, what TensorRT runs) and the split-KV path, the launcher's
+default choice, and the AOT PTX launched through the CUDA driver (the TensorRT path) for each
+plugin tactic. SDPA gets K/V already concatenated and a precomputed [1,1,T,P+T] mask (the
+concatenation is not timed); its faster variant of enable_gqa=True and pre-repeated K/V counts.
+Bandwidth: bytes the op must move (q, new K/V, the P cache rows, mask, output) / time, against
+a measured device-to-device copy (2 x bytes / time). Writes bench_kernel.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from treespec.plugins.tree_attention import aot
+from treespec.plugins.tree_attention.check import random_tree_mask
+from treespec.plugins.tree_attention.config import TACTICS, KernelConfig, tactic_config
+from treespec.plugins.tree_attention.cuda_launch import PtxKernel
+from treespec.plugins.tree_attention.kernel import tree_attention
+
+SHAPES = {"smollm2 (H9/KVH3/D64)": (9, 3, 64), "llama-like (H32/KVH8/D128)": (32, 8, 128)}
+PASTS = (512, 2048, 8192)
+TOKENS = (16, 64, 128)
+CONFIGS = {
+    64: [KernelConfig(16, 64, 4, 3), KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 3),
+         KernelConfig(128, 64, 8, 2)],
+    128: [KernelConfig(16, 64, 4, 3), KernelConfig(32, 64, 4, 3), KernelConfig(64, 64, 4, 2),
+          KernelConfig(64, 32, 4, 3)],
+}
+
+
+def bench(fn) -> float:
+    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def useful_bytes(h: int, kvh: int, d: int, p: int, t: int) -> int:
+    return 2 * (2 * h * t * d + 2 * kvh * t * d + 2 * kvh * p * d) + 4 * t * t + 4
+
+
+def inputs(h: int, kvh: int, d: int, p: int, t: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(p * 1000 + t)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").half()  # noqa: E731
+    mask = random_tree_mask(1, t, torch.Generator().manual_seed(t)).cuda()
+    return dict(q=r(1, h, t, d), k_new=r(1, kvh, t, d), v_new=r(1, kvh, t, d), past_k=r(1, kvh, p, d),
+                past_v=r(1, kvh, p, d), past_lengths=torch.full((1,), p, dtype=torch.int32, device="cuda"),
+                tree_mask=mask.to(torch.int32), mask_bool=mask)
+
+
+def bench_ours(x: dict, d: int) -> tuple[list[dict], torch.Tensor]:
+    args = [x[k] for k in aot.KERNEL_INPUTS]
+    rows = []
+    for cfg in CONFIGS[d]:
+        for splits in (1, None):
+            ms = bench(lambda: tree_attention(*args, config=cfg, splits=splits))
+            rows.append({"config": cfg.__dict__, "splits": splits or "auto", "ms": ms})
+    rows.append({"config": "default", "splits": "default", "ms": bench(lambda: tree_attention(*args))})
+    return rows, tree_attention(*args)
+
+
+def bench_aot(x: dict, kernels: dict) -> list[dict]:
+    tensors = [x[k] for k in aot.KERNEL_INPUTS]
+    out = torch.empty_like(x["q"])
+    rows = []
+    for tactic, (kernel, launcher) in kernels.items():
+        plan = aot.plan_launch(kernel, [tuple(t.shape) for t in tensors])
+        ptrs = [t.data_ptr() for t in tensors]
+        stream = torch.cuda.current_stream().cuda_stream
+        ms = bench(lambda: launcher.launch(plan, ptrs, [out.data_ptr()], stream))
+        rows.append({"tactic": tactic, "config": kernel.config.__dict__, "shared_mem": kernel.shared_mem, "ms": ms})
+    return rows
+
+
+def bench_sdpa(x: dict, p: int, t: int) -> tuple[dict, torch.Tensor]:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    keys = torch.cat([x["past_k"], x["k_new"]], dim=2)
+    values = torch.cat([x["past_v"], x["v_new"]], dim=2)
+    mask = torch.cat([torch.ones(1, t, p, dtype=torch.bool, device="cuda"), x["mask_bool"]], dim=-1)[:, None]
+    groups = x["q"].shape[1] // keys.shape[1]
+    rk, rv = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    res: dict = {}
+    out = None
+    for name, fn in (("gqa", lambda: sdpa(x["q"], keys, values, attn_mask=mask, enable_gqa=True)),
+                     ("repeated_kv", lambda: sdpa(x["q"], rk, rv, attn_mask=mask))):
+        try:
+            out = fn()
+            res[name] = bench(fn)
+        except Exception as exc:  # a backend may refuse a combination
+            res[name] = f"{type(exc).__name__}: {exc}"[:200]
+    return res, out
+
+
+def bench_flex(x: dict, p: int, t: int, flex) -> float | str:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tree = x["mask_bool"][0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = (kv_idx - p).clamp(0, t - 1)
+        return (kv_idx < p) | ((kv_idx >= p) & tree[q_idx.clamp(0, t - 1), j])
+
+    keys = torch.cat([x["past_k"], x["k_new"]], dim=2)
+    values = torch.cat([x["past_v"], x["v_new"]], dim=2)
+    block_mask = create_block_mask(mask_mod, None, None, t, p + t, device="cuda")
+    fn = lambda: flex(x["q"], keys, values, block_mask=block_mask, enable_gqa=True)  # noqa: E731
+    fn()
+    return bench(fn)
+
+
+def plot(results: list[dict], copy_bw: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(SHAPES), figsize=(7 * len(SHAPES), 8), squeeze=False)
+    for col, shape in enumerate(SHAPES):
+        pts = sorted((r for r in results if r["shape"] == shape), key=lambda r: (r["T"], r["P"]))
+        labels = [f"T{r['T']}\nP{r['P']}" for r in pts]
+        xs = range(len(pts))
+        for k, (key, name) in enumerate((("ours_ms", "ours (best)"), ("aot_ms", "AOT PTX (TensorRT path)"),
+                                         ("sdpa_ms", "SDPA + bool mask"), ("flex_ms", "FlexAttention"))):
+            vals = [r.get(key) if isinstance(r.get(key), float) else float("nan") for r in pts]
+            axes[0][col].bar([i + 0.2 * k - 0.3 for i in xs], [v * 1e3 for v in vals], 0.2, label=name)
+        axes[0][col].set_xticks(list(xs), labels, fontsize=7)
+        axes[0][col].set_ylabel("µs (median, cold L2)")
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_title(shape)
+        axes[0][col].legend(fontsize=7)
+        axes[1][col].bar(list(xs), [100 * r["bw_fraction"] for r in pts])
+        axes[1][col].axhline(70, color="red", linestyle="--", linewidth=1)
+        axes[1][col].set_xticks(list(xs), labels, fontsize=7)
+        axes[1][col].set_ylabel(f"% of copy bandwidth ({copy_bw / 1e12:.2f} TB/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--deadline", type=float, default=300.0, help="stop starting new points after this")
+    parser.add_argument("--flex-budget", type=float, default=120.0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    report: dict = {"device": device, "torch": torch.__version__, "copy_bandwidth_Bps": copy_bw, "points": []}
+    print(f"{device}: device copy bandwidth {copy_bw / 1e12:.3f} TB/s", flush=True)
+    flex = None
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention)
+    except Exception as exc:
+        report["flex_error"] = str(exc)[:300]
+    flex_spent = 0.0
+    order = [(s, p, t) for s in SHAPES for p, t in [(8192, 64)] + [(p, t) for p in PASTS for t in TOKENS if (p, t) != (8192, 64)]]
+    aot_kernels: dict = {}
+    for shape, p, t in order:
+        if time.time() - start > args.deadline:
+            report.setdefault("skipped", []).append([shape, p, t])
+            continue
+        h, kvh, d = SHAPES[shape]
+        if d not in aot_kernels:
+            aot_kernels[d] = {}
+            for tactic in TACTICS:
+                kernel = aot.fit_shared_memory("fp16", d, None, tactic_config(tactic))
+                aot_kernels[d][tactic] = (kernel, PtxKernel(kernel, driver="ctypes"))
+        x = inputs(h, kvh, d, p, t)
+        ours, out = bench_ours(x, d)
+        aot_rows = bench_aot(x, aot_kernels[d])
+        sdpa, sdpa_out = bench_sdpa(x, p, t)
+        point: dict = {"shape": shape, "H": h, "KVH": kvh, "D": d, "P": p, "T": t, "ours": ours, "aot": aot_rows,
+                       "sdpa": sdpa}
+        if flex is not None and flex_spent < args.flex_budget:
+            t0 = time.time()
+            try:
+                point["flex_ms"] = bench_flex(x, p, t, flex)
+            except Exception as exc:
+                point["flex_ms"] = f"{type(exc).__name__}: {exc}"[:300]
+            flex_spent += time.time() - t0
+        best = min(ours[:-1], key=lambda r: r["ms"])
+        fused = min((r for r in ours if r["splits"] == 1), key=lambda r: r["ms"])
+        sdpa_ms = min((v for v in sdpa.values() if isinstance(v, float)), default=float("nan"))
+        nbytes = useful_bytes(h, kvh, d, p, t)
+        point.update(ours_ms=best["ms"], ours_best=best, fused_ms=fused["ms"], default_ms=ours[-1]["ms"],
+                     aot_ms=min(r["ms"] for r in aot_rows), sdpa_ms=sdpa_ms, bytes=nbytes,
+                     bandwidth_Bps=nbytes / (best["ms"] * 1e-3), bw_fraction=nbytes / (best["ms"] * 1e-3) / copy_bw,
+                     speedup_vs_sdpa=sdpa_ms / best["ms"],
+                     max_abs_diff_vs_sdpa=(out.float() - sdpa_out.float()).abs().max().item() if sdpa_out is not None else None)
+        if isinstance(point.get("flex_ms"), float):
+            point["speedup_vs_flex"] = point["flex_ms"] / best["ms"]
+        report["points"].append(point)
+        print(f"{shape:28s} P={p:5d} T={t:3d}  ours {best['ms'] * 1e3:7.1f} µs ({best['config']}, splits {best['splits']})"
+              f"  fused {fused['ms'] * 1e3:7.1f}  default {ours[-1]['ms'] * 1e3:7.1f}  aot {point['aot_ms'] * 1e3:7.1f}"
+              f"  sdpa {sdpa_ms * 1e3:7.1f}  flex {point.get('flex_ms', float('nan')) * 1e3 if isinstance(point.get('flex_ms'), float) else float('nan'):7.1f}"
+              f"  bw {100 * point['bw_fraction']:5.1f}%  x{point['speedup_vs_sdpa']:.2f} vs sdpa", flush=True)
+        (args.out / "bench_kernel.json").write_text(json.dumps(report, indent=1, default=str))
+        del x
+    report["elapsed_s"] = time.time() - start
+    (args.out / "bench_kernel.json").write_text(json.dumps(report, indent=1, default=str))
+    plot(report["points"], copy_bw, args.out / "bench_kernel.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
