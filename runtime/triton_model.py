@@ -73,6 +73,7 @@ class TreespecModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.model_name = args.get("model_name", "treespec")
+        self.instance = args.get("model_instance_name", self.model_name)
         device = "cuda" if args.get("model_instance_kind") == "GPU" else "cpu"
         if device == "cuda":  # one GPU per instance: the one Triton assigned
             os.environ["CUDA_VISIBLE_DEVICES"] = str(args.get("model_instance_device_id", 0))
@@ -119,14 +120,15 @@ class TreespecModel:
                                               "Tokens produced per verification step (accepted drafts + bonus)",
                                               hist),
             "mean": pb_utils.MetricFamily("treespec_mean_accepted_tokens",
-                                          "Mean tokens per verification step since the instance started", gauge),
+                                          "Mean tokens per verification step since the instance started "
+                                          "(per instance; the histogram's sum/count covers all)", gauge),
         }
         self.m_requests = {o: self._fam["requests"].Metric(labels={**label, "outcome": o})
                            for o in ("success", "invalid", "failed", "cancelled")}
         self.m_tokens = self._fam["tokens"].Metric(labels=label)
         self.m_steps = self._fam["steps"].Metric(labels=label)
         self.m_accepted = self._fam["accepted"].Metric(labels=label, buckets=ACCEPTED_BUCKETS)
-        self.m_mean = self._fam["mean"].Metric(labels=label)
+        self.m_mean = self._fam["mean"].Metric(labels={**label, "instance": self.instance})
         self.total_accepted = 0
         self.total_steps = 0
 

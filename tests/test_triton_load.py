@@ -15,11 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from triton_helpers import PROMPTS, TIMEOUT, grpc_stream, rss_kb
+from triton_helpers import PROMPTS, grpc_stream, rss_kb
 
 pytestmark = pytest.mark.load
 CLIENTS = 16
 MAX_TOKENS = 8
+REQUEST_TIMEOUT = 300.0  # 16 clients queue behind one model instance: waits of a minute are normal here
 POOL = PROMPTS + [
     "Name a fruit that is yellow.",
     "Translate 'good morning' into French.",
@@ -69,7 +70,7 @@ def _run_clients(server, expected, deadline: float | None, rounds: int | None) -
         k = 0
         while (rounds is None or k < rounds) and (deadline is None or time.monotonic() < deadline):
             prompt = POOL[(c + k) % len(POOL)]
-            out = grpc_stream(server.grpc_url, prompt, max_tokens=MAX_TOKENS, timeout=TIMEOUT)
+            out = grpc_stream(server.grpc_url, prompt, max_tokens=MAX_TOKENS, timeout=REQUEST_TIMEOUT)
             with lock:
                 records.append((c, prompt, out, out.ok and out.ids == expected[prompt]))
             k += 1
@@ -77,7 +78,7 @@ def _run_clients(server, expected, deadline: float | None, rounds: int | None) -
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(CLIENTS)]
     for t in threads:
         t.start()
-    budget = (deadline - time.monotonic() if deadline else 0) + TIMEOUT * (rounds or 1) * 2
+    budget = (deadline - time.monotonic() if deadline else 0) + REQUEST_TIMEOUT * (rounds or 1) * 2
     for t in threads:
         t.join(max(budget, 1))
     assert not any(t.is_alive() for t in threads), "a client is stuck"
