@@ -1,6 +1,8 @@
 """The decoding loop: prefill, then draft -> build tree -> verify -> commit, for a batch.
 
 Token-level only (no text): runtime/api.py adds the tokenizer, presets and streaming of text.
+Each sequence of a batch has its own (ragged) tree; the trees are padded into one target call and
+every sequence keeps its own KV length.
 """
 from __future__ import annotations
 
@@ -10,11 +12,15 @@ from typing import Iterator
 
 import numpy as np
 
+from treespec.runtime.auto_tree import AutoPlanner, LatencyCache, LatencyCurve, measure_latency
 from treespec.runtime.backends.base import StepInputs, TreeBackend
 from treespec.runtime.drafters.base import Drafter
-from treespec.runtime.policies import TreeConfig, build_trees
+from treespec.runtime.policies import TreeConfig, draft_trees
 from treespec.runtime.tree import batch_tree_inputs, chain_tree
-from treespec.runtime.verify import SamplingParams, verify_greedy, verify_sampling
+from treespec.runtime.verify import (SamplingParams, Verdict, sample_from, target_distribution,
+                                     verify_greedy, verify_greedy_ids, verify_sampling, verify_typical)
+
+__all__ = ["StepEvent", "Stats", "TreeGenerator", "verify_greedy_ids", "Verdict"]
 
 
 @dataclass
@@ -34,7 +40,13 @@ class Stats:
     steps: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens produced per verify step, all seqs
     tree_sizes: list[int] = field(default_factory=list)
+    tree_depths: list[int] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)  # `auto`: the node budget chosen per step
     new_tokens: int = 0
+    policy: str = "none"
+    acceptance: str = "exact (lossless)"
+    lossless: bool = True
+    sampled_children: bool = False
 
     @property
     def decode_s(self) -> float:
@@ -43,33 +55,67 @@ class Stats:
     def as_dict(self) -> dict:
         mean = float(np.mean(self.accepted)) if self.accepted else 0.0
         total = self.prefill_s + self.decode_s
-        return {
+        out = {
             "new_tokens": self.new_tokens,
             "steps": self.steps,
             "mean_accepted": round(mean, 4),
             "mean_tree_size": round(float(np.mean(self.tree_sizes)), 2) if self.tree_sizes else 0.0,
+            "mean_tree_depth": round(float(np.mean(self.tree_depths)), 2) if self.tree_depths else 0.0,
             "accepted_histogram": np.bincount(self.accepted).tolist() if self.accepted else [],
             "tokens_per_s": round(self.new_tokens / total, 3) if total > 0 else 0.0,
             "decode_tokens_per_s": round(max(self.new_tokens - 1, 0) / self.decode_s, 3)
             if self.decode_s > 0 else 0.0,
             "time_s": {"prefill": round(self.prefill_s, 4), "draft": round(self.draft_s, 4),
                        "verify": round(self.verify_s, 4), "host": round(self.host_s, 4)},
+            "tree_policy": self.policy,
+            "acceptance": self.acceptance,
+            "lossless": self.lossless,
         }
+        if self.sampled_children:
+            out["sampled_children"] = True
+        if self.budgets:
+            out["auto_budget_mean"] = round(float(np.mean(self.budgets)), 2)
+        return out
 
 
 class TreeGenerator:
     def __init__(self, target: TreeBackend, drafter: Drafter | None, eos_token_ids: list[int],
-                 max_context: int):
+                 max_context: int, latency_cache: LatencyCache | None = None):
         self.target = target
         self.drafter = drafter
         self.eos = set(eos_token_ids)
         self.max_context = max_context
         self.stats = Stats()
+        self.latency_cache = latency_cache  # where `auto` keeps its measured latency curve
+        self.latency: LatencyCurve | None = None  # set to skip measuring (tests, a known device)
+
+    def latency_curve(self, max_size: int) -> LatencyCurve:
+        """The verify latency curve up to `max_size` tree tokens: cached, or measured now (which
+        resets the target's cache: only call it between generations)."""
+        if self.latency is not None and self.latency.max_size >= max_size:
+            return self.latency
+        curve = self.latency_cache.get(max_size) if self.latency_cache is not None else None
+        if curve is None:
+            curve = measure_latency(self.target, max_size)
+            if self.latency_cache is not None:
+                self.latency_cache.put(curve)
+        self.latency = curve
+        return curve
 
     def run(self, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig,
             sampling: SamplingParams, seed: int | None = None) -> Iterator[StepEvent]:
         """Yield one StepEvent after the prefill and after every verification step."""
-        self.stats = stats = Stats()
+        drafter = self.drafter if tree.policy != "none" else None
+        # Children drawn from the drafter's q only where the exact rule can use q.
+        sample_children = (drafter is not None and tree.sample_children and not sampling.greedy
+                           and sampling.acceptance == "exact")
+        if drafter is not None and hasattr(drafter, "return_distributions"):
+            drafter.return_distributions = sample_children
+        planner = None
+        if drafter is not None and tree.policy == "auto":
+            planner = AutoPlanner(self.latency_curve(tree.max_nodes), tree.budget)
+        self.stats = stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless,
+                                   sampled_children=sample_children)
         rng = np.random.default_rng(seed)
         batch = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -83,11 +129,14 @@ class TreeGenerator:
         chains = [chain_tree(p) for p in prompts]
         out = self._verify_step(chains)
         self.target.commit(out, [list(range(len(p))) for p in prompts])
+        argmax = getattr(out, "argmax", None)
         first = []
         for b, prompt in enumerate(prompts):
-            logits = out.logits[b, len(prompt) - 1]
-            first.append(int(logits.argmax()) if sampling.greedy else
-                         verify_sampling(chain_tree([prompt[-1]]), logits[None], sampling, rng).tokens[0])
+            if sampling.greedy:
+                first.append(int(argmax[b, len(prompt) - 1]) if argmax is not None
+                             else int(out.logits[b, len(prompt) - 1].argmax()))
+            else:
+                first.append(sample_from(target_distribution(out.logits[b, len(prompt) - 1], sampling), rng))
         stats.prefill_s = time.perf_counter() - t0
         if self.drafter is not None:
             self.drafter.reset([p + [f] for p, f in zip(prompts, first)], capacity)
@@ -99,29 +148,37 @@ class TreeGenerator:
 
         while not all(finished):
             t_draft = time.perf_counter()
-            drafter = self.drafter if tree.policy != "none" else None
-            trees = build_trees(tree, drafter, roots)
-            for b in range(batch):
-                if finished[b]:
-                    trees[b] = chain_tree([roots[b]])
+            drafted = draft_trees(tree, drafter, roots, active=[not f for f in finished],
+                                  rng=rng if sample_children else None,
+                                  temperature=sampling.temperature, planner=planner)
+            trees = drafted.trees
+            if drafted.budget is not None:
+                stats.budgets.append(drafted.budget)
             t_verify = time.perf_counter()
             stats.draft_s += t_verify - t_draft
             out = self._verify_step(trees)
             t_host = time.perf_counter()
             stats.verify_s += t_host - t_verify
 
+            argmax = getattr(out, "argmax", None)
             accepted_rows, new_tokens = [], []
             for b, t in enumerate(trees):
                 if finished[b]:
                     accepted_rows.append([])
                     new_tokens.append([])
                     continue
-                logits = out.logits[b, : len(t)]
-                verdict = (verify_greedy(t, logits) if sampling.greedy
-                           else verify_sampling(t, logits, sampling, rng))
+                if sampling.greedy and argmax is not None:  # device argmax: no [T, V] copy
+                    verdict = verify_greedy_ids(t, argmax[b])
+                elif sampling.greedy:
+                    verdict = verify_greedy(t, out.logits[b, : len(t)])
+                elif sampling.acceptance == "typical":
+                    verdict = verify_typical(t, out.logits[b, : len(t)], sampling, rng)
+                else:
+                    verdict = verify_sampling(t, out.logits[b, : len(t)], sampling, rng, drafted.proposals[b])
                 accepted_rows.append(verdict.path)
                 new_tokens.append(verdict.tokens)
                 stats.tree_sizes.append(len(t))
+                stats.tree_depths.append(max(t.depths))
             self.target.commit(out, accepted_rows)
             stats.steps += 1
             event = self._finish(new_tokens, produced, limits, finished)

@@ -36,6 +36,7 @@ class StepOutputs:
     logits: np.ndarray  # float32 [B, T, V]
     hidden_states: np.ndarray  # [B, T, H] after the final norm (what Medusa heads read)
     new_kv: Any  # backend-private handle on the new K/V rows of the T tokens
+    argmax: np.ndarray | None = None  # optional int64 [B, T] argmax of logits (greedy fast path)
 
 
 class TreeBackend(ABC):

@@ -45,23 +45,30 @@ class DraftModelDrafter(Drafter):
 
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
         if all(f == [0] for f in frontiers if f):
-            logits = self._feed_pending()
-            rows = [[logits[b]] if frontiers[b] else [] for b in range(len(trees))]
+            out, last = self._feed_pending()
+            refs = [[(b, last[b])] if frontiers[b] else [] for b in range(len(trees))]
         else:
-            rows = self._feed_tree(trees, frontiers)
-        return [[self._candidates(row) for row in per_seq] for per_seq in rows]
+            out, refs = self._feed_tree(trees, frontiers)
+        device_topk = getattr(self.backend, "topk_logprobs", None)
+        flat = [r for per_seq in refs for r in per_seq]
+        if device_topk is not None and not self.return_distributions and flat:
+            # The backend ranks on its device: no [T, V] logits cross to the host.
+            ids, logprobs = device_topk(out, flat, self.top_k)
+            it = iter(range(len(flat)))
+            return [[Candidates(ids[i], logprobs[i]) for i in (next(it) for _ in per_seq)] for per_seq in refs]
+        return [[self._candidates(out.logits[b, i]) for b, i in per_seq] for per_seq in refs]
 
-    def _feed_pending(self) -> list[np.ndarray]:
-        """Commit the pending chains; return the logits at each chain's last token (the root)."""
+    def _feed_pending(self):
+        """Commit the pending chains; return the step and each chain's last row (the root)."""
         chains = [chain_tree(p) if p else chain_tree([0]) for p in self.pending]
         ids, pos, mask = batch_tree_inputs(chains, self.backend.lengths)
         out = self.backend.step(StepInputs(ids, pos, mask))
         self.backend.commit(out, [list(range(len(p))) for p in self.pending])
         last = [max(len(p), 1) - 1 for p in self.pending]
         self.pending = [[] for _ in self.pending]
-        return [out.logits[b, i] for b, i in enumerate(last)]
+        return out, last
 
-    def _feed_tree(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[np.ndarray]]:
+    def _feed_tree(self, trees: list[Tree], frontiers: list[list[int]]):
         """Run all drafted (non-root) nodes; the root already sits in the draft cache."""
         width = max(max(len(t) - 1 for t in trees), 1)
         batch = len(trees)
@@ -78,7 +85,7 @@ class DraftModelDrafter(Drafter):
             pos[b, :n] = lengths[b] - 1 + np.asarray(tree.depths[1:])
             mask[b, :n, :n] = tree.ancestor_mask()[1:, 1:]
         out = self.backend.step(StepInputs(ids, pos, mask))
-        return [[out.logits[b, node - 1] for node in frontier] for b, frontier in enumerate(frontiers)]
+        return out, [[(b, node - 1) for node in frontier] for b, frontier in enumerate(frontiers)]
 
     def _candidates(self, logits: np.ndarray) -> Candidates:
         top = np.argpartition(-logits, self.top_k)[: self.top_k]

@@ -29,6 +29,8 @@ class MedusaDrafter(Drafter):
     @classmethod
     def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
         entry = manifest.graph("medusa")
+        if backend == "torch":
+            return TorchMedusaDrafter.from_manifest(manifest, backend, device, threads)
         if backend not in ("onnxruntime", "torch"):
             raise ArtifactError(f"the Medusa drafter runs on onnxruntime here, not {backend}")
         session = open_session(manifest.require_file(entry["onnx"]), device if backend == "onnxruntime" else "cpu",
@@ -64,3 +66,51 @@ class MedusaDrafter(Drafter):
                 per_node.append(Candidates(ids[head].astype(np.int64), logprobs[head], dist))
             out.append(per_node)
         return out
+
+
+class _NoSession:
+    """Stands in for an ONNX Runtime session where the loader checks graph dims (the torch heads
+    are built on the target itself, so their dims match by construction)."""
+
+    def get_inputs(self):
+        return []
+
+    def get_outputs(self):
+        return []
+
+
+class TorchMedusaDrafter(MedusaDrafter):
+    """The same drafter with the heads run by PyTorch on the target's device (torch backend)."""
+
+    def __init__(self, heads, num_heads: int, top_k: int, hidden_size: int, device: str):
+        import torch
+
+        self.torch = torch
+        self.module = heads
+        self.device = torch.device(device)
+        self.param_dtype = heads.lm_head.weight.dtype
+        super().__init__(_NoSession(), num_heads, top_k, hidden_size, np.float32)
+
+    @classmethod
+    def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
+        from treespec.exporter.drafter_models import medusa_from_weights
+        from treespec.runtime.backends.torch_backend import load_hf_model
+
+        entry = manifest.graph("medusa")
+        spec = manifest.drafters.get("medusa", {})
+        target = load_hf_model(manifest, device)
+        path = manifest.require_file(spec["weights"]) if spec.get("weights") else None
+        heads = medusa_from_weights(target, path, int(entry["num_heads"]))
+        heads.blocks.to(device=target.lm_head.weight.device, dtype=target.lm_head.weight.dtype)
+        heads.eval()
+        return cls(heads, heads.num_heads, int(entry["top_k"]), manifest.dims.hidden_size, device)
+
+    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
+        torch = self.torch
+        with torch.inference_mode():
+            hidden = torch.as_tensor(np.asarray(target_hidden), device=self.device).to(self.param_dtype)
+            logits = self.module.head_logits(hidden.reshape(1, 1, -1)).float()[0, 0]  # [K, V]
+            logp = torch.log_softmax(logits, -1)
+            lp, ids = torch.topk(logp, self.top_k, dim=-1)
+            probs = logp.exp().double().cpu().numpy() if self.return_distributions else None
+            self.heads[b] = (ids.cpu().numpy(), lp.double().cpu().numpy(), probs)

@@ -1,0 +1,362 @@
+"""PyTorch backend: the tree graph run by PyTorch itself (fp16 + CUDA graphs on the GPU, fp32 on CPU).
+
+The model is our TreeDecoder over the HF checkpoint's modules (exporter/tree_model.py), so it has
+exactly the graph contract; only the KV handling differs from the ONNX graphs, for speed:
+
+* One static buffer [2*layers, B, KVH, capacity + SCRATCH, D] is allocated in `reset`. A step
+  writes the K/V rows of its T tree tokens into the scratch rows [length, length + T) of each
+  sequence (not yet valid) and attends over the whole buffer with a mask: rows < length are the
+  past, scratch row length + j is visible to token i iff tree_mask[i, j]. `commit` then moves only
+  the accepted rows down to [length, length + n) with one index_select/index_copy on the device
+  (nothing moves when the accepted path is already contiguous: plain decoding, the prefill).
+* T is padded up to a bucket (1, 2, 4, ..., 128) with self-only mask rows; on CUDA each
+  (batch, bucket) step is captured once in a CUDA graph (capacity is fixed per reset, so the
+  graphs stay valid until the next reset changes the shape). Steps over 128 tokens run eagerly.
+* `min_bucket`: every step of the target is padded to at least this many tokens (64 on CUDA). fp16
+  GEMMs pick different kernels (split-K, tile shapes) for different row counts, and a one-row
+  decode step rounds differently from the same row inside a 64-row tree step, which can flip an
+  argmax at a near tie. Running plain decoding and tree verification through the same bucket (the
+  same kernels) removes that source of divergence; at 135M parameters a 64-token step costs the
+  same as a 1-token step (launch-bound, see `treespec bench`'s verify curve), so the baseline is
+  not slowed.
+* Outputs stay on the device: `logits`/`hidden_states` are lazy host views that copy only the rows
+  indexed; `argmax` (the greedy path) is computed in the graph and copied as [B, T] int64.
+  `topk_logprobs` gives drafters their candidates without moving [T, V] logits to the host.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SCRATCH = BUCKETS[-1]
+_CHECKPOINTS: dict = {}
+
+
+def bucket_for(tokens: int, min_bucket: int = 1) -> int | None:
+    for b in BUCKETS:
+        if b >= max(tokens, min_bucket):
+            return b
+    return None
+
+
+def load_hf_model(manifest, device: str):
+    """The target's HF model (loaded once per process and checkpoint), fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    from treespec.exporter.checkpoint import load_checkpoint
+
+    spec = manifest.model.get("checkpoint") or manifest.model.get("source")
+    if not spec:
+        raise BackendError("torch backend: the manifest names no model checkpoint (re-export the artifacts)")
+    key = (spec, device)
+    if key not in _CHECKPOINTS:
+        ckpt = load_checkpoint(spec)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        _CHECKPOINTS[key] = ckpt.model.to(device=device, dtype=dtype).eval()
+    return _CHECKPOINTS[key]
+
+
+_DRAFTS: dict = {}
+
+
+def load_hf_draft(manifest, device: str):
+    """The draft LM in HF form (shares embeddings/norm/lm_head with the target)."""
+    import torch
+
+    from treespec.exporter.drafter_models import draft_from_weights
+
+    spec = manifest.drafters.get("draft", {})
+    weights = spec.get("weights")
+    path = manifest.require_file(weights) if weights else None
+    key = (str(path), device)
+    if key not in _DRAFTS:
+        target = load_hf_model(manifest, device)
+        layers = manifest.graph("draft").get("dims", {}).get("num_layers") or spec.get("num_layers")
+        draft = draft_from_weights(target, path, int(layers) if layers else None)
+        if getattr(target, "generation_config", None) is not None:  # HF assisted generation edits it
+            import copy
+
+            draft.generation_config = copy.deepcopy(target.generation_config)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        _DRAFTS[key] = draft.to(device=device, dtype=dtype).eval()
+    return _DRAFTS[key]
+
+
+class LazyHost:
+    """A device tensor that looks enough like a numpy array for the generator and drafters:
+    indexing copies only the selected elements to the host."""
+
+    def __init__(self, tensor, rows: int):
+        self.tensor = tensor  # [B, Tpad, ...] on the device
+        self.rows = rows  # real tokens (T before padding)
+
+    @property
+    def shape(self):
+        return (self.tensor.shape[0], self.rows, *self.tensor.shape[2:])
+
+    def __getitem__(self, key):
+        return self.tensor[:, : self.rows][key].float().cpu().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.tensor[:, : self.rows].float().cpu().numpy()
+        return arr.astype(dtype) if dtype is not None else arr
+
+
+class _Graph:
+    """Static buffers and (on CUDA) the captured graph of one (batch, bucket) step."""
+
+    def __init__(self, batch: int, tokens: int, device):
+        import torch
+
+        self.batch, self.tokens = batch, tokens
+        n = batch * (2 * tokens + 1 + tokens * tokens)
+        self.host = torch.zeros(n, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.dev = torch.zeros(n, dtype=torch.int64, device=device)
+        self.graph = None
+        self.outputs = None
+
+
+class TorchBackend(TreeBackend):
+    name = "torch"
+
+    def __init__(self, model, device: str = "cpu", use_graphs: bool | None = None, min_bucket: int | None = None):
+        import torch
+
+        from treespec.exporter.tree_model import TreeDecoder
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.decoder = model if isinstance(model, TreeDecoder) else TreeDecoder(model)
+        self.dtype = self.decoder.lm_head.weight.dtype
+        self.use_graphs = self.cuda if use_graphs is None else (use_graphs and self.cuda)
+        self.min_bucket = (64 if self.cuda else 1) if min_bucket is None else min_bucket
+        dec = self.decoder
+        self.num_layers = dec.num_layers
+        self.groups = dec.num_heads // dec.num_kv_heads
+        self._cache = None
+        self._capacity = 0
+        self._lengths = np.zeros(0, dtype=np.int64)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self.graph_pool = None
+        self.steps = 0
+
+    @classmethod
+    def from_manifest(cls, manifest, name: str, device: str = "cpu", **kwargs) -> "TorchBackend":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError("torch backend: CUDA is not available on this machine (use --device cpu)")
+        if name == "target":
+            model = load_hf_model(manifest, device)
+        elif name == "draft":
+            model = load_hf_draft(manifest, device)
+            kwargs.setdefault("min_bucket", 1)  # the draft needs no bit-identity across T
+        else:
+            raise BackendError(f"torch backend: no graph named '{name}'")
+        return cls(model, device, **kwargs)
+
+    # ---- cache -------------------------------------------------------------------------------
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def reset(self, batch_size: int, capacity: int) -> None:
+        torch = self.torch
+        dec = self.decoder
+        # Rows rounded up to 256 (memory-efficient SDPA also wants aligned masks) and a buffer that
+        # is large enough is kept: captured graphs survive resets between prompts.
+        rows = -(-(capacity + SCRATCH) // 256) * 256
+        shape = (2 * self.num_layers, batch_size, dec.num_kv_heads, rows, dec.head_dim)
+        current = None if self._cache is None else tuple(self._cache.shape)
+        if current is None or current[:3] != shape[:3] or current[3] < rows:
+            self._graphs.clear()  # captured graphs point at the old buffer
+            self._cache = None
+            self._cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._cols = torch.arange(rows, device=self.device)
+        self._capacity = capacity
+        self._lengths = np.zeros(batch_size, dtype=np.int64)
+
+    def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        n = int(self._lengths.max()) if len(self._lengths) else 0
+        for i in range(self.num_layers):
+            k = self._cache[2 * i, :, :, :n].float().cpu().numpy()
+            v = self._cache[2 * i + 1, :, :, :n].float().cpu().numpy()
+            out.append((k, v))
+        return out
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._cache = None
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _forward(self, packed, batch: int, tokens: int):
+        """The whole step from the packed int64 input [ids, pos, lengths, mask] (static shapes)."""
+        torch = self.torch
+        dec = self.decoder
+        n_ids = batch * tokens
+        ids = packed[:n_ids].view(batch, tokens)
+        pos = packed[n_ids:2 * n_ids].view(batch, tokens)
+        lengths = packed[2 * n_ids:2 * n_ids + batch]
+        tree_mask = packed[2 * n_ids + batch:].view(batch, tokens, tokens) != 0
+        cache = self._cache
+        rows = cache.shape[3]
+        rel = self._cols[None, :] - lengths[:, None]  # [B, C]
+        in_tree = (rel >= 0) & (rel < tokens)
+        gathered = torch.gather(tree_mask, 2, rel.clamp(0, tokens - 1)[:, None, :].expand(batch, tokens, rows))
+        mask = (rel < 0)[:, None, :] | (gathered & in_tree[:, None, :])  # [B, T, C]
+        mask = mask[:, None, None].expand(batch, 1, self.groups, tokens, rows).reshape(
+            batch, 1, self.groups * tokens, rows)
+        write = (lengths[:, None] + torch.arange(tokens, device=packed.device)[None, :])
+        write = write[:, None, :, None].expand(batch, dec.num_kv_heads, tokens, dec.head_dim)
+
+        hidden = dec.embed(ids)
+        cos, sin = dec.rotary(hidden, pos)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        heads, kvh, dim = dec.num_heads, dec.num_kv_heads, dec.head_dim
+        for i, layer in enumerate(dec.layers):
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            attn = layer.self_attn
+            q = attn.q_proj(x).view(batch, tokens, heads, dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, tokens, kvh, dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, tokens, kvh, dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = cache[2 * i], cache[2 * i + 1]
+            kc.scatter_(2, write, k.to(kc.dtype))
+            vc.scatter_(2, write, v.to(vc.dtype))
+            qg = q.reshape(batch, kvh, self.groups * tokens, dim)  # GQA: fold groups into rows
+            out = torch.nn.functional.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=dec.scale)
+            out = out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
+            hidden = residual + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = dec.norm(hidden)
+        logits = dec.lm_head(hidden).float()
+        return logits, hidden, logits.argmax(-1)
+
+    def _pack(self, g: _Graph, inputs: StepInputs, tokens: int) -> None:
+        batch, t = inputs.input_ids.shape
+        host = g.host.numpy()
+        n_ids = batch * tokens
+        ids = host[:n_ids].reshape(batch, tokens)
+        pos = host[n_ids:2 * n_ids].reshape(batch, tokens)
+        ids[:, :t] = inputs.input_ids
+        ids[:, t:] = 0
+        pos[:, :t] = inputs.position_ids
+        pos[:, t:] = self._lengths[:, None]
+        host[2 * n_ids:2 * n_ids + batch] = self._lengths
+        mask = host[2 * n_ids + batch:].reshape(batch, tokens, tokens)
+        mask[:] = 0
+        mask[:, :t, :t] = inputs.tree_mask
+        idx = np.arange(t, tokens)
+        mask[:, idx, idx] = 1
+        g.dev.copy_(g.host, non_blocking=True)
+
+    def _graph_for(self, batch: int, tokens: int) -> _Graph:
+        key = (batch, tokens)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = _Graph(batch, tokens, self.device)
+        return g
+
+    def _capture(self, g: _Graph) -> None:
+        torch = self.torch
+        saved = self._cache.clone()  # warm-up and capture write scratch rows: keep the cache as it is
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._forward(g.dev, g.batch, g.tokens)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.graph_pool):
+            g.outputs = self._forward(g.dev, g.batch, g.tokens)
+        g.graph = graph
+        self._cache.copy_(saved)
+        del saved
+
+    def step(self, inputs: StepInputs) -> StepOutputs:
+        if self._cache is None:
+            raise BackendError("reset() must be called before step()")
+        torch = self.torch
+        batch, t = inputs.input_ids.shape
+        if batch != self._cache.shape[1]:
+            raise BackendError(f"step has batch {batch} but reset() allocated {self._cache.shape[1]}")
+        if int(self._lengths.max()) + t > self._cache.shape[3]:
+            raise BackendError("KV cache capacity exceeded")
+        tokens = bucket_for(t, self.min_bucket)
+        if tokens is None or int(self._lengths.max()) + tokens > self._cache.shape[3]:
+            tokens = t  # a long prefill: run eagerly at its own size
+        g = self._graph_for(batch, tokens)
+        self._pack(g, inputs, tokens)
+        if self.use_graphs and tokens in BUCKETS:
+            if g.graph is None:
+                try:
+                    self._capture(g)
+                except RuntimeError as exc:  # keep going eagerly rather than fail the generation
+                    import warnings
+
+                    warnings.warn(f"torch backend: CUDA graph capture failed, running eagerly: {exc}")
+                    self.use_graphs = False
+                    torch.cuda.synchronize()
+        if self.use_graphs and g.graph is not None:
+            g.graph.replay()
+            logits, hidden, argmax = g.outputs
+        else:
+            with torch.inference_mode():
+                logits, hidden, argmax = self._forward(g.dev, batch, tokens)
+        self.steps += 1
+        host_argmax = argmax[:, :t].cpu().numpy()  # the one sync per step
+        return StepOutputs(logits=LazyHost(logits, t), hidden_states=LazyHost(hidden, t),
+                           new_kv=(self._lengths.copy(), t), argmax=host_argmax)
+
+    def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]], k: int):
+        """Top-k token ids and log-probs for the (b, t) rows of a step's logits, computed on the
+        device: (ids int64 [N, k], logprobs float64 [N, k])."""
+        torch = self.torch
+        logits = outputs.logits.tensor if isinstance(outputs.logits, LazyHost) else torch.as_tensor(outputs.logits)
+        b = torch.as_tensor([r[0] for r in rows], device=logits.device)
+        t = torch.as_tensor([r[1] for r in rows], device=logits.device)
+        sel = logits[b, t].float()
+        lp, ids = torch.topk(torch.log_softmax(sel, -1), k, dim=-1)
+        return ids.cpu().numpy().astype(np.int64), lp.double().cpu().numpy()
+
+    def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
+        torch = self.torch
+        base, t = outputs.new_kv
+        if not np.array_equal(base, self._lengths):
+            raise BackendError("commit() must follow the step whose rows it commits")
+        for b, rows in enumerate(accepted):
+            n = len(rows)
+            if n == 0:
+                continue
+            start = int(self._lengths[b])
+            if start + n > self._capacity:
+                raise BackendError("KV cache capacity exceeded")
+            if any(int(r) >= t for r in rows):
+                raise BackendError(f"accepted row out of range (step had {t} tokens)")
+            if list(rows) != list(range(n)):  # rows already in place when the path is contiguous
+                src = torch.as_tensor([start + int(r) for r in rows], device=self.device)
+                dst = torch.arange(start, start + n, device=self.device)
+                view = self._cache[:, b]
+                view.index_copy_(2, dst, view.index_select(2, src))
+            self._lengths[b] = start + n
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,456 @@
+"""`treespec bench`: backends x drafters x trees against plain decoding and HF transformers.
+
+Every configuration decodes the same prompts (greedy, batch 1) after a warm-up run that is not
+timed; per prompt it records tokens/s (new tokens over the wall time of the whole generation,
+prefill included), mean accepted tokens per verify step and the draft / verify / host time split,
+then reports medians over prompts. Each speculative output is compared with the same backend's
+`--tree none` output (lossless check). Baselines run in the same process on the same device:
+treespec `--tree none` (`ar`), HF `generate` greedy (`hf`), HF assisted generation with
+`prompt_lookup_num_tokens` and with the draft LM as `assistant_model` (`hf-assisted`).
+The verify step's latency vs tree size (one target pass at T tokens) is saved for `--tree auto`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
+
+CURVE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifacts", required=True, type=Path, help="artifact directory from treespec-export")
+    p.add_argument("--prompts", type=Path, default=BUNDLED_BENCH, help="JSONL prompts")
+    p.add_argument("--num-prompts", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--backends", default="torch", help="comma list: torch, onnxruntime, ...")
+    p.add_argument("--drafters", default=None, help="comma list (default: every drafter in the artifacts)")
+    p.add_argument("--trees", action="append", default=None,
+                   help="'default' (the drafter's tree), preset names or inline JSON; comma list or repeated")
+    p.add_argument("--baselines", default="ar,hf,hf-assisted", help="comma list of ar, hf, hf-assisted ('' for none)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--hf-prompts", type=int, default=0,
+                   help="run the HF baselines on only the first N prompts (0: all; HF is slow)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens")
+    p.add_argument("--curve-reps", type=int, default=20, help="timed repetitions per tree size")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds; configurations still to run after this are skipped (0: no limit)")
+    p.add_argument("--json", type=Path, required=True, help="write results here")
+    p.add_argument("--plot", type=Path, help="write a PNG here")
+    p.add_argument("--threads", type=int)
+
+
+def _split(values) -> list[str]:
+    out = []
+    for value in values or []:
+        value = value.strip()
+        if value.startswith("{"):
+            out.append(value)
+        else:
+            out += [v.strip() for v in value.split(",") if v.strip()]
+    return out
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 4) if xs else None
+
+
+class _Progress:
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            self.bar = None
+        self.done, self.total = 0, total
+
+    def update(self, label: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(label[:48])
+            self.bar.update(1)
+        else:  # pragma: no cover
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _summarise(name: str, runs: list[dict], reference: list[list[int]] | None) -> dict:
+    outputs = [r["tokens"] for r in runs]
+    row = {
+        "name": name,
+        "prompts": len(runs),
+        "tokens_per_s": _median([r["tokens_per_s"] for r in runs]),
+        "tokens_per_s_all": [r["tokens_per_s"] for r in runs],
+        "new_tokens": sum(len(o) for o in outputs),
+    }
+    stats = [r.get("stats") for r in runs if r.get("stats")]
+    if stats:
+        steps = [s["steps"] for s in stats]
+        row["mean_accepted"] = _median([s["mean_accepted"] for s in stats])
+        row["mean_tree_size"] = _median([s["mean_tree_size"] for s in stats])
+        hist: list[int] = []
+        for s in stats:
+            for i, c in enumerate(s["accepted_histogram"]):
+                hist += [0] * (i + 1 - len(hist))
+                hist[i] += c
+        row["accepted_histogram"] = hist
+        per_step = {}
+        for part in ("draft", "verify", "host"):
+            per_step[part] = _median([s["time_s"][part] / n * 1e3 for s, n in zip(stats, steps) if n])
+        row["per_step_ms"] = per_step
+        row["time_split_s"] = {part: _median([s["time_s"][part] for s in stats])
+                               for part in ("prefill", "draft", "verify", "host")}
+        row["steps"] = _median(steps)
+    if reference is not None:
+        same = [o == ref for o, ref in zip(outputs, reference)]
+        row["lossless"] = all(same)
+        row["identical_prompts"] = f"{sum(same)}/{len(same)}"
+        if not all(same):
+            first = next(i for i, s in enumerate(same) if not s)
+            a, b = outputs[first], reference[first]
+            pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            row["first_difference"] = {"prompt": first, "token": pos}
+    return row
+
+
+def _run_treespec(engine, prompts, max_new_tokens, tree, device):
+    from treespec.runtime.verify import SamplingParams
+
+    runs = []
+    for ids in prompts:
+        _sync(device)
+        start = time.perf_counter()
+        tokens: list[int] = []
+        for event in engine.run([ids], max_new_tokens, tree, SamplingParams()):
+            tokens += event.new_tokens[0]
+        _sync(device)
+        seconds = time.perf_counter() - start
+        runs.append({"tokens": tokens, "seconds": seconds, "tokens_per_s": len(tokens) / seconds,
+                     "stats": engine.stats.as_dict()})
+    return runs
+
+
+def _run_hf(model, prompts, max_new_tokens, device, eos, **kwargs):
+    import torch
+
+    runs = []
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **kwargs)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        tokens = out[0, len(ids):].tolist()
+        runs.append({"tokens": tokens, "seconds": seconds, "tokens_per_s": len(tokens) / seconds})
+    return runs
+
+
+def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dict:
+    """Wall time of one target step (host packing + launch/replay + argmax copy) per tree size."""
+    import numpy as np
+
+    from treespec.runtime.backends.base import StepInputs
+    from treespec.runtime.tree import batch_tree_inputs, chain_tree
+
+    backend.reset(1, past + max(sizes) + 8)
+    rng = np.random.default_rng(0)
+    ids, pos, mask = batch_tree_inputs([chain_tree(rng.integers(10, 1000, past).tolist())], backend.lengths)
+    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
+    curve = {}
+    for t in sizes:
+        if t > getattr(backend, "capacity", 0) - past:
+            break
+        tree = chain_tree(rng.integers(10, 1000, t).tolist())
+        inputs = StepInputs(*batch_tree_inputs([tree], backend.lengths))
+        times = []
+        for i in range(reps + 2):
+            _sync(device)
+            start = time.perf_counter()
+            out = backend.step(inputs)
+            if out.argmax is None:
+                np.asarray(out.logits)
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        curve[str(t)] = round(statistics.median(times) * 1e3, 4)
+    return curve
+
+
+def _curves(result, backend_name, target, manifest, device, args) -> None:
+    from treespec.runtime.backends.torch_backend import TorchBackend
+
+    sizes = [s for s in CURVE_SIZES if s <= manifest.graph("target")["profile"]["tree_tokens"][2]]
+    curves = result["verify_curve_ms"]
+    curves[f"{backend_name}-cuda-graphs" if device == "cuda" else backend_name] = verify_curve(
+        target, sizes, args.curve_reps, device)
+    if device == "cuda":  # the same step with exact-size buckets (T=1 runs at 1), and eagerly
+        for label, kw in (("cuda-graphs-exact-buckets", {"min_bucket": 1}),
+                          ("eager-exact-buckets", {"min_bucket": 1, "use_graphs": False})):
+            other = TorchBackend(target.decoder, device, **kw)
+            curves[f"{backend_name}-{label}"] = verify_curve(
+                other, sizes, args.curve_reps if kw.get("use_graphs", True) else 5, device)
+            other.close()
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def run(args) -> int:
+    import torch
+
+    from treespec.runtime.api import SpeculativeGenerator
+    from treespec.runtime.errors import InputError
+    from treespec.runtime.generator import TreeGenerator
+    from treespec.runtime.loader import load_drafter
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backends = _split([args.backends])
+    baselines = _split([args.baselines])
+    t_start = time.perf_counter()
+    texts = read_prompts(args.prompts, args.num_prompts)
+    result: dict = {
+        "artifacts": str(args.artifacts), "prompts_file": str(args.prompts), "num_prompts": len(texts),
+        "max_new_tokens": args.max_new_tokens, "device": device, "batch": 1, "sampling": "greedy",
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "torch": torch.__version__, "configs": [], "baselines": [], "verify_curve_ms": {}, "skipped": [],
+    }
+    try:
+        import transformers
+
+        result["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+
+    def over_budget() -> bool:
+        return bool(args.time_budget) and time.perf_counter() - t_start > args.time_budget
+
+    first = SpeculativeGenerator.from_artifacts(args.artifacts, backends[0], device, threads=args.threads,
+                                                drafter="none")
+    manifest = first.manifest
+    prompts = [first.encode(t) for t in texts]
+    result["prompt_tokens"] = [len(p) for p in prompts]
+    drafters = _split([args.drafters]) if args.drafters else [k for k in manifest.drafters]
+    trees = _split(args.trees) or ["default"]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    warm = [prompts[longest]]
+    plan = [(b, d, t) for b in backends for d in drafters for t in trees]
+    bar = _Progress(len(backends) * (1 + len(plan) // max(len(backends), 1)) + len(baselines) + 1)
+
+    for backend_name in backends:
+        gen = first if backend_name == backends[0] else SpeculativeGenerator.from_artifacts(
+            args.artifacts, backend_name, device, threads=args.threads, drafter="none")
+        target = gen.target
+        none_tree = gen.resolve_tree("none")
+        base_engine = TreeGenerator(target, None, manifest.eos_token_ids, manifest.dims.max_context)
+        _run_treespec(base_engine, warm, args.max_new_tokens, none_tree, device)  # warm-up
+        base_runs = _run_treespec(base_engine, prompts, args.max_new_tokens, none_tree, device)
+        reference = [r["tokens"] for r in base_runs]
+        base = _summarise(f"{backend_name} --tree none", base_runs, reference)
+        base.update(backend=backend_name, drafter="none", tree="none")
+        result["configs"].append(base)
+        bar.update(base["name"])
+        _write(args.json, result)
+        if backend_name == "torch" and not over_budget():
+            try:
+                _curves(result, backend_name, target, manifest, device, args)
+            except Exception as exc:
+                result["skipped"].append({"config": "verify curve", "why": f"{type(exc).__name__}: {exc}"[:300]})
+            _write(args.json, result)
+        for kind in drafters:
+            if kind not in manifest.drafters:
+                result["skipped"].append({"drafter": kind, "why": "not in the artifacts"})
+                continue
+            drafter = None
+            for tree_name in trees:
+                label = f"{backend_name} {kind} {tree_name}"
+                if over_budget():
+                    result["skipped"].append({"config": label, "why": "time budget"})
+                    bar.update(label)
+                    continue
+                try:
+                    if drafter is None:
+                        drafter = load_drafter(manifest, backend_name, device, args.threads, kind)
+                    gen.drafter = drafter
+                    spec = manifest.data.get("default_trees", {}).get(kind) if tree_name == "default" else tree_name
+                    cfg = gen.resolve_tree(spec)
+                except InputError as exc:
+                    result["skipped"].append({"config": label, "why": str(exc)})
+                    bar.update(label)
+                    continue
+                engine = TreeGenerator(target, drafter, manifest.eos_token_ids, manifest.dims.max_context)
+                try:
+                    _run_treespec(engine, warm, args.max_new_tokens, cfg, device)
+                    runs = _run_treespec(engine, prompts, args.max_new_tokens, cfg, device)
+                except Exception as exc:  # record and go on with the other configurations
+                    result["skipped"].append({"config": label, "why": f"{type(exc).__name__}: {exc}"[:300]})
+                    bar.update(label)
+                    continue
+                row = _summarise(label, runs, reference)
+                row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__,
+                           speedup_vs_tree_none=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
+                result["configs"].append(row)
+                bar.update(label)
+                _write(args.json, result)
+
+    if baselines and "hf" in baselines or "hf-assisted" in baselines:
+        from treespec.runtime.backends.torch_backend import load_hf_draft, load_hf_model
+
+        model = load_hf_model(manifest, device)
+        eos = list(manifest.eos_token_ids)
+        hf_runs = []
+        todo = []
+        if "hf" in baselines:
+            todo.append(("hf greedy", {}))
+        if "hf-assisted" in baselines:
+            todo.append((f"hf assisted prompt_lookup_num_tokens={args.prompt_lookup_tokens}",
+                         {"prompt_lookup_num_tokens": args.prompt_lookup_tokens}))
+            if "draft" in manifest.drafters:
+                todo.append(("hf assisted assistant_model=draft LM", {"assistant_model": None}))
+        for name, kwargs in todo:
+            if over_budget():
+                result["skipped"].append({"config": name, "why": "time budget"})
+                bar.update(name)
+                continue
+            if "assistant_model" in kwargs:
+                kwargs = {"assistant_model": load_hf_draft(manifest, device)}
+            try:
+                hf_prompts = prompts[: args.hf_prompts] if args.hf_prompts else prompts
+                _run_hf(model, warm, min(args.max_new_tokens, 32), device, eos, **kwargs)
+                runs = _run_hf(model, hf_prompts, args.max_new_tokens, device, eos, **kwargs)
+            except Exception as exc:  # an HF API change must not lose the other results
+                result["skipped"].append({"config": name, "why": f"{type(exc).__name__}: {exc}"[:300]})
+                bar.update(name)
+                continue
+            hf_runs.append((name, runs))
+            row = _summarise(name, runs, None)
+            hf_ref = dict(hf_runs).get("hf greedy")
+            if hf_ref is not None:
+                same = [r["tokens"] == h["tokens"] for r, h in zip(runs, hf_ref)]
+                row["identical_to_hf_greedy"] = f"{sum(same)}/{len(same)}"
+            result["baselines"].append(row)
+            bar.update(name)
+            _write(args.json, result)
+    bar.close()
+    result["summary"] = _summary(result)
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    _write(args.json, result)
+    if args.plot:
+        plot(result, args.plot)
+    _print_table(result)
+    return 0
+
+
+def _summary(result: dict) -> dict:
+    configs = [c for c in result["configs"] if c.get("drafter") != "none"]
+    out: dict = {}
+    if not configs:
+        return out
+    best = max(configs, key=lambda c: c["tokens_per_s"])
+    base = next((c for c in result["configs"] if c["drafter"] == "none" and c["backend"] == best["backend"]), None)
+    out["best"] = best["name"]
+    out["best_tokens_per_s"] = best["tokens_per_s"]
+    out["best_mean_accepted"] = best.get("mean_accepted")
+    if base:
+        out["x_vs_tree_none"] = round(best["tokens_per_s"] / base["tokens_per_s"], 3)
+    out["all_lossless"] = all(c.get("lossless", False) for c in configs)
+    by = {b["name"]: b["tokens_per_s"] for b in result["baselines"]}
+    if "hf greedy" in by:
+        out["x_vs_hf_greedy"] = round(best["tokens_per_s"] / by["hf greedy"], 3)
+    assisted = [v for k, v in by.items() if k.startswith("hf assisted")]
+    if assisted:
+        out["x_vs_best_hf_assisted"] = round(best["tokens_per_s"] / max(assisted), 3)
+    best_acc = max(configs, key=lambda c: c.get("mean_accepted") or 0)
+    out["best_mean_accepted_any"] = {"name": best_acc["name"], "mean_accepted": best_acc.get("mean_accepted")}
+    return out
+
+
+def _print_table(result: dict) -> None:
+    print(f"{'configuration':48s} {'tok/s':>8s} {'x none':>7s} {'acc/step':>8s} {'lossless':>8s} "
+          f"{'draft ms':>8s} {'verify ms':>9s} {'host ms':>8s}")
+    base = {c["backend"]: c["tokens_per_s"] for c in result["configs"] if c.get("drafter") == "none"}
+    for c in result["configs"] + result["baselines"]:
+        ps = c.get("per_step_ms", {})
+        ref = base.get(c.get("backend"), None) or next(iter(base.values()), None)
+        ratio = f"{c['tokens_per_s'] / ref:.2f}" if ref else "-"
+        print(f"{c['name'][:48]:48s} {c['tokens_per_s']:8.1f} {ratio:>7s} {c.get('mean_accepted') or 0:8.2f} "
+              f"{str(c.get('lossless', '-')):>8s} {ps.get('draft') or 0:8.2f} {ps.get('verify') or 0:9.2f} "
+              f"{ps.get('host') or 0:8.2f}")
+    print(json.dumps(result.get("summary", {})))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    ax = axes[0]
+    configs = [c for c in result["configs"] if c.get("drafter") != "none"]
+    for (backend, kind) in sorted({(c["backend"], c["drafter"]) for c in configs}):
+        pts = sorted((c.get("mean_tree_size") or 0, c["tokens_per_s"], c["tree"]) for c in configs
+                     if c["backend"] == backend and c["drafter"] == kind)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{backend} {kind}")
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=7)
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 5, 1, 5))])
+    for c in [c for c in result["configs"] if c.get("drafter") == "none"] + result["baselines"]:
+        ax.axhline(c["tokens_per_s"], linestyle=next(styles, "--"), color="gray", linewidth=1)
+        ax.annotate(c["name"], (0, c["tokens_per_s"]), fontsize=7, color="gray")
+    ax.set_xlabel("mean tree size (nodes, root included)")
+    ax.set_ylabel("tokens/s (median over prompts)")
+    ax.set_title("tokens/s vs tree size")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    best: dict = {}
+    for c in configs:
+        if c["drafter"] not in best or c["tokens_per_s"] > best[c["drafter"]]["tokens_per_s"]:
+            best[c["drafter"]] = c
+    width = 0.8 / max(len(best), 1)
+    for i, (kind, c) in enumerate(sorted(best.items())):
+        hist = c.get("accepted_histogram", [])
+        total = sum(hist) or 1
+        ax.bar([x + i * width for x in range(len(hist))], [h / total for h in hist], width=width,
+               label=f"{kind} ({c['tree']}, mean {c.get('mean_accepted')})")
+    ax.set_xlabel("tokens per verify step (accepted + bonus)")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title("accepted length histogram (best tree per drafter)")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for name, curve in result.get("verify_curve_ms", {}).items():
+        xs = [int(k) for k in curve]
+        ax.plot(xs, list(curve.values()), "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens T")
+    ax.set_ylabel("ms per target step")
+    ax.set_title("verify latency vs tree size")
+    ax.legend(fontsize=8)
+    title = f"treespec bench: {result.get('gpu') or result['device']}, {result['num_prompts']} prompts, " \
+            f"{result['max_new_tokens']} new tokens, greedy, batch 1"
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
