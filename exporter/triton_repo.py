@@ -150,7 +150,8 @@ def _instance_group(pb, device: str, count: int):
 
 
 def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances: int = 1,
-                        threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS):
+                        threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                        drafter: str | None = None, tree: str | None = None):
     pb, _ = _pb()
     cfg = pb.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
@@ -161,6 +162,8 @@ def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances
         "artifact_dir": str(artifact_dir),
         "backend": backend,
         "threads": str(threads or 0),
+        "drafter": drafter or "",  # empty: the manifest's default drafter
+        "tree": tree or "",  # empty: that drafter's default tree; requests may override it
         "default_max_tokens": str(max_tokens),
         "python_path": json.dumps(python_path()),
         "treespec_root": _treespec_root(),
@@ -243,7 +246,7 @@ def _manifest_digest(artifact_dir: Path) -> str:
 
 def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
               instances: int = 1, threads: int | None = None, graphs: bool = True,
-              link: str = "symlink") -> dict[str, str | Path]:
+              link: str = "symlink", drafter: str | None = None, tree: str | None = None) -> dict[str, str | Path]:
     """Everything the repository holds: relative path -> text, or -> a source file to link/copy."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -263,7 +266,10 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise ArtifactError(f"{artifact_dir} has no TensorRT-RTX engine for the target graph: "
                             "build one with treespec-export --engines tensorrt-rtx, or use --backend onnxruntime")
     plan: dict[str, str | Path] = {}
-    cfg = orchestrator_config(artifact_dir, backend, device, instances, threads)
+    if drafter is not None and drafter != "none" and drafter not in manifest.drafters:
+        raise ArtifactError(f"these artifacts have no '{drafter}' drafter (they have: "
+                            f"{', '.join(manifest.drafters) or 'none'})")
+    cfg = orchestrator_config(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree)
     plan[f"{ORCHESTRATOR}/config.pbtxt"] = config_text(cfg)
     plan[f"{ORCHESTRATOR}/1/model.py"] = MODEL_PY
     if graphs:
@@ -276,7 +282,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
                 plan[f"{name}/1/{fname}"] = src
     stamp = {"treespec_version": _version(), "artifact_dir": str(artifact_dir),
              "manifest_sha256": _manifest_digest(artifact_dir), "backend": backend, "device": device,
-             "instances": instances, "threads": threads, "link": link,
+             "instances": instances, "threads": threads, "link": link, "drafter": drafter, "tree": tree,
              "models": sorted({k.split("/")[0] for k in plan})}
     plan[STAMP] = json.dumps(stamp, indent=2) + "\n"
     return plan
@@ -309,17 +315,19 @@ def _matches(out_dir: Path, plan: dict[str, str | Path], link: str) -> bool:
 
 def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: str = "onnxruntime",
                       device: str = "cpu", force: bool = False, instances: int = 1,
-                      threads: int | None = None, graphs: bool = True, link: str = "symlink") -> Path:
+                      threads: int | None = None, graphs: bool = True, link: str = "symlink",
+                      drafter: str | None = None, tree: str | None = None) -> Path:
     """Write the model repository for `artifact_dir` into `out_dir` and return out_dir.
 
     backend: how the orchestrator runs the graphs (onnxruntime, tensorrt, tensorrt-rtx); device:
     cpu or cuda (the instance group's kind); instances: orchestrator processes; threads: ONNX
-    Runtime threads per instance (0/None: its default); graphs: also write the per-graph models;
+    Runtime threads per instance (0/None: its default); drafter / tree: the orchestrator's drafter
+    and default tree (None: the manifest's); graphs: also write the per-graph models;
     link: 'symlink' the graph files from the artifacts or 'copy' them. An out_dir that already
     holds exactly this repository is left untouched; any other non-empty out_dir needs force.
     """
     out_dir = Path(out_dir)
-    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link, drafter, tree)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -358,25 +366,32 @@ def read_stamp(repo_dir: str | Path) -> dict[str, Any] | None:
 
 
 def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: str = "onnxruntime",
-                       device: str = "cpu", instances: int = 1, threads: int | None = None) -> bool:
+                       device: str = "cpu", instances: int = 1, threads: int | None = None,
+                       drafter: str | None = None, tree: str | None = None) -> bool:
     """Reuse repo_dir when it already is this repository (returns True), else (re)write it.
 
     A folder that treespec wrote for other artifacts or options is rewritten; a non-empty folder
     that treespec did not write is refused.
     """
     repo_dir = Path(repo_dir)
-    plan = plan_repo(artifact_dir, backend, device, instances, threads)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree)
     if repo_dir.is_dir() and any(repo_dir.iterdir()) and _matches(repo_dir, plan, "symlink"):
         return True
     ours = read_stamp(repo_dir) is not None
-    write_triton_repo(artifact_dir, repo_dir, backend, device, force=ours, instances=instances, threads=threads)
+    write_triton_repo(artifact_dir, repo_dir, backend, device, force=ours, instances=instances, threads=threads,
+                      drafter=drafter, tree=tree)
     return False
 
 
-def default_repo_dir(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu") -> Path:
-    """A per-artifacts cache folder: $TREESPEC_CACHE or ~/.cache/treespec, then triton/<name>-<hash>."""
-    artifact_dir = Path(artifact_dir).resolve()
-    root = Path(os.environ.get("TREESPEC_CACHE") or
+def cache_root() -> Path:
+    """$TREESPEC_CACHE, else $XDG_CACHE_HOME/treespec or ~/.cache/treespec."""
+    return Path(os.environ.get("TREESPEC_CACHE") or
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "treespec")
+
+
+def default_repo_dir(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu") -> Path:
+    """A per-artifacts cache folder: <cache_root>/triton/<name>-<hash of path, backend, device>."""
+    artifact_dir = Path(artifact_dir).resolve()
+    root = cache_root()
     key = hashlib.sha256(f"{artifact_dir}|{backend}|{device}".encode()).hexdigest()[:12]
     return root / "triton" / f"{artifact_dir.name}-{key}"

@@ -308,20 +308,24 @@ class TritonServer:
 # `treespec serve` --------------------------------------------------------------------------------
 def serve(artifact_dir: str | Path, port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
           repo_dir: str | Path | None = None, backend: str = "onnxruntime", device: str = "cpu",
-          instances: int = 1, threads: int | None = None, startup_timeout: float = 600.0,
+          instances: int = 1, threads: int | None = None, drafter: str | None = None, tree: str | None = None,
+          startup_timeout: float = 600.0,
           log_file: str | Path | None = None) -> int:
     """Write or reuse the model repository, run the server until Ctrl-C / SIGTERM. Returns 0."""
-    from treespec.exporter.triton_repo import default_repo_dir, ensure_triton_repo
+    from treespec.exporter.triton_repo import cache_root, default_repo_dir, ensure_triton_repo
 
     repo = Path(repo_dir) if repo_dir else default_repo_dir(artifact_dir, backend, device)
     reused = ensure_triton_repo(artifact_dir, repo, backend=backend, device=device, instances=instances,
-                                threads=threads)
+                                threads=threads, drafter=drafter, tree=tree)
     print(f"model repository: {repo} ({'reused' if reused else 'written'})", flush=True)
-    server = TritonServer(repo, port, grpc_port, metrics_port, log_file=log_file, startup_timeout=startup_timeout)
-    stopping = {"signal": None}
+    if log_file is None:  # kept after the server stops, unlike its temporary working directory
+        log_file = cache_root() / "logs" / f"tritonserver-{port}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.unlink(missing_ok=True)
+    server = TritonServer(repo, port, grpc_port, metrics_port, log_file=log_file, startup_timeout=startup_timeout,
+                          on_event=lambda message: print(f"[supervisor] {message}", flush=True))
 
     def on_signal(signum, frame):
-        stopping["signal"] = signum
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
@@ -368,9 +372,11 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--instances", type=int, default=1, help="model instances (processes) serving requests")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per instance")
-    p.add_argument("--log-file", type=Path, help="tritonserver log (default: a temporary file)")
+    p.add_argument("--drafter", help="lookup, medusa, draft or none (default: the manifest's)")
+    p.add_argument("--tree", help="default tree: none, a preset name or inline JSON (requests may override)")
+    p.add_argument("--log-file", type=Path, help="tritonserver log (default: ~/.cache/treespec/logs/)")
 
 
 def run(args) -> int:
     return serve(args.artifacts, args.port, args.grpc_port, args.metrics_port, args.repo, args.backend,
-                 args.device, args.instances, args.threads, log_file=args.log_file)
+                 args.device, args.instances, args.threads, args.drafter, args.tree, log_file=args.log_file)

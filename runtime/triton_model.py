@@ -88,7 +88,8 @@ class TreespecModel:
 
         t0 = time.perf_counter()
         self.gen = SpeculativeGenerator.from_artifacts(artifact_dir, backend=self.backend, device=device,
-                                                       threads=threads)
+                                                       threads=threads, tree=params.get("tree") or None,
+                                                       drafter=params.get("drafter") or None)
         self.max_context = self.gen.max_context
         from treespec.runtime.presets import preset_names
 

@@ -128,3 +128,18 @@ def test_sigterm_with_requests_in_flight_stops_cleanly(server, expected):
     print(f"\nSIGTERM: server exited {stop_s:.1f} s later with code 0; "
           f"{sum(o.ok for o in results.values())} of 3 in-flight streams completed")
     print("\n".join(server.error_lines()))
+
+
+def test_a_model_that_cannot_load_fails_the_start_with_its_message(tiny_artifacts, tmp_path):
+    """A bad default tree in the repository: start() raises at once with the model's own message and
+    the log tail, instead of waiting for a readiness that never comes."""
+    from treespec.exporter.triton_repo import write_triton_repo
+    from treespec.runtime.serve import ServerError, TritonServer
+
+    repo = write_triton_repo(tiny_artifacts, tmp_path / "repo", tree="no-such-tree")
+    t0 = time.perf_counter()
+    with pytest.raises(ServerError) as err:
+        with TritonServer(repo, None, None, None, startup_timeout=300):
+            pass
+    assert "unknown tree 'no-such-tree'" in str(err.value), str(err.value)[-3000:]
+    assert time.perf_counter() - t0 < 120

@@ -98,6 +98,14 @@ def test_bad_options_and_missing_engines_are_refused(tiny_artifacts, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_drafter_and_default_tree_go_into_the_orchestrator_config(tiny_artifacts, tmp_path):
+    with pytest.raises(ArtifactError, match="no 'nope' drafter"):
+        write_triton_repo(tiny_artifacts, tmp_path / "a", drafter="nope")
+    repo = write_triton_repo(tiny_artifacts, tmp_path / "b", drafter="lookup", tree="chain4")
+    params = _configs(repo)["treespec"].parameters
+    assert params["drafter"].string_value == "lookup" and params["tree"].string_value == "chain4"
+
+
 def test_tensorrt_engines_give_tensorrt_plan_models_on_gpus(tiny_artifacts, tmp_path):
     arts = tmp_path / "arts"
     shutil.copytree(tiny_artifacts, arts)

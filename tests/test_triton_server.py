@@ -205,7 +205,7 @@ def test_acceptance_metrics_on_the_metrics_endpoint(server):
     print(f"\nmean accepted tokens per step: {mean:.3f} over {steps:.0f} steps")
 
 
-def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm2_artifacts, expected):
+def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm2_artifacts, expected, tmp_path):
     """Runs last: stops the module's server, then restarts with `serve()` (what `treespec serve` runs)."""
     from treespec.runtime.serve import free_port
 
@@ -216,7 +216,7 @@ def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm
         code = (f"import sys; from treespec.runtime.serve import serve; sys.exit(serve({str(smollm2_artifacts)!r}, "
                 f"{port}, {grpc_port}, {metrics_port}, repo_dir={str(repo)!r}))")
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, env={**os.environ, "TREESPEC_CACHE": str(tmp_path)})
         lines = []
         try:
             deadline = time.monotonic() + 600
@@ -242,3 +242,5 @@ def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm
                 os.kill(proc.pid, signal.SIGKILL)
         assert proc.returncode == 0 and "stopped (exit code 0)" in rest, out + rest
         assert repo_snapshot(repo) == before
+        log = (tmp_path / "logs" / f"tritonserver-{port}.log").read_text()
+        assert "successfully loaded 'treespec'" in log  # the log outlives the server
