@@ -225,7 +225,11 @@ def graph_config(manifest, name: str, device: str):
             files[data.name] = data
     cfg.input.extend(_tensor(pb, "input", n, t, d) for n, t, d in inputs)
     cfg.output.extend(_tensor(pb, "output", n, t, d) for n, t, d in outputs)
-    cfg.instance_group.append(_instance_group(pb, device, 1))
+    group = _instance_group(pb, device, 1)
+    if engine is not None and len(engine.get("profiles") or []) > 1:
+        # e.g. "tree" and "prefill": Triton runs each request in the first listed profile it fits
+        group.profile.extend(str(i) for i in range(len(engine["profiles"])))
+    cfg.instance_group.append(group)
     return cfg, files
 
 

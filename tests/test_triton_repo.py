@@ -112,7 +112,8 @@ def test_tensorrt_engines_give_tensorrt_plan_models_on_gpus(tiny_artifacts, tmp_
     (arts / "target.tensorrt.engine").write_bytes(b"stand-in plan")
     manifest = json.loads((arts / "manifest.json").read_text())
     manifest["graphs"]["target"]["engines"] = [{"file": "target.tensorrt.engine", "builder": "tensorrt",
-                                                "builder_version": "10.13.0"}]
+                                                "builder_version": "10.13.0",
+                                                "profiles": [{"name": "tree"}, {"name": "prefill"}]}]
     (arts / "manifest.json").write_text(json.dumps(manifest))
     repo = write_triton_repo(arts, tmp_path / "repo", backend="tensorrt", device="cuda", link="copy")
     from tritonclient.grpc import model_config_pb2 as pb
@@ -121,6 +122,7 @@ def test_tensorrt_engines_give_tensorrt_plan_models_on_gpus(tiny_artifacts, tmp_
     assert configs["target"].platform == "tensorrt_plan"
     assert configs["target"].default_model_filename == "model.plan"
     assert configs["target"].instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert list(configs["target"].instance_group[0].profile) == ["0", "1"]  # both engine profiles
     assert configs["treespec"].instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
     assert configs["treespec"].parameters["backend"].string_value == "tensorrt"
     assert (repo / "target" / "1" / "model.plan").read_bytes() == b"stand-in plan"
