@@ -179,6 +179,9 @@ class TorchBackend(TreeBackend):
         current = None if self._cache is None else tuple(self._cache.shape)
         if current is None or current[:3] != shape[:3] or current[3] < rows:
             self._graphs.clear()  # captured graphs point at the old buffer
+            # A memory pool whose graphs were all destroyed must not be captured into again
+            # (CUDACachingAllocator asserts use_count > 0): start a fresh pool with the new graphs.
+            self.graph_pool = None
             self._cache = None
             self._cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._cols = torch.arange(rows, device=self.device)
@@ -196,6 +199,7 @@ class TorchBackend(TreeBackend):
 
     def close(self) -> None:
         self._graphs.clear()
+        self.graph_pool = None
         self._cache = None
 
     # ---- the step ----------------------------------------------------------------------------
