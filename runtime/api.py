@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from treespec.runtime.auto_tree import LatencyCache
 from treespec.runtime.errors import InputError
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_target, load_tokenizer
@@ -55,7 +56,8 @@ class SpeculativeGenerator:
             tree = manifest.data.get("default_trees", {}).get(self.drafter.kind if self.drafter else "none")
         self.default_tree = self.resolve_tree(tree)
         self.engine = TreeGenerator(self.target, self.drafter, manifest.eos_token_ids,
-                                    manifest.dims.max_context)
+                                    manifest.dims.max_context,
+                                    latency_cache=LatencyCache(manifest.root, backend, device, threads))
 
     @classmethod
     def from_artifacts(cls, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
@@ -128,15 +130,19 @@ class SpeculativeGenerator:
 
     def stream_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                     seed: int | None = None, tree: Any = None, raw: bool = False):
-        """Yield, per step, a list of per-sequence (new token ids, tokens this step, finished)."""
+                     seed: int | None = None, tree: Any = None, raw: bool = False,
+                     acceptance: str = "exact", posterior_threshold: float = 0.09,
+                     posterior_alpha: float = 0.3):
+        """Yield, per step, a list of per-sequence (new token ids, tokens this step, finished).
+        acceptance="typical" is Medusa's typical acceptance: LOSSY (see runtime/verify.py)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
             raise InputError(f"max_new_tokens {max_new_tokens} is over the limit {MAX_NEW_TOKENS_LIMIT}")
         if not prompts:
             raise InputError("no prompts given")
-        sampling = _validate_sampling(temperature, top_p, top_k)
+        sampling = _validate_sampling(temperature, top_p, top_k).with_acceptance(
+            acceptance, posterior_threshold, posterior_alpha)
         cfg = self.default_tree if tree is None else self.resolve_tree(tree)
         ids = [self.encode(p, raw) for p in prompts]
         profile = self.manifest.graph("target")["profile"]["batch"]

@@ -25,12 +25,19 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "tensorrt-rtx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--drafter", help="lookup, medusa, draft or none (default: the manifest's)")
-    p.add_argument("--tree", help="none, a preset name, a YAML file or inline JSON (default: the drafter's)")
+    p.add_argument("--tree", help="none, a preset name (e.g. auto, adaptive, opt32, longspec), a YAML file "
+                                  "or inline JSON (default: the drafter's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--acceptance", default="exact", choices=["exact", "typical"],
+                   help="exact: lossless speculative sampling (default); typical: Medusa's typical "
+                        "acceptance, LOSSY (output no longer follows the target's distribution)")
+    p.add_argument("--posterior-threshold", type=float, default=0.09,
+                   help="typical acceptance (LOSSY): accept p(token) > min(this, alpha * exp(-entropy))")
+    p.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance (LOSSY): alpha")
     p.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
@@ -49,7 +56,9 @@ def _generate(args) -> int:
     gen = SpeculativeGenerator.from_artifacts(args.artifacts, args.backend, args.device,
                                               threads=args.threads, drafter=args.drafter)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, tree=args.tree, raw=args.raw)
+                  top_k=args.top_k, seed=args.seed, tree=args.tree, raw=args.raw,
+                  acceptance=args.acceptance, posterior_threshold=args.posterior_threshold,
+                  posterior_alpha=args.posterior_alpha)
     if args.json or len(prompts) > 1:
         results = gen.generate_batch(prompts, **kwargs)
         if args.json:

@@ -6,23 +6,56 @@ A tree config is a dict (a YAML preset under configs/trees/ or inline JSON):
                                                    drafter probability (LongSpec's 69-node tree)
   {policy: depth_branching, depth: 3, branching: 2}
   {policy: choices, choices: [[0], [1], [0, 0]]}   Medusa choice list (paths of top-k indices)
-  {policy: opt, budget: 64, delta: 0.05}           OPT-Tree: per level add the nodes with the
-                                                   largest estimated acceptance probability, under
-                                                   a node budget, until the gain drops below delta
-Every policy also honours `max_depth` (default 8) and `budget` (total drafted nodes, default 64).
+  {policy: opt, budget: 64, delta: 0.05}           OPT-Tree: the tree is the `budget` nodes with
+                                                   the largest estimated acceptance probability
+                                                   (product of drafter probabilities along the
+                                                   path) among everything drafted so far; a new
+                                                   level is drafted while it raises the expected
+                                                   acceptance length by at least delta
+  {policy: adaptive, budget: 32, max_width: 8}     confidence-adaptive: per level, the drafter's
+                                                   top-1 probability sets the width (narrow when
+                                                   confident, up to max_width when not); depth
+                                                   stops once the best path's probability falls
+                                                   below min_path_prob (so: deep when confident)
+  {policy: auto, budget: 64}                       OPT-Tree grown to `budget`, then cut to the size
+                                                   that maximises expected accepted tokens per
+                                                   second on a measured verify-latency curve
+                                                   (runtime/auto_tree.py)
+Every policy honours `max_depth` and `budget` (total drafted nodes), and `sample_children`:
+with temperature > 0 and a drafter that gives full distributions q (Medusa, draft LM), the
+children of a node are drawn i.i.d. from q (tempered like the target) instead of being its top-k,
+and the verifier gets q for that node (SpecInfer's multi-draft rule stays lossless). Sampled
+children are never pruned after they are drawn (that would bias them), so OPT/auto do not re-rank
+earlier levels in that mode.
 """
 from __future__ import annotations
 
 import heapq
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from treespec.runtime.drafters.base import Drafter
+import numpy as np
+
+from treespec.runtime.drafters.base import Candidates, Drafter
 from treespec.runtime.errors import InputError
 from treespec.runtime.tree import Tree
 
-POLICIES = ("none", "widths", "depth_branching", "choices", "opt")
+POLICIES = ("none", "widths", "depth_branching", "choices", "opt", "adaptive", "auto")
+COMMON_FIELDS = {"policy", "name", "description", "budget", "max_depth", "sample_children"}
+POLICY_FIELDS = {
+    "none": set(),
+    "widths": {"widths"},
+    "depth_branching": {"depth", "branching"},
+    "choices": {"choices"},
+    "opt": {"delta"},
+    "adaptive": {"max_width", "min_width", "confident", "unsure", "min_path_prob"},
+    "auto": {"delta"},
+}
+ALL_FIELDS = COMMON_FIELDS.union(*POLICY_FIELDS.values())
+DEFAULT_MAX_DEPTH = 8
+LOGPROB_FLOOR = -1e4  # a drafter's -inf / NaN log-probability is stored as this (finite)
 
 
 @dataclass
@@ -34,30 +67,37 @@ class TreeConfig:
     choices: list[list[int]] = field(default_factory=list)
     budget: int = 64
     delta: float = 0.0
-    max_depth: int = 8
+    max_depth: int = DEFAULT_MAX_DEPTH
+    # adaptive
+    max_width: int = 8
+    min_width: int = 1
+    confident: float = 0.8  # top-1 probability at or above which a level gets min_width nodes
+    unsure: float = 0.3  # top-1 probability at or below which a level gets max_width nodes
+    min_path_prob: float = 0.05  # no new level once the best path's probability is below this
+    sample_children: bool = False
+
+    @property
+    def levels(self) -> int:
+        """Upper bound on the tree depth (drafted levels)."""
+        if self.policy == "none":
+            return 0
+        natural = {"widths": len(self.widths), "depth_branching": self.depth,
+                   "choices": max((len(c) for c in self.choices), default=0)}.get(self.policy, self.max_depth)
+        return min(natural, self.max_depth)
 
     @property
     def max_nodes(self) -> int:
         """Upper bound on tree size, root included (sizes the graph profile)."""
+        levels = self.levels
         if self.policy == "none":
             return 1
         if self.policy == "widths":
-            return 1 + min(sum(self.widths), self.budget)
+            return 1 + min(sum(self.widths[:levels]), self.budget)
         if self.policy == "depth_branching":
-            return 1 + min(sum(self.branching ** d for d in range(1, self.depth + 1)), self.budget)
+            return 1 + min(sum(self.branching ** d for d in range(1, levels + 1)), self.budget)
         if self.policy == "choices":
-            return 1 + len(self.choices)
+            return 1 + min(sum(1 for c in self.choices if len(c) <= levels), self.budget)
         return 1 + self.budget
-
-    @property
-    def levels(self) -> int:
-        if self.policy == "widths":
-            return len(self.widths)
-        if self.policy == "depth_branching":
-            return self.depth
-        if self.policy == "choices":
-            return max((len(c) for c in self.choices), default=0)
-        return 0 if self.policy == "none" else self.max_depth
 
 
 def _positive_int(raw: dict, key: str, default: int | None = None) -> int:
@@ -67,6 +107,14 @@ def _positive_int(raw: dict, key: str, default: int | None = None) -> int:
     return value
 
 
+def _probability(raw: dict, key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0.0 <= value <= 1.0):
+        raise InputError(f"tree config: '{key}' must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def parse_tree_config(raw: Any) -> TreeConfig:
     """Validate a tree config dict; every problem is an InputError naming the field."""
     if raw is None or raw == "none":
@@ -74,25 +122,33 @@ def parse_tree_config(raw: Any) -> TreeConfig:
     if not isinstance(raw, dict):
         raise InputError(f"tree config must be a mapping, got {type(raw).__name__}")
     policy = raw.get("policy")
-    if policy not in POLICIES:
+    if not isinstance(policy, str) or policy not in POLICIES:
         raise InputError(f"tree config: unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
-    unknown = set(raw) - {"policy", "widths", "depth", "branching", "choices", "budget", "delta",
-                          "max_depth", "name", "description"}
+    unknown = set(raw) - ALL_FIELDS
     if unknown:
-        raise InputError(f"tree config: unknown field(s) {', '.join(sorted(unknown))}")
+        raise InputError(f"tree config: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     cfg = TreeConfig(policy=policy)
-    cfg.max_depth = _positive_int(raw, "max_depth", 8)
     cfg.budget = _positive_int(raw, "budget", 64)
+    sample = raw.get("sample_children", False)
+    if not isinstance(sample, bool):
+        raise InputError(f"tree config: 'sample_children' must be true or false, got {sample!r}")
+    cfg.sample_children = sample
+    natural_depth = DEFAULT_MAX_DEPTH
     if policy == "widths":
         widths = raw.get("widths")
         if not isinstance(widths, list) or not widths:
             raise InputError("tree config: 'widths' must be a non-empty list of positive integers")
         cfg.widths = [_positive_int({"widths": w}, "widths") for w in widths]
-        cfg.budget = int(raw.get("budget", sum(cfg.widths)))
+        cfg.budget = _positive_int(raw, "budget", sum(cfg.widths))
+        natural_depth = len(cfg.widths)
     elif policy == "depth_branching":
         cfg.depth = _positive_int(raw, "depth")
         cfg.branching = _positive_int(raw, "branching")
-        cfg.budget = int(raw.get("budget", sum(cfg.branching ** d for d in range(1, cfg.depth + 1))))
+        if cfg.branching ** cfg.depth > 1 << 20:
+            raise InputError(f"tree config: a full tree of depth {cfg.depth} and branching "
+                             f"{cfg.branching} is far too large")
+        cfg.budget = _positive_int(raw, "budget", sum(cfg.branching ** d for d in range(1, cfg.depth + 1)))
+        natural_depth = cfg.depth
     elif policy == "choices":
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -107,65 +163,297 @@ def parse_tree_config(raw: Any) -> TreeConfig:
             if len(path) > 1 and path[:-1] not in seen:
                 raise InputError(f"tree config: choice {list(path)} has no parent {list(path[:-1])}")
         cfg.choices = sorted((list(p) for p in seen), key=lambda p: (len(p), p))
-    elif policy == "opt":
+        cfg.budget = _positive_int(raw, "budget", len(cfg.choices))
+        natural_depth = max(len(p) for p in cfg.choices)
+    elif policy in ("opt", "auto"):
         delta = raw.get("delta", 0.0)
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta < 0:
+        if (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta)
+                or delta < 0):
             raise InputError(f"tree config: 'delta' must be a number >= 0, got {delta!r}")
         cfg.delta = float(delta)
+    elif policy == "adaptive":
+        cfg.max_width = _positive_int(raw, "max_width", 8)
+        cfg.min_width = _positive_int(raw, "min_width", 1)
+        if cfg.min_width > cfg.max_width:
+            raise InputError(f"tree config: 'min_width' ({cfg.min_width}) is over 'max_width' ({cfg.max_width})")
+        cfg.confident = _probability(raw, "confident", 0.8)
+        cfg.unsure = _probability(raw, "unsure", 0.3)
+        if cfg.unsure >= cfg.confident:
+            raise InputError(f"tree config: 'unsure' ({cfg.unsure}) must be below 'confident' ({cfg.confident})")
+        cfg.min_path_prob = _probability(raw, "min_path_prob", 0.05)
+    cfg.max_depth = _positive_int(raw, "max_depth", natural_depth)
     return cfg
 
 
+# -- growing trees ---------------------------------------------------------------------------------
+
+@dataclass
+class DraftedTrees:
+    """What a drafting step hands to the verifier."""
+
+    trees: list[Tree]
+    # per sequence: node -> the distribution q its children were drawn from (sampled children only)
+    proposals: list[dict[int, np.ndarray]]
+    draft_s: float = 0.0
+    budget: int | None = None  # the node budget an `auto` step chose
+
+
+@dataclass
+class _Node:
+    parent: int  # index into the sequence's node records (-1 for the root)
+    token: int
+    logprob: float
+    value: float  # cumulative log-probability root -> node: log of the estimated acceptance prob.
+    depth: int
+    rank: int  # position among its parent's children (top-k rank, or draw index when sampled)
+    order: int  # creation order (stable tie-break)
+
+
+class _Seq:
+    """One sequence's growing tree: node records plus the Tree built from the selected ones."""
+
+    def __init__(self, root: int, active: bool):
+        self.records = [_Node(-1, root, 0.0, 0.0, 0, 0, 0)]
+        self.selected = [0]  # record ids in the tree, parents first
+        self.tree = Tree.root_only(root)
+        self.node_of = {0: 0}  # record id -> tree node index
+        self.frontier = [0] if active else []  # record ids to expand next
+        self.proposals: dict[int, np.ndarray] = {}  # record id -> q
+        self.ranks = {0: ()}
+
+    def add(self, parent: int, token: int, logprob: float, rank: int) -> int:
+        lp = _clean_logprob(logprob)
+        p = self.records[parent]
+        rid = len(self.records)
+        self.records.append(_Node(parent, token, lp, p.value + lp, p.depth + 1, rank, rid))
+        self.ranks[rid] = self.ranks[parent] + (rank,)
+        return rid
+
+    def attach(self, rid: int) -> None:
+        """Append record `rid` (whose parent is in the tree) to the tree."""
+        r = self.records[rid]
+        self.node_of[rid] = self.tree.add(self.node_of[r.parent], r.token, r.logprob)
+        self.selected.append(rid)
+
+    def rebuild(self, keep: list[int]) -> None:
+        """The tree of exactly the records `keep` (ancestor-closed), parents first, siblings by rank."""
+        keep_set = set(keep) | {0}
+        order = sorted(keep_set - {0}, key=lambda i: (self.records[i].depth, self.records[i].order))
+        self.tree = Tree.root_only(self.records[0].token)
+        self.node_of = {0: 0}
+        self.selected = [0]
+        for rid in order:
+            assert self.records[rid].parent in self.node_of, "selection must be ancestor-closed"
+            self.attach(rid)
+
+    def drafted_values(self) -> list[float]:
+        return [self.records[r].value for r in self.selected[1:]]
+
+
+def _clean_logprob(lp: float) -> float:
+    lp = float(lp)
+    if not math.isfinite(lp):
+        return LOGPROB_FLOOR
+    return max(min(lp, 0.0), LOGPROB_FLOOR)
+
+
+def _rank_key(node: _Node):
+    """Best first; on equal value the shallower (an ancestor) first, so top-n is ancestor-closed."""
+    return (-node.value, node.depth, node.order)
+
+
 def build_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int]) -> list[Tree]:
-    """One tree per sequence, grown level by level from the root tokens."""
-    trees = [Tree.root_only(r) for r in roots]
-    if cfg.policy == "none" or drafter is None:
-        return trees
+    """One tree per sequence, grown level by level from the root tokens (top-k children)."""
+    return draft_trees(cfg, drafter, roots).trees
+
+
+def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
+                active: list[bool] | None = None, rng: np.random.Generator | None = None,
+                temperature: float = 1.0, planner=None) -> DraftedTrees:
+    """Grow one tree per sequence. `rng` given (and cfg.sample_children): children of nodes whose
+    candidates carry a distribution are drawn from it. `active[b]` False: root only.
+    `planner` (auto_tree.AutoPlanner) picks the `auto` policy's node budget."""
+    t0 = time.perf_counter()
+    active = active if active is not None else [True] * len(roots)
+    seqs = [_Seq(r, a) for r, a in zip(roots, active)]
+    sample = rng is not None and cfg.sample_children
+    chosen = None
+    if cfg.policy != "none" and drafter is not None:
+        budget = cfg.budget
+        if cfg.policy == "auto" and planner is not None and sample:
+            budget = chosen = planner.budget_for_sampling(cfg.budget)
+        _grow(cfg, drafter, seqs, budget, rng if sample else None, temperature)
+        if cfg.policy == "auto" and planner is not None:
+            draft_s = time.perf_counter() - t0
+            if sample:  # sampled children cannot be cut: learn the budget for the next step
+                planner.observe([s.drafted_values() for s in seqs], draft_s)
+            else:
+                chosen = planner.choose([s.drafted_values() for s in seqs], draft_s)
+                for s in seqs:
+                    s.rebuild(sorted(s.selected[1:], key=lambda i: _rank_key(s.records[i]))[:chosen])
+    proposals = [{s.node_of[r]: q for r, q in s.proposals.items() if r in s.node_of} for s in seqs]
+    return DraftedTrees([s.tree for s in seqs], proposals, time.perf_counter() - t0, chosen)
+
+
+def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
+          rng: np.random.Generator | None, temperature: float) -> None:
     levels = cfg.levels
     if drafter.max_depth is not None:
         levels = min(levels, drafter.max_depth)
-    frontiers = [[0] for _ in trees]
-    cum = [[0.0] for _ in trees]  # cumulative drafter log-prob per node
-    rank_paths: list[list[tuple[int, ...]]] = [[()] for _ in trees]  # top-k ranks root -> node
+    global_opt = cfg.policy in ("opt", "auto") and rng is None
     for level in range(levels):
-        if not any(frontiers):
+        if not any(s.frontier for s in seqs):
             break
+        trees = [s.tree for s in seqs]
+        frontiers = [[s.node_of[r] for r in s.frontier] for s in seqs]
         candidates = drafter.expand(trees, frontiers)
-        for b, tree in enumerate(trees):
-            picked = _select(cfg, level, tree, frontiers[b], candidates[b], cum[b], rank_paths[b])
-            new_frontier = []
-            for parent, token, logprob, rank in picked:
-                node = tree.add(parent, token, logprob)
-                cum[b].append(cum[b][parent] + logprob)
-                rank_paths[b].append(rank_paths[b][parent] + (rank,))
-                new_frontier.append(node)
-            frontiers[b] = new_frontier
-    return trees
+        for s, cands in zip(seqs, candidates):
+            if not s.frontier:
+                continue
+            cands = list(cands) + [Candidates.empty()] * (len(s.frontier) - len(cands))
+            if global_opt:
+                _opt_level(cfg, s, cands, budget)
+            else:
+                picked = _select(cfg, level, s, cands, budget)
+                _place(s, picked, cands, rng, temperature)
 
 
-def _select(cfg: TreeConfig, level: int, tree: Tree, frontier: list[int], candidates, cum, rank_paths):
-    """(parent, token, logprob, rank) to add at this level."""
-    remaining = cfg.budget - (len(tree) - 1)
-    if remaining <= 0:
+def _options(s: _Seq, cands: list[Candidates]):
+    """(value, parent rid, rank, token, logprob) for every distinct candidate of the frontier."""
+    out = []
+    for parent, c in zip(s.frontier, cands):
+        base = s.records[parent].value
+        seen = set()
+        for rank in range(len(c)):
+            token = int(c.tokens[rank])
+            if token in seen:
+                continue
+            seen.add(token)
+            lp = _clean_logprob(c.logprobs[rank])
+            out.append((base + lp, parent, rank, token, lp))
+    return out
+
+
+def _select(cfg: TreeConfig, level: int, s: _Seq, cands: list[Candidates], budget: int):
+    """Options to add at this level for the incremental policies (nothing already placed moves)."""
+    remaining = budget - (len(s.tree) - 1)
+    options = _options(s, cands)
+    if remaining <= 0 or not options:
         return []
-    options = []  # (score, parent, rank, token, logprob)
-    for parent, cands in zip(frontier, candidates):
-        for rank in range(len(cands)):
-            logprob = float(cands.logprobs[rank])
-            options.append((cum[parent] + logprob, parent, rank, int(cands.tokens[rank]), logprob))
+    best_first = lambda o: (-o[0], o[2])  # noqa: E731
     if cfg.policy == "choices":
         wanted = {tuple(c) for c in cfg.choices if len(c) == level + 1}
-        picked = [o for o in options if rank_paths[o[1]] + (o[2],) in wanted]
+        picked = [o for o in options if s.ranks[o[1]] + (o[2],) in wanted]
     elif cfg.policy == "depth_branching":
         picked = [o for o in options if o[2] < cfg.branching]
     elif cfg.policy == "widths":
-        picked = heapq.nlargest(cfg.widths[level], options, key=lambda o: o[0])
-    else:  # opt
-        picked = heapq.nlargest(remaining, options, key=lambda o: o[0])
-        gain = sum(math.exp(o[0]) for o in picked)
-        if gain < cfg.delta:
-            return []
-    picked = sorted(picked, key=lambda o: -o[0])[:remaining]
-    # Children are added in parent order and, within a parent, best first (sampling verification
-    # tries siblings in this order).
-    picked.sort(key=lambda o: (frontier.index(o[1]), o[2]))
-    return [(o[1], o[3], o[4], o[2]) for o in picked]
+        picked = heapq.nsmallest(cfg.widths[level], options, key=best_first)
+    elif cfg.policy == "adaptive":
+        width = adaptive_width(cfg, s, cands)
+        picked = heapq.nsmallest(width, options, key=best_first)
+        if picked and math.exp(picked[0][0]) < cfg.min_path_prob:
+            picked = []  # the best path is already unlikely: stop deepening
+    else:  # opt / auto with sampled children: greedy per level, no re-ranking of placed nodes
+        picked = heapq.nsmallest(remaining, options, key=best_first)
+        if sum(math.exp(o[0]) for o in picked) < cfg.delta:
+            picked = []
+    return sorted(picked, key=best_first)[:remaining]
+
+
+def adaptive_width(cfg: TreeConfig, s: _Seq, cands: list[Candidates]) -> int:
+    """Width of the next level from the drafter's top-1 probability at the most likely frontier
+    node: min_width at or above `confident`, max_width at or below `unsure`, linear between."""
+    scored = [(s.records[r].value, c) for r, c in zip(s.frontier, cands) if len(c)]
+    if not scored:
+        return cfg.min_width
+    _, best = max(scored, key=lambda t: t[0])
+    top1 = math.exp(_clean_logprob(float(np.max(best.logprobs))))
+    if top1 >= cfg.confident:
+        return cfg.min_width
+    if top1 <= cfg.unsure:
+        return cfg.max_width
+    frac = (cfg.confident - top1) / (cfg.confident - cfg.unsure)
+    return int(round(cfg.min_width + frac * (cfg.max_width - cfg.min_width)))
+
+
+def _place(s: _Seq, picked, cands: list[Candidates], rng: np.random.Generator | None,
+           temperature: float) -> None:
+    """Add the picked options; in sampling mode a parent's picked count is filled with i.i.d.
+    draws from its distribution instead (its slots were chosen before seeing any draw)."""
+    by_parent: dict[int, list] = {}
+    for o in picked:
+        by_parent.setdefault(o[1], []).append(o)
+    dists = {parent: c.distribution for parent, c in zip(s.frontier, cands)}
+    new = []
+    for parent in s.frontier:  # parent order, then best first within a parent
+        opts = by_parent.get(parent)
+        if not opts:
+            continue
+        dist = dists.get(parent)
+        if rng is not None and dist is not None:
+            q = proposal_distribution(dist, temperature)
+            cdf = np.cumsum(q)
+            draws = np.searchsorted(cdf, rng.random(len(opts)) * cdf[-1], side="right")
+            draws = np.minimum(draws, len(q) - 1).tolist()
+            with np.errstate(divide="ignore"):
+                logq = np.log(q[draws]).tolist()
+            s.proposals[parent] = q
+            for i, (token, lp) in enumerate(zip(draws, logq)):
+                new.append(s.add(parent, token, lp, i))
+        else:
+            for o in sorted(opts, key=lambda o: o[2]):
+                new.append(s.add(parent, o[3], o[4], o[2]))
+    for rid in new:
+        s.attach(rid)
+    s.frontier = new
+
+
+def proposal_distribution(dist: np.ndarray, temperature: float) -> np.ndarray:
+    """The drafter's distribution tempered like the target's (any q is lossless; a closer one is
+    accepted more often). float64, sums to 1; the children are drawn from exactly this array and
+    the verifier is handed the same array."""
+    q = np.asarray(dist, dtype=np.float64).reshape(-1)
+    tempered = temperature > 0 and temperature != 1.0
+    if not tempered and q.min() >= 0 and abs(q.sum() - 1.0) < 1e-9:  # common case: already clean
+        return q
+    q = np.where(np.isfinite(q) & (q > 0), q, 0.0)
+    if tempered and q.max() > 0:
+        with np.errstate(divide="ignore"):
+            logq = np.log(q) / temperature
+        q = np.exp(logq - logq.max())
+    total = q.sum()
+    if total <= 0:
+        return np.full(q.shape, 1.0 / q.size)
+    return q / total
+
+
+def _opt_level(cfg: TreeConfig, s: _Seq, cands: list[Candidates], budget: int) -> None:
+    """OPT-Tree, one level: draft the frontier's children, then the tree becomes the `budget`
+    records with the highest value among the tree so far and the new children (ancestor-closed,
+    since a child's value never exceeds its parent's). Keep it only if the expected acceptance
+    length sum(exp(value)) rises by at least delta; the frontier is the newly kept level."""
+    options = _options(s, cands)
+    if not options:
+        s.frontier = []
+        return
+    before = sum(math.exp(v) for v in s.drafted_values())
+    mark = len(s.records)
+    for _, parent, rank, token, lp in options:
+        s.add(parent, token, lp, rank)
+    pool = s.selected[1:] + list(range(mark, len(s.records)))
+    keep = heapq.nsmallest(budget, pool, key=lambda i: _rank_key(s.records[i]))
+    after = sum(math.exp(s.records[i].value) for i in keep)
+    new = [i for i in keep if i >= mark]
+    if not new or after - before < cfg.delta:
+        del s.records[mark:]
+        s.frontier = []
+        return
+    s.rebuild(keep)
+    s.frontier = sorted(new, key=lambda i: (s.node_of[s.records[i].parent], s.records[i].rank))
+
+
+def expected_accepted(values: list[float]) -> float:
+    """OPT-Tree's estimate of tokens per step for a tree: the bonus token plus, per drafted node,
+    the probability that its whole path is accepted (product of drafter probabilities)."""
+    return 1.0 + float(sum(math.exp(v) for v in values))
+
