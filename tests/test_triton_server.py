@@ -209,7 +209,9 @@ def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm
     """Runs last: stops the module's server, then restarts with `serve()` (what `treespec serve` runs)."""
     from treespec.runtime.serve import free_port
 
-    server.stop()
+    t0 = time.perf_counter()
+    assert server.stop() == 0, server.log_tail()  # every request of this module was released
+    print(f"\nthe module's server stopped in {time.perf_counter() - t0:.1f} s")
     before = repo_snapshot(repo)
     for _ in range(1):
         port, grpc_port, metrics_port = free_port(), free_port(), free_port()

@@ -75,6 +75,9 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
     q: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=timeout * 4)
     out = StreamResult()
+    # Cancel only a request still running. Triton 2.51 leaks a request whose stream is cancelled
+    # after it was answered with an error: the server then waits its whole exit timeout at shutdown.
+    cancel = False
     t0 = time.perf_counter()
     try:
         inputs = raw_inputs(tg) if raw_inputs else _inputs(tg, text, input_ids, max_tokens, stream, tree, **scalars)
@@ -84,6 +87,7 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
                 result, error = q.get(timeout=timeout)
             except queue.Empty:
                 out.error = f"no response within {timeout} s (hung)"
+                cancel = True
                 break
             if error is not None:
                 out.error = str(error)
@@ -98,6 +102,7 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
                 out.accepted.append(int(result.as_numpy("accepted_tokens").reshape(-1)[0]))
                 if on_response is not None and on_response(out) is False:
                     out.error = LEFT  # the client goes away: stop_stream cancels the request
+                    cancel = True
                     break
             if response.parameters["triton_final_response"].bool_param:
                 out.final = True
@@ -105,7 +110,7 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
     finally:
         out.total_s = time.perf_counter() - t0
         try:
-            client.stop_stream(cancel_requests=not out.final)
+            client.stop_stream(cancel_requests=cancel)
         except Exception:
             pass
         client.close()
