@@ -144,6 +144,7 @@ class TritonServer:
             self.wait_ready(self.startup_timeout)
         except BaseException:
             self.stop()
+            self.cleanup(keep_logs=True)  # the error names the log; everything else goes
             raise
         self.startup_s = time.perf_counter() - t0
         if self.supervise:
@@ -292,8 +293,15 @@ class TritonServer:
             self.proc.wait(10)
         return self.proc.returncode if self.proc is not None else None
 
-    def cleanup(self) -> None:
-        if self._workdir is not None:
+    def cleanup(self, keep_logs: bool = False) -> None:
+        """Remove the temporary working directory (backend dir, numpy links, default log)."""
+        if self._workdir is None:
+            return
+        if keep_logs:
+            for entry in self._workdir.iterdir():
+                if not entry.name.endswith(".log"):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 

@@ -137,9 +137,13 @@ def test_a_model_that_cannot_load_fails_the_start_with_its_message(tiny_artifact
     from treespec.runtime.serve import ServerError, TritonServer
 
     repo = write_triton_repo(tiny_artifacts, tmp_path / "repo", tree="no-such-tree")
+    server = TritonServer(repo, None, None, None, startup_timeout=300)
     t0 = time.perf_counter()
     with pytest.raises(ServerError) as err:
-        with TritonServer(repo, None, None, None, startup_timeout=300):
-            pass
+        server.start()
     assert "unknown tree 'no-such-tree'" in str(err.value), str(err.value)[-3000:]
     assert time.perf_counter() - t0 < 120
+    assert server.proc.poll() is not None and str(server.log_file) in str(err.value)
+    assert "no-such-tree" in server.log_text()  # the log stays for a look; the rest is gone
+    server.cleanup()
+    assert not server.log_file.exists()
