@@ -4,10 +4,10 @@
 
 fp16, B=1, past length P (cache full) in {512, 2048, 8192}, tree tokens T in {16, 64, 128}, for
 SmolLM2 heads (H=9, KVH=3, D=64) and a Llama-like shape (H=32, KVH=8, D=128). Times are GPU times
-from CUDA graphs (no host launch overhead, as with TensorRT's CUDA graphs): a graph of
-[flush L2; op] x reps minus a graph of [flush L2] x reps, so the cache starts cold every time as
-in a real model, which reads another layer's cache each step; `warm` figures replay the op
-alone. Ours: the Triton launcher over a few tile configs with the
+per call from CUDA graphs (no host launch overhead, as under TensorRT with CUDA graphs) that call
+the op on one of several caches in turn, 3x the L2 in total, so every call reads its cache from
+HBM like each layer of a real model does; `warm` repeats one cache (L2-resident when it fits).
+Ours: the Triton launcher over a few tile configs with the
 single-launch kernel (splits=1, what TensorRT runs) and the split-KV path, the launcher's
 default choice, and the AOT PTX launched through the CUDA driver (the TensorRT path) for each
 plugin tactic. SDPA gets K/V already concatenated and a precomputed [1,1,T,P+T] mask (the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,8 +43,7 @@ CONFIGS = {
 }
 
 
-REPS = 10
-_FLUSH = {}
+L2_BYTES = 50 << 20  # H100
 
 
 def _replay_ms(graph, n: int = 5) -> float:
@@ -58,33 +58,22 @@ def _replay_ms(graph, n: int = 5) -> float:
     return sorted(times)[n // 2]
 
 
-def _capture(body):
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph
-
-
-def bench(fn, cold: bool = True) -> float:
-    """Milliseconds per call of fn on the GPU (median of graph replays)."""
+def bench(fn, copies: int, cold: bool = True) -> float:
+    """GPU milliseconds per call of fn(i), from a CUDA graph of calls on copy i = 0, 1, ... of the
+    cache: every call finds its cache cold in L2, like each layer of a model. cold=False: copy 0."""
+    calls = max(copies, 16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile/warm up outside the capture
-        fn()
-        fn()
+    with torch.cuda.stream(side):  # compile / warm up outside the capture
+        fn(0)
+        fn(copies - 1)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    if not cold:
-        return _replay_ms(_capture(lambda: [fn() for _ in range(REPS)])) / REPS
-    if "buffer" not in _FLUSH:  # 4x the H100's 50 MB L2
-        _FLUSH["buffer"] = torch.empty(50 << 20, dtype=torch.int32, device="cuda")
-        _FLUSH["ms"] = _replay_ms(_capture(lambda: [_FLUSH["buffer"].zero_() for _ in range(REPS)]))
-
-    def body():
-        for _ in range(REPS):
-            _FLUSH["buffer"].zero_()
-            fn()
-    return max(_replay_ms(_capture(body)) - _FLUSH["ms"], 0.0) / REPS
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies if cold else 0)
+    return _replay_ms(graph) / calls
 
 
 def copy_bandwidth() -> float:
@@ -99,62 +88,77 @@ def useful_bytes(h: int, kvh: int, d: int, p: int, t: int) -> int:
 
 
 def inputs(h: int, kvh: int, d: int, p: int, t: int) -> dict:
+    """One q/new K,V/mask and `copies` caches whose total is 3x the L2 (one per 'layer')."""
     g = torch.Generator(device="cuda").manual_seed(p * 1000 + t)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda").half()  # noqa: E731
     mask = random_tree_mask(1, t, torch.Generator().manual_seed(t)).cuda()
-    return dict(q=r(1, h, t, d), k_new=r(1, kvh, t, d), v_new=r(1, kvh, t, d), past_k=r(1, kvh, p, d),
-                past_v=r(1, kvh, p, d), past_lengths=torch.full((1,), p, dtype=torch.int32, device="cuda"),
-                tree_mask=mask.to(torch.int32), mask_bool=mask)
+    copies = min(256, max(4, math.ceil(3 * L2_BYTES / (2 * kvh * p * d * 2))))
+    return dict(q=r(1, h, t, d), k_new=r(1, kvh, t, d), v_new=r(1, kvh, t, d),
+                past_k=[r(1, kvh, p, d) for _ in range(copies)], past_v=[r(1, kvh, p, d) for _ in range(copies)],
+                past_lengths=torch.full((1,), p, dtype=torch.int32, device="cuda"),
+                tree_mask=mask.to(torch.int32), mask_bool=mask, copies=copies)
+
+
+def kernel_args(x: dict, i: int) -> list:
+    return [x["past_k"][i] if k == "past_k" else x["past_v"][i] if k == "past_v" else x[k] for k in aot.KERNEL_INPUTS]
 
 
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def bench_ours(x: dict, d: int) -> tuple[list[dict], torch.Tensor]:
-    args = [x[k] for k in aot.KERNEL_INPUTS]
-    capacity = x["past_k"].shape[2]
+    n, capacity = x["copies"], x["past_k"][0].shape[2]
+    args = [kernel_args(x, i) for i in range(n)]
     rows = []
     for cfg in CONFIGS[d]:
         for splits in SPLITS:
             if splits > 1 and capacity // splits < cfg.block_n:
                 continue
-            ms = bench(lambda: tree_attention(*args, config=cfg, splits=splits))
+            ms = bench(lambda i: tree_attention(*args[i], config=cfg, splits=splits), n)
             rows.append({"config": cfg.__dict__, "splits": splits, "ms": ms})
     best = min(rows, key=lambda r: r["ms"])
     cfg = KernelConfig(**best["config"])
-    best["warm_ms"] = bench(lambda: tree_attention(*args, config=cfg, splits=best["splits"]), cold=False)
-    rows.append({"config": "default", "splits": "default", "ms": bench(lambda: tree_attention(*args))})
-    return rows, tree_attention(*args)
+    best["warm_ms"] = bench(lambda i: tree_attention(*args[i], config=cfg, splits=best["splits"]), n, cold=False)
+    rows.append({"config": "default", "splits": "default", "ms": bench(lambda i: tree_attention(*args[i]), n)})
+    return rows, tree_attention(*args[0])
 
 
 def bench_aot(x: dict, kernels: dict) -> list[dict]:
-    tensors = [x[k] for k in aot.KERNEL_INPUTS]
+    n = x["copies"]
     out = torch.empty_like(x["q"])
     rows = []
     for tactic, (kernel, launcher) in kernels.items():
-        plan = aot.plan_launch(kernel, [tuple(t.shape) for t in tensors])
-        ptrs = [t.data_ptr() for t in tensors]
-        ms = bench(lambda: launcher.launch(plan, ptrs, [out.data_ptr()], torch.cuda.current_stream().cuda_stream))
+        plan = aot.plan_launch(kernel, [tuple(t.shape) for t in kernel_args(x, 0)])
+        ptrs = [[t.data_ptr() for t in kernel_args(x, i)] for i in range(n)]
+        ms = bench(lambda i: launcher.launch(plan, ptrs[i], [out.data_ptr()], torch.cuda.current_stream().cuda_stream), n)
         rows.append({"tactic": tactic, "config": kernel.config.__dict__, "shared_mem": kernel.shared_mem, "ms": ms})
     return rows
 
 
-def bench_sdpa(x: dict, p: int, t: int) -> tuple[dict, torch.Tensor]:
+def joined_kv(x: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    keys = [torch.cat([k, x["k_new"]], dim=2) for k in x["past_k"]]
+    values = [torch.cat([v, x["v_new"]], dim=2) for v in x["past_v"]]
+    return keys, values
+
+
+def bench_sdpa(x: dict, p: int, t: int) -> tuple[dict, torch.Tensor | None]:
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    keys = torch.cat([x["past_k"], x["k_new"]], dim=2)
-    values = torch.cat([x["past_v"], x["v_new"]], dim=2)
+    keys, values = joined_kv(x)
     mask = torch.cat([torch.ones(1, t, p, dtype=torch.bool, device="cuda"), x["mask_bool"]], dim=-1)[:, None]
-    groups = x["q"].shape[1] // keys.shape[1]
-    rk, rv = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    groups = x["q"].shape[1] // keys[0].shape[1]
     res: dict = {}
-    out = None
-    for name, fn in (("gqa", lambda: sdpa(x["q"], keys, values, attn_mask=mask, enable_gqa=True)),
-                     ("repeated_kv", lambda: sdpa(x["q"], rk, rv, attn_mask=mask))):
-        try:
-            out = fn()
-            res[name] = bench(fn)
-        except Exception as exc:  # a backend may refuse a combination
-            res[name] = f"{type(exc).__name__}: {exc}"[:200]
+    out = sdpa(x["q"], keys[0], values[0], attn_mask=mask, enable_gqa=True)
+    try:
+        res["gqa"] = bench(lambda i: sdpa(x["q"], keys[i], values[i], attn_mask=mask, enable_gqa=True), x["copies"])
+    except Exception as exc:  # a backend may refuse a combination
+        res["gqa"] = f"{type(exc).__name__}: {exc}"[:200]
+    try:
+        rk = [k.repeat_interleave(groups, 1) for k in keys]
+        rv = [v.repeat_interleave(groups, 1) for v in values]
+        res["repeated_kv"] = bench(lambda i: sdpa(x["q"], rk[i], rv[i], attn_mask=mask), x["copies"])
+        del rk, rv
+    except Exception as exc:
+        res["repeated_kv"] = f"{type(exc).__name__}: {exc}"[:200]
     return res, out
 
 
@@ -167,16 +171,11 @@ def bench_flex(x: dict, p: int, t: int, flex) -> float | str:
         j = (kv_idx - p).clamp(0, t - 1)
         return (kv_idx < p) | ((kv_idx >= p) & tree[q_idx.clamp(0, t - 1), j])
 
-    keys = torch.cat([x["past_k"], x["k_new"]], dim=2)
-    values = torch.cat([x["past_v"], x["v_new"]], dim=2)
+    keys, values = joined_kv(x)
     block_mask = create_block_mask(mask_mod, None, None, t, p + t, device="cuda")
-    fn = lambda: flex(x["q"], keys, values, block_mask=block_mask, enable_gqa=True)  # noqa: E731
-    fn()
-    try:
-        return bench(fn)
-    except Exception:  # graph capture refused: host-timed, L2 flushed (overstates small cases)
-        torch.cuda.synchronize()
-        return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    fn = lambda i: flex(x["q"], keys[i], values[i], block_mask=block_mask, enable_gqa=True)  # noqa: E731
+    fn(0)
+    return bench(fn, x["copies"])
 
 
 def plot(results: list[dict], copy_bw: float, path: Path) -> None:
@@ -195,7 +194,7 @@ def plot(results: list[dict], copy_bw: float, path: Path) -> None:
             vals = [r.get(key) if isinstance(r.get(key), float) else float("nan") for r in pts]
             axes[0][col].bar([i + 0.2 * k - 0.3 for i in xs], [v * 1e3 for v in vals], 0.2, label=name)
         axes[0][col].set_xticks(list(xs), labels, fontsize=7)
-        axes[0][col].set_ylabel("µs (median, cold L2)")
+        axes[0][col].set_ylabel("µs per call (CUDA graph, cold L2)")
         axes[0][col].set_yscale("log")
         axes[0][col].set_title(shape)
         axes[0][col].legend(fontsize=7)
@@ -258,6 +257,7 @@ def main() -> int:
                 point["flex_ms"] = f"{type(exc).__name__}: {exc}"[:300]
             flex_spent += time.time() - t0
         best = min(ours[:-1], key=lambda r: r["ms"])  # the sweep's best (its warm time is measured)
+        point["copies"] = x["copies"]
         fused = min((r for r in ours if r["splits"] == 1), key=lambda r: r["ms"])
         sdpa_ms = min((v for v in sdpa.values() if isinstance(v, float)), default=float("nan"))
         nbytes = useful_bytes(h, kvh, d, p, t)
