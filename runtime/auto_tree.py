@@ -11,6 +11,11 @@ estimated acceptance probability v_1 >= v_2 >= ... (product of drafter probabili
 path) give E(n) = 1 + v_1 + ... + v_n expected tokens for the best n-node tree, and the step keeps
 the n maximising E(n) / (draft time + verify latency(n + 1)). With a batch the budget n is shared
 (one target pass verifies every tree): the sum over sequences of E_b(n) is maximised.
+
+Drafter probabilities are rarely calibrated (the lookup drafter's count ratios are far too
+confident), so the planner also tracks, over recent steps, how many drafted tokens were actually
+accepted against how many the path probabilities predicted, and scales the prediction by that
+ratio: E(n) = 1 + c * (v_1 + ... + v_n).
 """
 from __future__ import annotations
 
@@ -157,10 +162,27 @@ class AutoPlanner:
         self.max_budget = max_budget
         self.next_budget: int | None = None  # sampling mode: learnt from the previous step
         self.history: list[int] = []
+        self.predicted = 0.0  # decayed sums: drafted tokens the values predicted / were accepted
+        self.observed = 0.0
+
+    DECAY = 0.9
+    PRIOR = 0.5  # pseudo-count: start from trusting the drafter
+
+    @property
+    def calibration(self) -> float:
+        """Accepted drafted tokens per predicted one (recent steps), in [0.02, 1.5]."""
+        return float(np.clip((self.observed + self.PRIOR) / (self.predicted + self.PRIOR), 0.02, 1.5))
+
+    def record(self, predicted: float, accepted: int) -> None:
+        """After verification: the tree's predicted drafted tokens sum(exp(v)) and how many
+        drafted tokens the target accepted."""
+        self.predicted = self.DECAY * self.predicted + predicted
+        self.observed = self.DECAY * self.observed + accepted
 
     def choose(self, values_per_seq: list[list[float]], draft_s: float) -> int:
         """The shared budget n maximising sum_b E_b(n) / (draft_s + latency(n + 1))."""
-        probs = [np.sort(np.exp(np.asarray(v, dtype=np.float64)))[::-1] for v in values_per_seq]
+        c = self.calibration
+        probs = [c * np.sort(np.exp(np.asarray(v, dtype=np.float64)))[::-1] for v in values_per_seq]
         longest = max((len(p) for p in probs), default=0)
         gain = np.zeros(longest + 1)
         for p in probs:

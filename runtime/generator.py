@@ -46,7 +46,7 @@ class Stats:
     policy: str = "none"
     acceptance: str = "exact (lossless)"
     lossless: bool = True
-    sampled_children: bool = False
+    sampled_children: bool = False  # some children were drawn from the drafter's q (and verified against it)
 
     @property
     def decode_s(self) -> float:
@@ -114,8 +114,7 @@ class TreeGenerator:
         planner = None
         if drafter is not None and tree.policy == "auto":
             planner = AutoPlanner(self.latency_curve(tree.max_nodes), tree.budget)
-        self.stats = stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless,
-                                   sampled_children=sample_children)
+        self.stats = stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless)
         rng = np.random.default_rng(seed)
         batch = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -175,9 +174,12 @@ class TreeGenerator:
                     verdict = verify_typical(t, out.logits[b, : len(t)], sampling, rng)
                 else:
                     verdict = verify_sampling(t, out.logits[b, : len(t)], sampling, rng, drafted.proposals[b])
+                    stats.sampled_children |= bool(drafted.proposals[b])
                 accepted_rows.append(verdict.path)
                 new_tokens.append(verdict.tokens)
                 stats.tree_sizes.append(len(t))
+                if planner is not None:
+                    planner.record(drafted.expected[b], len(verdict.path) - 1)
                 stats.tree_depths.append(max(t.depths))
             self.target.commit(out, accepted_rows)
             stats.steps += 1

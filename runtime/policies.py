@@ -196,6 +196,7 @@ class DraftedTrees:
     proposals: list[dict[int, np.ndarray]]
     draft_s: float = 0.0
     budget: int | None = None  # the node budget an `auto` step chose
+    expected: list[float] = field(default_factory=list)  # per tree: sum of exp(value) of its nodes
 
 
 @dataclass
@@ -292,7 +293,8 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
                 for s in seqs:
                     s.rebuild(sorted(s.selected[1:], key=lambda i: _rank_key(s.records[i]))[:chosen])
     proposals = [{s.node_of[r]: q for r, q in s.proposals.items() if r in s.node_of} for s in seqs]
-    return DraftedTrees([s.tree for s in seqs], proposals, time.perf_counter() - t0, chosen)
+    expected = [float(sum(math.exp(v) for v in s.drafted_values())) for s in seqs]
+    return DraftedTrees([s.tree for s in seqs], proposals, time.perf_counter() - t0, chosen, expected)
 
 
 def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,

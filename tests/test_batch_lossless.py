@@ -86,3 +86,69 @@ def test_lookup_trees_are_accepted_on_repetitive_prompts(setup):
         stats = got[0].stats
         # some steps commit several rows: at least one step produced 3+ tokens
         assert stats["mean_accepted"] > 1.15 and len(stats["accepted_histogram"]) > 3, (tree, stats)
+
+
+def test_seeded_sampling_is_reproducible_and_labelled(setup):
+    """--seed reproduces sampled runs (children drawn from the drafter's q included); stats say
+    which acceptance rule ran and whether it is lossless."""
+    gens, prompts, alone = setup
+    for name, gen in gens.items():
+        kwargs = dict(max_new_tokens=12, tree="specinfer-sampled", temperature=0.9, top_k=50, seed=5)
+        first = [r.token_ids for r in gen.generate_batch(prompts[:2], **kwargs)]
+        stats = gen.engine.stats.as_dict()
+        assert [r.token_ids for r in gen.generate_batch(prompts[:2], **kwargs)] == first
+        assert stats["lossless"] and stats["acceptance"] == "exact (lossless)"
+        assert stats.get("sampled_children", False) == (name in ("medusa", "draft")), name
+    gen = gens["lookup"]
+    lossy = gen.generate(prompts[0], max_new_tokens=8, temperature=0.9, seed=1, acceptance="typical")
+    assert lossy.stats["lossless"] is False and "LOSSY" in lossy.stats["acceptance"]
+    greedy = gen.generate(prompts[0], max_new_tokens=NEW_TOKENS, acceptance="typical")  # temperature 0
+    assert greedy.token_ids == alone[0] and greedy.stats["lossless"]
+
+
+def test_cli_help_labels_typical_acceptance_lossy():
+    from treespec.runtime.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
+    text = sub.format_help()
+    assert "--acceptance" in text and "LOSSY" in text
+
+
+def test_auto_latency_curve_is_measured_once_and_cached(setup, tiny_artifacts, tmp_path, monkeypatch):
+    """`auto` measures the verify latency curve once per artifacts + backend + device (+threads,
+    host), keeps it in the artifact directory, or in the user cache dir when that is unwritable."""
+    import json
+    import shutil
+
+    import treespec.runtime.generator as generator_module
+    from treespec.runtime.auto_tree import CURVE_FILE, LatencyCache
+
+    gens, prompts, alone = setup
+    gen = gens["lookup"]
+    gen.generate(prompts[0], max_new_tokens=4, tree=POLICY_TREES["auto"])
+    saved = json.loads((tiny_artifacts / CURVE_FILE).read_text())["curves"]
+    key = next(k for k in saved if k.startswith("onnxruntime/cpu/threads=1/"))
+    assert saved[key]["sizes"][0] == 1 and saved[key]["sizes"][-1] >= 17
+    assert saved[key]["seconds"] == sorted(saved[key]["seconds"])
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the curve is cached: no new measurement")
+
+    monkeypatch.setattr(generator_module, "measure_latency", no_measuring)
+    gen.engine.latency = None  # forget the in-memory copy: the file must serve
+    gen.generate(prompts[0], max_new_tokens=4, tree=POLICY_TREES["auto"])
+    assert gen.engine.latency_cache.used_path == tiny_artifacts / CURVE_FILE
+
+    # An artifact directory where the file cannot be written: the user cache dir is used.
+    arts = tmp_path / "arts"
+    arts.mkdir()
+    shutil.copy(tiny_artifacts / "manifest.json", arts / "manifest.json")
+    (arts / CURVE_FILE).mkdir()  # a directory where the file should be: not writable as a file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = LatencyCache(arts, "onnxruntime", "cpu", 1)
+    curve = gen.engine.latency_curve(17)
+    written = cache.put(curve)
+    assert written is not None and written.is_relative_to(tmp_path / "cache")
+    again = LatencyCache(arts, "onnxruntime", "cpu", 1).get(17)
+    assert again is not None and again.seconds == curve.seconds
+    assert LatencyCache(arts, "onnxruntime", "cuda", 1).get(17) is None  # other device: re-measure

@@ -282,6 +282,21 @@ def test_auto_planner_maximises_expected_tokens_per_second():
     assert AutoPlanner(steep, 64).choose(values, 1.0) >= n
 
 
+def test_auto_planner_calibrates_an_overconfident_drafter():
+    """When far fewer drafted tokens are accepted than the path probabilities predict, the
+    planner scales its estimate down and picks smaller trees; it recovers when they are."""
+    values = [np.log([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]).tolist()]
+    curve = LatencyCurve([1, 8], [0.010, 0.017])
+    planner = AutoPlanner(curve, 64)
+    trusting = planner.choose(values, 0.0)
+    for _ in range(30):
+        planner.record(predicted=4.2, accepted=0)
+    assert planner.calibration < 0.1 and planner.choose(values, 0.0) < trusting
+    for _ in range(60):
+        planner.record(predicted=4.2, accepted=4)
+    assert planner.calibration > 0.9 and planner.choose(values, 0.0) == trusting
+
+
 def test_auto_cuts_the_tree_to_the_chosen_budget():
     cfg = parse_tree_config({"policy": "auto", "budget": 30})
     drafter = RandomDrafter(7, empty_rate=0.0)
