@@ -1,7 +1,8 @@
-"""Load on the real Triton server (marked `load`; run with `-m load`).
+"""Load on the real Triton server (marked `load`; `-m load` runs it alone).
 
 16 concurrent gRPC streaming clients on loopback against the SmolLM2 repository (ONNX Runtime CPU
-backend, small max_tokens) for TREESPEC_LOAD_SECONDS (default 300): zero failed requests, every
+backend, small max_tokens) for TREESPEC_LOAD_SECONDS (default 120; CI's bound; the issue's 5
+minutes: TREESPEC_LOAD_SECONDS=300): zero failed requests, every
 greedy output equal to the Python API's, no errors in the server log, and the server's memory
 (RSS of tritonserver + its python stubs) at the end within 10% of what it was after warm-up.
 Prints requests/s, tokens/s and p50/p99 latency (whole request and first response).
@@ -27,13 +28,6 @@ POOL = PROMPTS + [
     "What is 12 times 12?",
     "Give one tip for writing clean code, and explain briefly why it helps maintainability.",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _only_when_asked(request):
-    """Minutes long: runs under `-m load` (or with TREESPEC_LOAD_SECONDS set), not in a plain run."""
-    if "load" not in (request.config.option.markexpr or "") and "TREESPEC_LOAD_SECONDS" not in os.environ:
-        pytest.skip("load test: run it with -m load (duration: TREESPEC_LOAD_SECONDS, default 300)")
 
 
 def _server_rss_kb(server) -> int:
@@ -86,7 +80,7 @@ def _run_clients(server, expected, deadline: float | None, rounds: int | None) -
 
 
 def test_sixteen_streaming_clients_under_load(server, expected):
-    seconds = float(os.environ.get("TREESPEC_LOAD_SECONDS", "300"))
+    seconds = float(os.environ.get("TREESPEC_LOAD_SECONDS", "120"))
     warm = _run_clients(server, expected, None, rounds=1)  # every client once: all prompts seen
     assert all(ok for *_, ok in warm), [(p, o.error) for _, p, o, ok in warm if not ok]
     rss_warm = _server_rss_kb(server)

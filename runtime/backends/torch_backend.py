@@ -19,6 +19,12 @@ exactly the graph contract; only the KV handling differs from the ONNX graphs, f
   same kernels) removes that source of divergence; at 135M parameters a 64-token step costs the
   same as a 1-token step (launch-bound, see `treespec bench`'s verify curve), so the baseline is
   not slowed.
+* Attention on CUDA is the plugin's position-ordered Triton kernel
+  (plugins/tree_attention/ordered.py): a token's keys are reduced in the order of their absolute
+  positions, so a token verified inside a tree gets bitwise the output it gets when decoded
+  alone. SDPA over the buffer (CPU, or TREESPEC_TORCH_ATTENTION=sdpa) reduces over buffer
+  columns, where a tree puts ancestors elsewhere than plain decoding does: near-tie argmaxes
+  then flip in fp16 (measured on the H100: 1-3 of 10 bench prompts diverged).
 * Outputs stay on the device: `logits`/`hidden_states` are lazy host views that copy only the rows
   indexed; `argmax` (the greedy path) is computed in the graph and copied as [B, T] int64.
   `topk_logprobs` gives drafters their candidates without moving [T, V] logits to the host.
@@ -135,6 +141,7 @@ class TorchBackend(TreeBackend):
         self.dtype = self.decoder.lm_head.weight.dtype
         self.use_graphs = self.cuda if use_graphs is None else (use_graphs and self.cuda)
         self.min_bucket = (64 if self.cuda else 1) if min_bucket is None else min_bucket
+        self.ordered = self.cuda and _ordered_attention_available(self.decoder.head_dim)
         dec = self.decoder
         self.num_layers = dec.num_layers
         self.groups = dec.num_heads // dec.num_kv_heads
@@ -213,13 +220,10 @@ class TorchBackend(TreeBackend):
         lengths = packed[2 * n_ids:2 * n_ids + batch]
         tree_mask = packed[2 * n_ids + batch:].view(batch, tokens, tokens) != 0
         cache = self._cache
-        rows = cache.shape[3]
-        rel = self._cols[None, :] - lengths[:, None]  # [B, C]
-        in_tree = (rel >= 0) & (rel < tokens)
-        gathered = torch.gather(tree_mask, 2, rel.clamp(0, tokens - 1)[:, None, :].expand(batch, tokens, rows))
-        mask = (rel < 0)[:, None, :] | (gathered & in_tree[:, None, :])  # [B, T, C]
-        mask = mask[:, None, None].expand(batch, 1, self.groups, tokens, rows).reshape(
-            batch, 1, self.groups * tokens, rows)
+        if self.ordered:
+            ancestors, depths = tree_ancestors(tree_mask)
+        else:
+            mask = self._buffer_mask(tree_mask, lengths, batch, tokens)
         write = (lengths[:, None] + torch.arange(tokens, device=packed.device)[None, :])
         write = write[:, None, :, None].expand(batch, dec.num_kv_heads, tokens, dec.head_dim)
 
@@ -239,14 +243,28 @@ class TorchBackend(TreeBackend):
             kc, vc = cache[2 * i], cache[2 * i + 1]
             kc.scatter_(2, write, k.to(kc.dtype))
             vc.scatter_(2, write, v.to(vc.dtype))
-            qg = q.reshape(batch, kvh, self.groups * tokens, dim)  # GQA: fold groups into rows
-            out = torch.nn.functional.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=dec.scale)
-            out = out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
+            if self.ordered:
+                out = ordered_tree_attention(q, kc, vc, lengths, ancestors, depths, dec.scale)
+                out = out.view(batch, tokens, heads * dim)
+            else:
+                qg = q.reshape(batch, kvh, self.groups * tokens, dim)  # GQA: fold groups into rows
+                out = torch.nn.functional.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=dec.scale)
+                out = out.view(batch, heads, tokens, dim).transpose(1, 2).reshape(batch, tokens, heads * dim)
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = dec.norm(hidden)
         logits = dec.lm_head(hidden).float()
         return logits, hidden, logits.argmax(-1)
+
+    def _buffer_mask(self, tree_mask, lengths, batch: int, tokens: int):
+        """[B, 1, G*T, rows] visibility over the whole KV buffer, for SDPA."""
+        rows = self._cache.shape[3]
+        rel = self._cols[None, :] - lengths[:, None]  # [B, C]
+        in_tree = (rel >= 0) & (rel < tokens)
+        gathered = self.torch.gather(tree_mask, 2, rel.clamp(0, tokens - 1)[:, None, :].expand(batch, tokens, rows))
+        mask = (rel < 0)[:, None, :] | (gathered & in_tree[:, None, :])  # [B, T, C]
+        return mask[:, None, None].expand(batch, 1, self.groups, tokens, rows).reshape(
+            batch, 1, self.groups * tokens, rows)
 
     def _pack(self, g: _Graph, inputs: StepInputs, tokens: int) -> None:
         batch, t = inputs.input_ids.shape
@@ -357,6 +375,34 @@ class TorchBackend(TreeBackend):
                 view = self._cache[:, b]
                 view.index_copy_(2, dst, view.index_select(2, src))
             self._lengths[b] = start + n
+
+
+def _ordered_attention_available(head_dim: int) -> bool:
+    """The position-ordered Triton kernel (bit-identical plain vs tree steps) on CUDA, unless
+    TREESPEC_TORCH_ATTENTION=sdpa asks for PyTorch's SDPA over the buffer."""
+    import os
+
+    if os.environ.get("TREESPEC_TORCH_ATTENTION", "ordered") == "sdpa":
+        return False
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tree_ancestors(tree_mask):
+    from treespec.plugins.tree_attention.ordered import tree_ancestors as impl
+
+    return impl(tree_mask)
+
+
+def ordered_tree_attention(*args):
+    from treespec.plugins.tree_attention.ordered import ordered_tree_attention as impl
+
+    return impl(*args)
 
 
 def _rotate_half(x):
