@@ -95,7 +95,7 @@ def step_invariance(device, dtype, gen, tokens=24, past=70, pad_to=64, dim=64, h
         qg = q.reshape(1, kv_heads, -1, dim)
         vis = visible.repeat(heads // kv_heads, 1)[None, None]
         out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=vis, scale=scale)
-        return out.view(1, heads, -1, dim).transpose(1, 2)
+        return out.reshape(1, heads, -1, dim).transpose(1, 2)
 
     length = torch.tensor([past], device=device)
     q_tree, tree_mask, _ = _pad_step(q_new, None, max(pad_to, tokens))
