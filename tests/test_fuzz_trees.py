@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from treespec.runtime.drafters.lookup import LookupDrafter
 from treespec.runtime.errors import InputError
 from treespec.runtime.policies import POLICIES, TreeConfig, build_trees, parse_tree_config
-from treespec.runtime.tree import Tree, batch_tree_inputs
+from treespec.runtime.tree import Tree
+from tree_checks import assert_batch_inputs, assert_tree_structure
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -102,24 +103,12 @@ def parse_or_none(raw):
 
 def check_tree(tree: Tree, cfg: TreeConfig, vocab: set[int]) -> None:
     n = len(tree)
-    assert n >= 1 and tree.parents[0] == -1 and tree.depths[0] == 0
-    assert len(tree.tokens) == len(tree.parents) == len(tree.depths) == len(tree.logprobs) == len(tree.children)
-    tree.validate()
+    assert_tree_structure(tree)
     for i in range(1, n):
-        p = tree.parents[i]
-        assert 0 <= p < i, "parents come before their children"
-        assert tree.depths[i] == tree.depths[p] + 1
-        assert i in tree.children[p]
         assert tree.tokens[i] in vocab, "drafted tokens come from the context"
         assert np.isfinite(tree.logprobs[i]) and tree.logprobs[i] <= 1e-9
-    assert sorted(c for cs in tree.children for c in cs) == list(range(1, n))
     for node, kids in enumerate(tree.children):  # siblings carry distinct tokens (no duplicate branches)
         assert len({tree.tokens[k] for k in kids}) == len(kids)
-    mask = tree.ancestor_mask()
-    want = np.zeros((n, n), dtype=bool)
-    for i in range(n):
-        want[i, tree.path_to(i)] = True
-    assert (mask == want).all(), "mask must be exactly the ancestor-or-self relation"
     # budget and the policy's own bounds
     drafted = n - 1
     assert drafted <= cfg.budget
@@ -143,16 +132,9 @@ def check_tree(tree: Tree, cfg: TreeConfig, vocab: set[int]) -> None:
 
 def check_batch_inputs(trees: list[Tree]) -> None:
     past = np.arange(len(trees), dtype=np.int64) * 3
-    ids, pos, mask = batch_tree_inputs(trees, past)
+    ids, pos, mask = assert_batch_inputs(trees, past)
     width = max(len(t) for t in trees)
     assert ids.shape == pos.shape == (len(trees), width) and mask.shape == (len(trees), width, width)
-    for b, tree in enumerate(trees):
-        n = len(tree)
-        assert (ids[b, :n] == tree.tokens).all()
-        assert (pos[b, :n] == past[b] + np.asarray(tree.depths)).all()
-        assert (mask[b, :n, :n] == tree.ancestor_mask()).all()
-        assert not mask[b, :n, n:].any() and not mask[b, n:, :n].any()
-        assert (mask[b, n:, n:] == np.eye(width - n, dtype=bool)).all()
 
 
 def build_and_check(raw, ctxs: list[list[int]]) -> None:
@@ -209,24 +191,24 @@ PROMPTS = [[7, 8, 9, 10, 11] * 6, [3, 4, 3, 4, 5, 3, 4, 3, 4, 5, 6] * 2]
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def lookup_runtime(tiny_artifacts):
+def _runtime(artifacts, drafter: str):
+    """A generator with `drafter` on the tiny model and the prompts' plain (--tree none) outputs."""
     from treespec.runtime.api import SpeculativeGenerator
 
-    gen = SpeculativeGenerator.from_artifacts(tiny_artifacts, drafter="lookup", threads=1)
+    gen = SpeculativeGenerator.from_artifacts(artifacts, drafter=drafter, threads=1)
     plain = [gen.generate(p, max_new_tokens=NEW_TOKENS, tree="none").token_ids for p in PROMPTS]
     yield gen, plain
     gen.close()
+
+
+@pytest.fixture(scope="module")
+def lookup_runtime(tiny_artifacts):
+    yield from _runtime(tiny_artifacts, "lookup")
 
 
 @pytest.fixture(scope="module")
 def medusa_runtime(tiny_artifacts):
-    from treespec.runtime.api import SpeculativeGenerator
-
-    gen = SpeculativeGenerator.from_artifacts(tiny_artifacts, drafter="medusa", threads=1)
-    plain = [gen.generate(p, max_new_tokens=NEW_TOKENS, tree="none").token_ids for p in PROMPTS]
-    yield gen, plain
-    gen.close()
+    yield from _runtime(tiny_artifacts, "medusa")
 
 
 def run_and_check(gen, plain, raw, batch: bool) -> None:

@@ -25,7 +25,8 @@ from treespec.runtime.drafters.base import Candidates, Drafter
 from treespec.runtime.errors import InputError
 from treespec.runtime.policies import (POLICIES, TreeConfig, build_trees, draft_trees, parse_tree_config,
                                        proposal_distribution)
-from treespec.runtime.tree import Tree, batch_tree_inputs
+from treespec.runtime.tree import Tree
+from tree_checks import assert_batch_inputs, assert_tree_structure
 
 PROPS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -108,23 +109,9 @@ def tree_configs(draw):
 
 def check_tree(tree: Tree, cfg: TreeConfig, drafter_depth: int | None) -> None:
     n = len(tree)
-    tree.validate()
-    assert len(tree.tokens) == len(tree.parents) == len(tree.depths) == len(tree.logprobs) == len(tree.children)
-    assert tree.parents[0] == -1 and tree.depths[0] == 0
+    assert_tree_structure(tree)
     for i in range(1, n):
-        p = tree.parents[i]
-        assert 0 <= p < i, "parents come before their children"
-        assert tree.depths[i] == tree.depths[p] + 1
-        assert i in tree.children[p]
         assert math.isfinite(tree.logprobs[i]) and tree.logprobs[i] <= 0
-    assert sorted(c for kids in tree.children for c in kids) == list(range(1, n))
-    want = np.zeros((n, n), dtype=bool)
-    for i in range(n):
-        j = i
-        while j != -1:
-            want[i, j] = True
-            j = tree.parents[j]
-    assert (tree.ancestor_mask() == want).all(), "mask must be exactly the ancestor-or-self relation"
     assert n - 1 <= cfg.budget and n <= cfg.max_nodes
     depth = max(tree.depths)
     assert depth <= cfg.levels and depth <= cfg.max_depth
@@ -145,16 +132,7 @@ def check_tree(tree: Tree, cfg: TreeConfig, drafter_depth: int | None) -> None:
 
 
 def check_batch(trees: list[Tree]) -> None:
-    past = np.array([5 * b + 1 for b in range(len(trees))], dtype=np.int64)
-    ids, pos, mask = batch_tree_inputs(trees, past)
-    width = max(len(t) for t in trees)
-    for b, tree in enumerate(trees):
-        n = len(tree)
-        assert (ids[b, :n] == tree.tokens).all()
-        assert (pos[b, :n] == past[b] + np.asarray(tree.depths)).all()
-        assert (mask[b, :n, :n] == tree.ancestor_mask()).all()
-        assert not mask[b, :n, n:].any() and not mask[b, n:, :n].any()
-        assert (mask[b, n:, n:] == np.eye(width - n, dtype=bool)).all()
+    assert_batch_inputs(trees, np.array([5 * b + 1 for b in range(len(trees))], dtype=np.int64))
 
 
 def rank_paths(tree: Tree, drafter: RandomDrafter, b: int) -> list[tuple]:

@@ -44,15 +44,30 @@ def _scan_keys(acc, m_i, l_i, q, k_base, v_base, lo, hi, mask_rows, row_ok, offs
             s = tl.where(seen != 0, s, float("-inf"))
         else:
             s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def empty_state(BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """Online-softmax state of BLOCK_M query rows: accumulator, running max, running sum."""
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+    """Fold one block of base-2 scores s [M, N] (-inf = hidden) and its values v [N, D] in."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -70,22 +85,28 @@ def _program_rows(H, KVH, T, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def tree_attention_kernel(Q, K_NEW, V_NEW, PAST_K, PAST_V, PAST_LEN, TREE_MASK,
-                          H, KVH, T, C,
-                          OUT,
-                          SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    b, kvh, offs_m, row_ok, row0 = _program_rows(H, KVH, T, BLOCK_M)
+def _program_inputs(Q, PAST_LEN, TREE_MASK, b, kvh, offs_m, row_ok, row0, KVH, T, C, D: tl.constexpr):
+    # The program's query rows, valid past length, K/V offsets of its (batch, KV head) in the
+    # past and new buffers, and the tree-mask row of each query row.
     offs_d = tl.arange(0, D)
     q = tl.load(Q + (row0 + offs_m[:, None]) * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     past_len = tl.minimum(tl.maximum(tl.load(PAST_LEN + b), 0), C)
     kv_past = (b * KVH + kvh).to(tl.int64) * C * D
     kv_new = (b * KVH + kvh).to(tl.int64) * T * D
     mask_rows = TREE_MASK + b.to(tl.int64) * T * T + (offs_m % T) * T
+    return offs_d, q, past_len, kv_past, kv_new, mask_rows
 
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+@triton.jit
+def tree_attention_kernel(Q, K_NEW, V_NEW, PAST_K, PAST_V, PAST_LEN, TREE_MASK,
+                          H, KVH, T, C,
+                          OUT,
+                          SCALE: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    b, kvh, offs_m, row_ok, row0 = _program_rows(H, KVH, T, BLOCK_M)
+    offs_d, q, past_len, kv_past, kv_new, mask_rows = _program_inputs(
+        Q, PAST_LEN, TREE_MASK, b, kvh, offs_m, row_ok, row0, KVH, T, C, D)
+    acc, m_i, l_i = empty_state(BLOCK_M, D)
     QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634  # softmax in base 2
     acc, m_i, l_i = _scan_keys(acc, m_i, l_i, q, PAST_K + kv_past, PAST_V + kv_past, 0, past_len,
                                mask_rows, row_ok, offs_d, QK_SCALE, D, BLOCK_N, False, DOT_PREC)
@@ -107,16 +128,9 @@ def tree_attention_split_kernel(Q, K_NEW, V_NEW, PAST_K, PAST_V, PAST_LEN, TREE_
     b, kvh, offs_m, row_ok, row0 = _program_rows(H, KVH, T, BLOCK_M)
     split = tl.program_id(2)
     splits = tl.num_programs(2)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (row0 + offs_m[:, None]) * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    past_len = tl.minimum(tl.maximum(tl.load(PAST_LEN + b), 0), C)
-    kv_past = (b * KVH + kvh).to(tl.int64) * C * D
-    kv_new = (b * KVH + kvh).to(tl.int64) * T * D
-    mask_rows = TREE_MASK + b.to(tl.int64) * T * T + (offs_m % T) * T
-
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_d, q, past_len, kv_past, kv_new, mask_rows = _program_inputs(
+        Q, PAST_LEN, TREE_MASK, b, kvh, offs_m, row_ok, row0, KVH, T, C, D)
+    acc, m_i, l_i = empty_state(BLOCK_M, D)
     QK_SCALE: tl.constexpr = SCALE * 1.4426950408889634
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, past_len)
@@ -139,9 +153,7 @@ def tree_attention_combine_kernel(O_PART, LSE_PART, OUT, ROWS, SPLITS,
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_r < ROWS
     offs_d = tl.arange(0, D)
-    acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc, m_i, l_i = empty_state(BLOCK_R, D)
     for s in range(0, SPLITS):
         part = offs_r.to(tl.int64) * SPLITS + s
         lse = tl.load(LSE_PART + part, mask=row_ok, other=float("-inf"))

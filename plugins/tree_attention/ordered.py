@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel import dot_precision, empty_state, softmax_step
+
 LOG2E = 1.4426950408889634
 
 
@@ -42,9 +44,7 @@ def ordered_tree_attention_kernel(Q, K, V, LENGTHS, ANCESTORS, DEPTHS, OUT,
     heads = kvh * G + offs_g
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + t * sqt + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc, m_i, l_i = empty_state(BLOCK_M, D)
     k_base = K + b.to(tl.int64) * skb + kvh * skh
     v_base = V + b.to(tl.int64) * svb + kvh * svh
     ancestors = ANCESTORS + pid.to(tl.int64) * T
@@ -57,13 +57,8 @@ def ordered_tree_attention_kernel(Q, K, V, LENGTHS, ANCESTORS, DEPTHS, OUT,
         k_t = tl.load(k_base + rows[None, :] * skr + offs_d[:, None], mask=ok[None, :], other=0.0)
         s = tl.dot(q, k_t, input_precision=DOT_PREC) * QK_SCALE
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: position 0 is always visible
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * svr + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
     out = acc / l_i[:, None]
     dst = OUT + (pid.to(tl.int64) * H + heads[:, None]) * D + offs_d[None, :]
     tl.store(dst, out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
@@ -100,11 +95,10 @@ def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError("ordered tree attention needs the head dim contiguous")
     out = torch.empty(batch, tokens, heads, dim, dtype=q.dtype, device=q.device)
     block_m = max(16, triton.next_power_of_2(groups))
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
     ordered_tree_attention_kernel[(batch * tokens, kv_heads)](
         q, k_cache, v_cache, lengths, ancestors, depths, out, tokens, heads,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=64, DOT_PREC=prec,
+        QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=64, DOT_PREC=dot_precision(q.dtype),
         num_warps=4)
     return out

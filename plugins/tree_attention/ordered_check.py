@@ -45,13 +45,11 @@ def masked_reference(q, k_cache, v_cache, lengths, mask, scale):
     return out
 
 
-def _pad_step(q_rows, kv_rows, tokens):
-    """Pad a step to `tokens` rows the way the torch backend does (self-only rows)."""
-    t = q_rows.shape[2]
-    mask = torch.eye(tokens, dtype=torch.bool)
-    q = torch.zeros(*q_rows.shape[:2], tokens, q_rows.shape[3], dtype=q_rows.dtype, device=q_rows.device)
-    q[:, :, :t] = q_rows
-    return q, mask, kv_rows
+def _pad_queries(q_rows, tokens):
+    """q_rows [1, H, t, D] zero-padded to `tokens` rows, as the torch backend pads a step."""
+    q = q_rows.new_zeros(*q_rows.shape[:2], tokens, q_rows.shape[3])
+    q[:, :, :q_rows.shape[2]] = q_rows
+    return q
 
 
 SHAPES = [(1, 9, 3, 17, 64), (3, 8, 2, 64, 32), (2, 4, 4, 5, 16)]  # batch, heads, kv heads, tokens, dim
@@ -98,7 +96,7 @@ def step_invariance(device, dtype, gen, tokens=24, past=70, pad_to=64, dim=64, h
         return out.reshape(1, heads, -1, dim).transpose(1, 2)
 
     length = torch.tensor([past], device=device)
-    q_tree, tree_mask, _ = _pad_step(q_new, None, max(pad_to, tokens))
+    q_tree = _pad_queries(q_new, max(pad_to, tokens))
     full_mask = torch.eye(q_tree.shape[2], dtype=torch.bool)
     full_mask[:tokens, :tokens] = mask
     k_tree, v_tree = buffer(k_new, v_new)
@@ -120,7 +118,7 @@ def step_invariance(device, dtype, gen, tokens=24, past=70, pad_to=64, dim=64, h
         path.reverse()  # root .. node: plain decoding commits these one per step
         k_plain, v_plain = buffer(k_new[:, :, path], v_new[:, :, path])
         n = past + len(path) - 1  # the node's position; rows < n are committed
-        q_step, _, _ = _pad_step(q_new[:, :, [node]], None, pad_to)
+        q_step = _pad_queries(q_new[:, :, [node]], pad_to)
         plain_mask = torch.eye(pad_to, dtype=torch.bool)[None].to(device)
         anc_p, depth_p = tree_ancestors(plain_mask)
         plain = ordered_tree_attention(q_step, k_plain, v_plain, torch.tensor([n], device=device), anc_p, depth_p, scale)

@@ -141,7 +141,8 @@ class TorchBackend(TreeBackend):
         self.dtype = self.decoder.lm_head.weight.dtype
         self.use_graphs = self.cuda if use_graphs is None else (use_graphs and self.cuda)
         self.min_bucket = (64 if self.cuda else 1) if min_bucket is None else min_bucket
-        self.ordered = self.cuda and _ordered_attention_available(self.decoder.head_dim)
+        self._kernel = _ordered_attention(self.decoder.head_dim) if self.cuda else None
+        self.ordered = self._kernel is not None
         dec = self.decoder
         self.num_layers = dec.num_layers
         self.groups = dec.num_heads // dec.num_kv_heads
@@ -221,7 +222,7 @@ class TorchBackend(TreeBackend):
         tree_mask = packed[2 * n_ids + batch:].view(batch, tokens, tokens) != 0
         cache = self._cache
         if self.ordered:
-            ancestors, depths = tree_ancestors(tree_mask)
+            ancestors, depths = self._kernel.tree_ancestors(tree_mask)
         else:
             mask = self._buffer_mask(tree_mask, lengths, batch, tokens)
         write = (lengths[:, None] + torch.arange(tokens, device=packed.device)[None, :])
@@ -244,7 +245,7 @@ class TorchBackend(TreeBackend):
             kc.scatter_(2, write, k.to(kc.dtype))
             vc.scatter_(2, write, v.to(vc.dtype))
             if self.ordered:
-                out = ordered_tree_attention(q, kc, vc, lengths, ancestors, depths, dec.scale)
+                out = self._kernel.ordered_tree_attention(q, kc, vc, lengths, ancestors, depths, dec.scale)
                 out = out.view(batch, tokens, heads * dim)
             else:
                 qg = q.reshape(batch, kvh, self.groups * tokens, dim)  # GQA: fold groups into rows
@@ -377,32 +378,19 @@ class TorchBackend(TreeBackend):
             self._lengths[b] = start + n
 
 
-def _ordered_attention_available(head_dim: int) -> bool:
-    """The position-ordered Triton kernel (bit-identical plain vs tree steps) on CUDA, unless
-    TREESPEC_TORCH_ATTENTION=sdpa asks for PyTorch's SDPA over the buffer."""
+def _ordered_attention(head_dim: int):
+    """The position-ordered Triton kernel's module (bit-identical plain vs tree steps), or None:
+    no Triton, a head dim it does not take, or TREESPEC_TORCH_ATTENTION=sdpa (PyTorch's SDPA
+    over the buffer)."""
     import os
 
-    if os.environ.get("TREESPEC_TORCH_ATTENTION", "ordered") == "sdpa":
-        return False
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        return False
+    if os.environ.get("TREESPEC_TORCH_ATTENTION", "ordered") == "sdpa" or head_dim & (head_dim - 1) or head_dim < 16:
+        return None
     try:
-        import triton  # noqa: F401
+        from treespec.plugins.tree_attention import ordered
     except ImportError:
-        return False
-    return True
-
-
-def tree_ancestors(tree_mask):
-    from treespec.plugins.tree_attention.ordered import tree_ancestors as impl
-
-    return impl(tree_mask)
-
-
-def ordered_tree_attention(*args):
-    from treespec.plugins.tree_attention.ordered import ordered_tree_attention as impl
-
-    return impl(*args)
+        return None
+    return ordered
 
 
 def _rotate_half(x):
