@@ -28,6 +28,13 @@ def load_graph(manifest: Manifest, name: str, backend: str, device: str,
 
         path = manifest.require_file(entry["onnx"])
         manifest.require_file(entry["onnx"] + ".data") if entry.get("external_data") else None
+        if device == "cuda":  # device-resident cache and outputs (IO binding to torch tensors)
+            from treespec.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
+
+            device_backend = OnnxRuntimeDeviceBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
+                                                      device, threads, min_bucket=None if name == "target" else 1)
+            check_graph_dims(manifest, name, device_backend.session)
+            return device_backend
         ort_backend = OnnxRuntimeBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
                                          entry.get("precision", "fp32"), device, threads)
         check_graph_dims(manifest, name, ort_backend.session)

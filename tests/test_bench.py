@@ -9,7 +9,7 @@ import sys
 def test_bench_cpu(tiny_artifacts, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "treespec.runtime.cli", "bench", "--artifacts", str(tiny_artifacts),
-           "--num-prompts", "2", "--max-new-tokens", "16", "--device", "cpu", "--backends", "torch",
+           "--num-prompts", "2", "--max-new-tokens", "16", "--device", "cpu", "--backends", "torch,onnxruntime",
            "--drafters", "lookup", "--baselines", "ar,hf", "--curve-reps", "2",
            "--json", str(out), "--plot", str(png)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
@@ -18,5 +18,6 @@ def test_bench_cpu(tiny_artifacts, tmp_path):
     assert "torch --tree none" in names and any("lookup" in n for n in names)
     assert all(c["lossless"] for c in data["configs"])
     assert data["baselines"] and data["baselines"][0]["name"] == "hf greedy"
-    assert data["verify_curve_ms"]["torch"]
+    assert data["verify_curve_ms"]["torch"] and data["verify_curve_ms"]["onnxruntime"]
+    assert "onnxruntime --tree none" in names
     assert png.stat().st_size > 10_000

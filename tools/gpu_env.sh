@@ -1,6 +1,6 @@
 # Source on the GPU machine (from the repo root): makes `treespec` importable without installing,
 # using wheels unpacked into /tmp/site by ../shared/tools/wheel-parts.sh parts.
-tsp=/tmp/treespec-src
+tsp=${TREESPEC_SRC:-/tmp/treespec-src}
 rm -rf "$tsp"; mkdir -p "$tsp/treespec"
 cp treespec_pkg/*.py "$tsp/treespec/"
 for d in exporter runtime plugins configs; do ln -s "$PWD/$d" "$tsp/treespec/$d"; done

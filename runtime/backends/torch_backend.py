@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
+from treespec.runtime.backends.device_tensors import LazyHost, topk_logprobs
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SCRATCH = BUCKETS[-1]
@@ -90,26 +91,6 @@ def load_hf_draft(manifest, device: str):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         _DRAFTS[key] = draft.to(device=device, dtype=dtype).eval()
     return _DRAFTS[key]
-
-
-class LazyHost:
-    """A device tensor that looks enough like a numpy array for the generator and drafters:
-    indexing copies only the selected elements to the host."""
-
-    def __init__(self, tensor, rows: int):
-        self.tensor = tensor  # [B, Tpad, ...] on the device
-        self.rows = rows  # real tokens (T before padding)
-
-    @property
-    def shape(self):
-        return (self.tensor.shape[0], self.rows, *self.tensor.shape[2:])
-
-    def __getitem__(self, key):
-        return self.tensor[:, : self.rows][key].float().cpu().numpy()
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self.tensor[:, : self.rows].float().cpu().numpy()
-        return arr.astype(dtype) if dtype is not None else arr
 
 
 class _Graph:
@@ -346,15 +327,8 @@ class TorchBackend(TreeBackend):
                            new_kv=(self._lengths.copy(), t), argmax=host_argmax)
 
     def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]], k: int):
-        """Top-k token ids and log-probs for the (b, t) rows of a step's logits, computed on the
-        device: (ids int64 [N, k], logprobs float64 [N, k])."""
-        torch = self.torch
-        logits = outputs.logits.tensor if isinstance(outputs.logits, LazyHost) else torch.as_tensor(outputs.logits)
-        b = torch.as_tensor([r[0] for r in rows], device=logits.device)
-        t = torch.as_tensor([r[1] for r in rows], device=logits.device)
-        sel = logits[b, t].float()
-        lp, ids = torch.topk(torch.log_softmax(sel, -1), k, dim=-1)
-        return ids.cpu().numpy().astype(np.int64), lp.double().cpu().numpy()
+        """Drafter candidates ranked on the device (no [T, V] logits cross to the host)."""
+        return topk_logprobs(outputs.logits, rows, k)
 
     def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
         torch = self.torch

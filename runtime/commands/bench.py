@@ -198,19 +198,25 @@ def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dic
 
 
 def _curves(result, backend_name, target, manifest, device, args) -> None:
-    from treespec.runtime.backends.torch_backend import TorchBackend
-
+    """The verify curve as the generator sees it, then (CUDA) with exact-size buckets, and for the
+    torch backend eagerly too: what the padding and the CUDA graphs each cost or save."""
     sizes = [s for s in CURVE_SIZES if s <= manifest.graph("target")["profile"]["tree_tokens"][2]]
     curves = result["verify_curve_ms"]
-    curves[f"{backend_name}-cuda-graphs" if device == "cuda" else backend_name] = verify_curve(
+    graphs = device == "cuda" and (getattr(target, "use_graphs", False) or getattr(target, "cuda_graphs", False))
+    curves[f"{backend_name}-cuda-graphs" if graphs else backend_name] = verify_curve(
         target, sizes, args.curve_reps, device)
-    if device == "cuda":  # the same step with exact-size buckets (T=1 runs at 1), and eagerly
-        for label, kw in (("cuda-graphs-exact-buckets", {"min_bucket": 1}),
-                          ("eager-exact-buckets", {"min_bucket": 1, "use_graphs": False})):
-            other = TorchBackend(target.decoder, device, **kw)
-            curves[f"{backend_name}-{label}"] = verify_curve(
-                other, sizes, args.curve_reps if kw.get("use_graphs", True) else 5, device)
-            other.close()
+    if device != "cuda" or getattr(target, "min_bucket", 1) == 1:
+        return
+    padded, target.min_bucket = target.min_bucket, 1
+    curves[f"{backend_name}{'-cuda-graphs' if graphs else ''}-exact-buckets"] = verify_curve(
+        target, sizes, args.curve_reps, device)
+    target.min_bucket = padded
+    if backend_name == "torch":
+        from treespec.runtime.backends.torch_backend import TorchBackend
+
+        eager = TorchBackend(target.decoder, device, min_bucket=1, use_graphs=False)
+        curves["torch-eager-exact-buckets"] = verify_curve(eager, sizes, 5, device)
+        eager.close()
 
 
 def _write(path: Path, result: dict) -> None:
@@ -273,24 +279,22 @@ def run(args) -> int:
         result["configs"].append(base)
         bar.update(base["name"])
         _write(args.json, result)
-        if backend_name == "torch" and device == "cuda" and not over_budget():
+        if device == "cuda" and getattr(target, "min_bucket", 1) > 1 and not over_budget():
             # Plain decoding as fast as it goes: 1-token steps, not padded to the tree steps' bucket
             # (the padding is what makes plain and tree steps bit-identical, and it has a cost).
-            from treespec.runtime.backends.torch_backend import TorchBackend
-
-            fast = TorchBackend(target.decoder, device, min_bucket=1)
-            fast_engine = TreeGenerator(fast, None, manifest.eos_token_ids, manifest.dims.max_context)
-            _run_treespec(fast_engine, warm, args.max_new_tokens, none_tree, device)
-            row = _summarise("torch --tree none, 1-token steps", _run_treespec(
-                fast_engine, prompts, args.max_new_tokens, none_tree, device), reference)
+            padded, target.min_bucket = target.min_bucket, 1
+            _run_treespec(base_engine, warm, args.max_new_tokens, none_tree, device)
+            row = _summarise(f"{backend_name} --tree none, 1-token steps", _run_treespec(
+                base_engine, prompts, args.max_new_tokens, none_tree, device), reference)
             row.update(backend=backend_name, drafter="none", tree="none-1-token-steps")
             result["configs"].append(row)
-            fast.close()
-        if backend_name == "torch" and not over_budget():
+            target.min_bucket = padded
+        if not over_budget():
             try:
                 _curves(result, backend_name, target, manifest, device, args)
             except Exception as exc:
-                result["skipped"].append({"config": "verify curve", "why": f"{type(exc).__name__}: {exc}"[:300]})
+                result["skipped"].append({"config": f"{backend_name} verify curve",
+                                          "why": f"{type(exc).__name__}: {exc}"[:300]})
             _write(args.json, result)
         for kind in drafters:
             if kind not in manifest.drafters:

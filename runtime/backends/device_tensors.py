@@ -1,0 +1,46 @@
+"""Step outputs that stay on the device (torch tensors), shared by the torch backend and the
+ONNX Runtime device-buffer backend: the generator and drafters index them like numpy arrays, and
+only the indexed elements cross to the host."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+class LazyHost:
+    """A device tensor [B, Tpad, ...] that looks enough like a numpy array [B, T, ...]:
+    indexing copies only the selected elements to the host."""
+
+    def __init__(self, tensor, rows: int):
+        self.tensor = tensor
+        self.rows = rows  # real tokens (T before padding)
+
+    @property
+    def shape(self):
+        return (self.tensor.shape[0], self.rows, *self.tensor.shape[2:])
+
+    def __getitem__(self, key):
+        return _host(self.tensor[:, : self.rows][key])
+
+    def __array__(self, dtype=None, copy=None):
+        arr = _host(self.tensor[:, : self.rows])
+        return arr.astype(dtype) if dtype is not None else arr
+
+
+def _host(tensor) -> np.ndarray:
+    """A host array that owns its memory: the backends overwrite their output buffers next step."""
+    tensor = tensor.float()
+    return tensor.numpy().copy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
+
+
+def topk_logprobs(logits, rows: Sequence[tuple[int, int]], k: int):
+    """Top-k token ids and log-probs of the (b, t) rows of [B, T, V] logits (a LazyHost or host
+    array), ranked where the logits lie: (ids int64 [N, k], logprobs float64 [N, k])."""
+    import torch
+
+    tensor = logits.tensor if isinstance(logits, LazyHost) else torch.as_tensor(np.asarray(logits))
+    b = torch.as_tensor([r[0] for r in rows], device=tensor.device)
+    t = torch.as_tensor([r[1] for r in rows], device=tensor.device)
+    lp, ids = torch.topk(torch.log_softmax(tensor[b, t].float(), -1), k, dim=-1)
+    return ids.cpu().numpy().astype(np.int64), lp.double().cpu().numpy()

@@ -1,0 +1,271 @@
+"""ONNX Runtime with device-resident buffers (the `--backend onnxruntime --device cuda` path).
+
+The numpy backend (onnxruntime.py) keeps the KV cache on the host, which the CUDA provider would
+copy to the GPU on every step. Here every buffer is a torch tensor on the session's device, bound
+to the session by pointer through IOBinding, so nothing but the tree inputs and the argmax crosses
+the bus:
+
+* KV cache: one tensor [2*layers, B, KVH, rows, D]; slice 2i is `past_key_i`, 2i+1 `past_value_i`.
+  A buffer that is large enough is kept across resets (captured graphs stay valid).
+* A step is padded to a bucket (1, 2, 4, ..., 128 tokens; at least `min_bucket`, 64 for the target
+  on CUDA, so plain decoding and tree verification run the same GEMM kernels: see torch_backend).
+  Each (batch, bucket) owns static input/output tensors and one IOBinding over them; with CUDA
+  graphs ONNX Runtime captures each bucket once (RunOptions `gpu_graph_id`) and replays it.
+* The new K/V outputs are bound to slices of one stacked tensor, so `commit` moves the accepted
+  rows of all layers with one index_select/index_copy per sequence, on the device.
+* Greedy verification reads `argmax` ([B, T] int64, computed on the device); logits and hidden
+  states are lazy host views (device_tensors.LazyHost).
+
+It runs on the CPU provider too (torch CPU tensors bound the same way): the tests check it there.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
+from treespec.runtime.backends.device_tensors import LazyHost, topk_logprobs
+from treespec.runtime.errors import ArtifactError
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16"}
+
+
+def open_device_session(path: Path, device: str, cuda_graphs: bool, threads: int | None = None):
+    """An InferenceSession on `device` ('cpu' or 'cuda'); with `cuda_graphs` the CUDA provider
+    captures graphs, which it allows only when every node runs on the GPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if device == "cuda":
+        import torch  # noqa: F401  (loads the CUDA libraries the provider links against)
+
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:  # the libraries may be found the usual way instead
+                pass
+        cuda = {"device_id": 0}
+        if cuda_graphs:
+            cuda["enable_cuda_graph"] = "1"
+        providers = [("CUDAExecutionProvider", cuda)]
+    elif device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise BackendError(f"onnxruntime backend: unknown device '{device}' (use cpu or cuda)")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if cuda_graphs:  # e.g. nodes placed on the CPU: the caller retries without graphs
+            raise _NoCudaGraphs(first) from None
+        raise ArtifactError(f"ONNX Runtime cannot load {path.name} on {device}: {first}") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise BackendError("onnxruntime: CUDAExecutionProvider unavailable (install onnxruntime-gpu "
+                           "matching this machine's CUDA)")
+    return session
+
+
+class _NoCudaGraphs(RuntimeError):
+    pass
+
+
+class _Bucket:
+    """Static device tensors of one (batch, tokens) step and the IOBinding over them."""
+
+    def __init__(self, backend: "OnnxRuntimeDeviceBackend", batch: int, tokens: int, graph_id: int):
+        torch = backend.torch
+        dev = backend.torch_device
+        self.batch, self.tokens, self.graph_id = batch, tokens, graph_id
+        self.ids = torch.zeros((batch, tokens), dtype=torch.int64, device=dev)
+        self.pos = torch.zeros((batch, tokens), dtype=torch.int64, device=dev)
+        self.mask = torch.zeros((batch, tokens, tokens), dtype=torch.bool, device=dev)
+        self.past_lengths = torch.zeros(batch, dtype=torch.int64, device=dev)
+        kvh, dim = backend.kv_shape_tail
+        self.new_kv = torch.zeros((2 * backend.num_layers, batch, kvh, tokens, dim), dtype=backend.kv_dtype, device=dev)
+        self.logits = torch.zeros((batch, tokens, backend.vocab), dtype=backend.out_dtypes["logits"], device=dev)
+        self.hidden = torch.zeros((batch, tokens, backend.hidden), dtype=backend.out_dtypes["hidden_states"], device=dev)
+        self.binding = backend.session.io_binding()
+        bind = backend.bind
+        bind(self.binding, "input", "input_ids", self.ids)
+        bind(self.binding, "input", "position_ids", self.pos)
+        bind(self.binding, "input", "tree_mask", self.mask)
+        bind(self.binding, "input", "past_lengths", self.past_lengths)
+        for i in range(backend.num_layers):
+            bind(self.binding, "input", f"past_key_{i}", backend.cache[2 * i])
+            bind(self.binding, "input", f"past_value_{i}", backend.cache[2 * i + 1])
+            bind(self.binding, "output", f"new_key_{i}", self.new_kv[2 * i])
+            bind(self.binding, "output", f"new_value_{i}", self.new_kv[2 * i + 1])
+        bind(self.binding, "output", "logits", self.logits)
+        bind(self.binding, "output", "hidden_states", self.hidden)
+        self.runs = 0
+
+
+class OnnxRuntimeDeviceBackend(TreeBackend):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, num_layers: int, num_kv_heads: int, head_dim: int,
+                 device: str = "cuda", threads: int | None = None, cuda_graphs: bool | None = None,
+                 min_bucket: int | None = None):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.torch_device = torch.device("cuda:0" if device == "cuda" else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("onnxruntime backend: CUDA is not available on this machine (use --device cpu)")
+        want_graphs = device == "cuda" if cuda_graphs is None else (cuda_graphs and device == "cuda")
+        self.cuda_graphs = want_graphs
+        try:
+            self.session = open_device_session(path, device, want_graphs, threads)
+        except _NoCudaGraphs as exc:
+            warnings.warn(f"onnxruntime: CUDA graphs unavailable for {path.name} ({exc}); running without")
+            self.cuda_graphs = False
+            self.session = open_device_session(path, device, False, threads)
+        self.num_layers = num_layers
+        self.kv_shape_tail = (num_kv_heads, head_dim)
+        types = {a.name: ONNX_TYPES.get(a.type, "float32") for a in
+                 list(self.session.get_inputs()) + list(self.session.get_outputs())}
+        self.kv_dtype = getattr(torch, types.get("past_key_0", "float32"))
+        self.out_dtypes = {n: getattr(torch, types.get(n, "float32")) for n in ("logits", "hidden_states")}
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        self.vocab, self.hidden = int(shapes["logits"][-1]), int(shapes["hidden_states"][-1])
+        self.min_bucket = (64 if device == "cuda" else 1) if min_bucket is None else min_bucket
+        self.cache = None
+        self._capacity = 0
+        self._lengths = np.zeros(0, dtype=np.int64)
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._next_graph_id = 0
+        self._run_options = {}
+        self.steps = 0
+
+    def bind(self, binding, kind: str, name: str, tensor) -> None:
+        element = np.dtype(str(tensor.dtype).replace("torch.", "")) if tensor.dtype != self.torch.bfloat16 else None
+        if element is None:
+            raise BackendError("onnxruntime device backend: bf16 graphs are not supported (export fp16 or fp32)")
+        device_type = "cuda" if self.torch_device.type == "cuda" else "cpu"
+        args = (name, device_type, 0, element, list(tensor.shape), tensor.data_ptr())
+        (binding.bind_input if kind == "input" else binding.bind_output)(*args)
+
+    # ---- cache -------------------------------------------------------------------------------
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def reset(self, batch_size: int, capacity: int) -> None:
+        torch = self.torch
+        rows = -(-capacity // 256) * 256
+        kvh, dim = self.kv_shape_tail
+        shape = (2 * self.num_layers, batch_size, kvh, rows, dim)
+        current = None if self.cache is None else tuple(self.cache.shape)
+        if current is None or current[:3] != shape[:3] or current[3] < rows:
+            self._buckets.clear()  # their bindings (and captured graphs) point at the old buffer
+            self.cache = None
+            self.cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.torch_device)
+        self._capacity = capacity
+        self._lengths = np.zeros(batch_size, dtype=np.int64)
+
+    def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        n = int(self._lengths.max()) if len(self._lengths) else 0
+        return [(self.cache[2 * i, :, :, :n].float().cpu().numpy(), self.cache[2 * i + 1, :, :, :n].float().cpu().numpy())
+                for i in range(self.num_layers)]
+
+    def close(self) -> None:
+        self._buckets.clear()
+        self.cache = None
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _bucket(self, batch: int, tokens: int) -> _Bucket:
+        key = (batch, tokens)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            graph_id = -1
+            if self.cuda_graphs and tokens in BUCKETS:
+                graph_id = self._next_graph_id  # never reused: ORT keeps a captured graph per id
+                self._next_graph_id += 1
+            bucket = _Bucket(self, batch, tokens, graph_id)
+            if tokens in BUCKETS:  # odd-sized long prefills are not kept
+                self._buckets[key] = bucket
+        return bucket
+
+    def _fill(self, bucket: _Bucket, inputs: StepInputs, t: int) -> None:
+        torch = self.torch
+        batch, tokens = bucket.batch, bucket.tokens
+        ids = np.zeros((batch, tokens), np.int64)
+        pos = np.repeat(self._lengths[:, None], tokens, axis=1)
+        mask = np.zeros((batch, tokens, tokens), np.bool_)
+        ids[:, :t] = inputs.input_ids
+        pos[:, :t] = inputs.position_ids
+        mask[:, :t, :t] = inputs.tree_mask
+        pad = np.arange(t, tokens)
+        mask[:, pad, pad] = True  # padding rows see only themselves
+        bucket.ids.copy_(torch.from_numpy(ids))
+        bucket.pos.copy_(torch.from_numpy(pos))
+        bucket.mask.copy_(torch.from_numpy(mask))
+        bucket.past_lengths.copy_(torch.from_numpy(self._lengths))
+
+    def _run(self, bucket: _Bucket) -> None:
+        import onnxruntime as ort
+
+        if self.torch_device.type == "cuda":
+            self.torch.cuda.current_stream().synchronize()  # ORT runs on its own stream
+        options = None
+        if bucket.graph_id >= 0:
+            options = self._run_options.get(bucket.graph_id)
+            if options is None:
+                options = self._run_options[bucket.graph_id] = ort.RunOptions()
+                options.add_run_config_entry("gpu_graph_id", str(bucket.graph_id))
+        self.session.run_with_iobinding(bucket.binding, options)
+        bucket.runs += 1
+
+    def step(self, inputs: StepInputs) -> StepOutputs:
+        if self.cache is None:
+            raise BackendError("reset() must be called before step()")
+        batch, t = inputs.input_ids.shape
+        if batch != self.cache.shape[1]:
+            raise BackendError(f"step has batch {batch} but reset() allocated {self.cache.shape[1]}")
+        if int(self._lengths.max()) + t > self.cache.shape[3]:
+            raise BackendError("KV cache capacity exceeded")
+        tokens = next((b for b in BUCKETS if b >= max(t, self.min_bucket)), t)
+        bucket = self._bucket(batch, tokens)
+        self._fill(bucket, inputs, t)
+        self._run(bucket)
+        self.steps += 1
+        argmax = bucket.logits[:, :t].argmax(-1).cpu().numpy()
+        return StepOutputs(logits=LazyHost(bucket.logits, t), hidden_states=LazyHost(bucket.hidden, t),
+                           new_kv=(self._lengths.copy(), t, bucket.new_kv), argmax=argmax)
+
+    def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]], k: int):
+        """Drafter candidates ranked on the device (no [T, V] logits cross to the host)."""
+        return topk_logprobs(outputs.logits, rows, k)
+
+    def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
+        torch = self.torch
+        base, t, new_kv = outputs.new_kv
+        if not np.array_equal(base, self._lengths):
+            raise BackendError("commit() must follow the step whose rows it commits")
+        for b, rows in enumerate(accepted):
+            n = len(rows)
+            if n == 0:
+                continue
+            start = int(self._lengths[b])
+            if start + n > self._capacity:
+                raise BackendError("KV cache capacity exceeded")
+            if any(int(r) >= t for r in rows):
+                raise BackendError(f"accepted row out of range (step had {t} tokens)")
+            src = new_kv[:, b]
+            if list(rows) != list(range(n)):
+                src = src.index_select(2, torch.as_tensor([int(r) for r in rows], device=self.torch_device))
+            self.cache[:, b, :, start:start + n] = src[:, :, :n]
+            self._lengths[b] = start + n
