@@ -221,7 +221,7 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         if self.torch_device.type == "cuda":
             self.torch.cuda.current_stream().synchronize()  # ORT runs on its own stream
         options = None
-        if bucket.graph_id >= 0:
+        if self.cuda_graphs:  # -1: run without a graph (ORT would otherwise capture into id 0)
             options = self._run_options.get(bucket.graph_id)
             if options is None:
                 options = self._run_options[bucket.graph_id] = ort.RunOptions()
