@@ -52,7 +52,9 @@ def open_device_session(path: Path, device: str, cuda_graphs: bool, threads: int
                 ort.preload_dlls()
             except Exception:  # the libraries may be found the usual way instead
                 pass
-        cuda = {"device_id": 0}
+        # fp32 graphs in true fp32: TF32 GEMMs round like fp16 ones, and plain and tree steps
+        # would drift apart at near-tie argmaxes (see onnxruntime_device in the README).
+        cuda = {"device_id": 0, "use_tf32": "0"}
         if cuda_graphs:
             cuda["enable_cuda_graph"] = "1"
         providers = [("CUDAExecutionProvider", cuda)]
