@@ -34,6 +34,13 @@ def load_graph(manifest: Manifest, name: str, backend: str, device: str,
             device_backend = OnnxRuntimeDeviceBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
                                                       device, threads, min_bucket=None if name == "target" else 1)
             check_graph_dims(manifest, name, device_backend.session)
+            if name == "target" and entry.get("precision") == "fp16":
+                import warnings
+
+                warnings.warn("onnxruntime on CUDA with an fp16 target: ONNX Runtime's attention sums "
+                              "round differently for tree and plain steps, so outputs can differ from "
+                              "--tree none at near-tie tokens (H100: 7-9 of 10 prompts identical over 256 "
+                              "tokens); export --precision fp32 for lossless output, or use --backend torch")
             return device_backend
         ort_backend = OnnxRuntimeBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
                                          entry.get("precision", "fp32"), device, threads)
