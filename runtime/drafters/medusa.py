@@ -105,12 +105,48 @@ class TorchMedusaDrafter(MedusaDrafter):
         heads.eval()
         return cls(heads, heads.num_heads, int(entry["top_k"]), manifest.dims.hidden_size, device)
 
+    def _heads(self, hidden):
+        """[H] hidden -> [K, 2*top_k] float32: the top-k ids (exact in float32) and log-probs."""
+        torch = self.torch
+        logits = self.module.head_logits(hidden.to(self.param_dtype).reshape(1, 1, -1)).float()[0, 0]
+        lp, ids = torch.topk(torch.log_softmax(logits, -1), self.top_k, dim=-1)
+        return torch.cat([ids.float(), lp], dim=-1)
+
+    def _capture(self) -> None:
+        """One CUDA graph for the heads + top-k: a step's ~30 small launches become one replay."""
+        torch = self.torch
+        self._input = torch.zeros(self.hidden_size, dtype=torch.float32, device=self.device)
+        self._host = torch.zeros(self.hidden_size, dtype=torch.float32, pin_memory=True)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._heads(self._input)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self._graph):
+            self._output = self._heads(self._input)
+
     def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
         torch = self.torch
-        with torch.inference_mode():
-            hidden = torch.as_tensor(np.asarray(target_hidden), device=self.device).to(self.param_dtype)
-            logits = self.module.head_logits(hidden.reshape(1, 1, -1)).float()[0, 0]  # [K, V]
-            logp = torch.log_softmax(logits, -1)
-            lp, ids = torch.topk(logp, self.top_k, dim=-1)
-            probs = logp.exp().double().cpu().numpy() if self.return_distributions else None
-            self.heads[b] = (ids.cpu().numpy(), lp.double().cpu().numpy(), probs)
+        hidden = np.asarray(target_hidden, dtype=np.float32).reshape(-1)
+        if self.return_distributions:  # sampling needs the full distributions: run eagerly
+            with torch.inference_mode():
+                x = torch.as_tensor(hidden, device=self.device)
+                logp = torch.log_softmax(self.module.head_logits(
+                    x.to(self.param_dtype).reshape(1, 1, -1)).float()[0, 0], -1)
+                lp, ids = torch.topk(logp, self.top_k, dim=-1)
+                self.heads[b] = (ids.cpu().numpy(), lp.double().cpu().numpy(), logp.exp().double().cpu().numpy())
+            return
+        if self.device.type == "cuda":
+            if getattr(self, "_graph", None) is None:
+                self._capture()
+            self._host.numpy()[:] = hidden
+            self._input.copy_(self._host, non_blocking=True)
+            self._graph.replay()
+            packed = self._output.cpu().numpy()
+        else:
+            with torch.inference_mode():
+                packed = self._heads(torch.as_tensor(hidden, device=self.device)).cpu().numpy()
+        k = self.top_k
+        self.heads[b] = (packed[:, :k].astype(np.int64), packed[:, k:].astype(np.float64), None)
