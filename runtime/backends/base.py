@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class TreeBackend(ABC):
     """A loaded tree graph plus its KV cache for one batch of sequences."""
 
     name: str = "abstract"
+    _lengths: np.ndarray  # set by reset()
+    _capacity: int
 
     @abstractmethod
     def reset(self, batch_size: int, capacity: int) -> None:
@@ -50,14 +52,14 @@ class TreeBackend(ABC):
         set every sequence length to 0."""
 
     @property
-    @abstractmethod
     def lengths(self) -> np.ndarray:
         """int64 [B]: valid cache rows per sequence."""
+        return self._lengths
 
     @property
-    @abstractmethod
     def capacity(self) -> int:
-        """Rows per sequence in the cache buffer."""
+        """Rows per sequence the cache may hold (what reset() asked for)."""
+        return self._capacity
 
     @abstractmethod
     def step(self, inputs: StepInputs) -> StepOutputs:
@@ -67,6 +69,20 @@ class TreeBackend(ABC):
     def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
         """Append the K/V rows of tree nodes `accepted[b]` (indices into T, in path order) to
         sequence b's cache. Only these rows move."""
+
+    def checked_rows(self, accepted: Sequence[Sequence[int]], tokens: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(b, start, rows) for each sequence with accepted rows, after the checks every commit
+        makes: the rows fit in the cache and index the step's `tokens` tree tokens."""
+        for b, picked in enumerate(accepted):
+            rows = [int(r) for r in picked]
+            if not rows:
+                continue
+            start = int(self._lengths[b])
+            if start + len(rows) > self._capacity:
+                raise BackendError("KV cache capacity exceeded")
+            if any(not 0 <= r < tokens for r in rows):
+                raise BackendError(f"accepted row out of range (step had {tokens} tokens)")
+            yield b, start, rows
 
     def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copy of the valid cache (per layer, key and value): for tests and debugging."""

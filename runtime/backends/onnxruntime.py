@@ -54,15 +54,8 @@ class OnnxRuntimeBackend(TreeBackend):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._cache: list[np.ndarray] = []
         self._lengths = np.zeros(0, dtype=np.int64)
+        self._capacity = 0
         self._binding = None
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self._lengths
-
-    @property
-    def capacity(self) -> int:
-        return self._cache[0].shape[2] if self._cache else 0
 
     def reset(self, batch_size: int, capacity: int) -> None:
         import onnxruntime as ort
@@ -77,6 +70,7 @@ class OnnxRuntimeBackend(TreeBackend):
                 binding.bind_ortvalue_input(f"past_{kind}_{i // 2}", ort.OrtValue.ortvalue_from_numpy(buf))
             self._binding = binding
         self._lengths = np.zeros(batch_size, dtype=np.int64)
+        self._capacity = capacity
 
     def step(self, inputs: StepInputs) -> StepOutputs:
         if self._binding is None:
@@ -94,13 +88,9 @@ class OnnxRuntimeBackend(TreeBackend):
         return StepOutputs(logits=outs["logits"], hidden_states=outs["hidden_states"], new_kv=new_kv)
 
     def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
-        for b, rows in enumerate(accepted):
+        tokens = outputs.new_kv[0].shape[2] if outputs.new_kv else 0
+        for b, start, rows in self.checked_rows(accepted, tokens):
             n = len(rows)
-            if n == 0:
-                continue
-            start = int(self._lengths[b])
-            if start + n > self.capacity:
-                raise BackendError("KV cache capacity exceeded")
             idx = np.asarray(rows, dtype=np.int64)
             for buf, new in zip(self._cache, outputs.new_kv):
                 buf[b, :, start:start + n] = new[b][:, idx]

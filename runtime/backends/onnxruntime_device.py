@@ -157,14 +157,6 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         (binding.bind_input if kind == "input" else binding.bind_output)(*args)
 
     # ---- cache -------------------------------------------------------------------------------
-    @property
-    def lengths(self) -> np.ndarray:
-        return self._lengths
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
     def reset(self, batch_size: int, capacity: int) -> None:
         torch = self.torch
         rows = -(-capacity // 256) * 256
@@ -257,17 +249,10 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         base, t, new_kv = outputs.new_kv
         if not np.array_equal(base, self._lengths):
             raise BackendError("commit() must follow the step whose rows it commits")
-        for b, rows in enumerate(accepted):
+        for b, start, rows in self.checked_rows(accepted, t):
             n = len(rows)
-            if n == 0:
-                continue
-            start = int(self._lengths[b])
-            if start + n > self._capacity:
-                raise BackendError("KV cache capacity exceeded")
-            if any(int(r) >= t for r in rows):
-                raise BackendError(f"accepted row out of range (step had {t} tokens)")
             src = new_kv[:, b]
-            if list(rows) != list(range(n)):
-                src = src.index_select(2, torch.as_tensor([int(r) for r in rows], device=self.torch_device))
+            if rows != list(range(n)):
+                src = src.index_select(2, torch.as_tensor(rows, device=self.torch_device))
             self.cache[:, b, :, start:start + n] = src[:, :, :n]
             self._lengths[b] = start + n

@@ -181,14 +181,6 @@ class TensorRTBackend(TreeBackend):
 
     # -- TreeBackend -------------------------------------------------------------------------------
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return self._lengths
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
     def reset(self, batch_size: int, capacity: int) -> None:
         usable = [p for p in self.profiles if p.holds(batch_size, p.tokens[0], capacity)]
         if not usable:

@@ -150,14 +150,6 @@ class TorchBackend(TreeBackend):
         return cls(model, device, **kwargs)
 
     # ---- cache -------------------------------------------------------------------------------
-    @property
-    def lengths(self) -> np.ndarray:
-        return self._lengths
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
     def reset(self, batch_size: int, capacity: int) -> None:
         torch = self.torch
         dec = self.decoder
@@ -335,16 +327,9 @@ class TorchBackend(TreeBackend):
         base, t = outputs.new_kv
         if not np.array_equal(base, self._lengths):
             raise BackendError("commit() must follow the step whose rows it commits")
-        for b, rows in enumerate(accepted):
+        for b, start, rows in self.checked_rows(accepted, t):
             n = len(rows)
-            if n == 0:
-                continue
-            start = int(self._lengths[b])
-            if start + n > self._capacity:
-                raise BackendError("KV cache capacity exceeded")
-            if any(int(r) >= t for r in rows):
-                raise BackendError(f"accepted row out of range (step had {t} tokens)")
-            if list(rows) != list(range(n)):  # rows already in place when the path is contiguous
+            if rows != list(range(n)):  # rows already in place when the path is contiguous
                 src = torch.as_tensor([start + int(r) for r in rows], device=self.device)
                 dst = torch.arange(start, start + n, device=self.device)
                 view = self._cache[:, b]
