@@ -32,7 +32,8 @@ def load_graph(manifest: Manifest, name: str, backend: str, device: str,
             from treespec.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
 
             device_backend = OnnxRuntimeDeviceBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                                                      device, threads, min_bucket=None if name == "target" else 1)
+                                                      device, threads, min_bucket=None if name == "target" else 1,
+                                                      host_argmax=name == "target")
             check_graph_dims(manifest, name, device_backend.session)
             if name == "target" and entry.get("precision") == "fp16":
                 import warnings

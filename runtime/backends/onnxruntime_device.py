@@ -115,7 +115,7 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
 
     def __init__(self, path: Path, num_layers: int, num_kv_heads: int, head_dim: int,
                  device: str = "cuda", threads: int | None = None, cuda_graphs: bool | None = None,
-                 min_bucket: int | None = None):
+                 min_bucket: int | None = None, host_argmax: bool = True):
         import torch
 
         self.torch = torch
@@ -140,6 +140,7 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         shapes = {o.name: o.shape for o in self.session.get_outputs()}
         self.vocab, self.hidden = int(shapes["logits"][-1]), int(shapes["hidden_states"][-1])
         self.min_bucket = (64 if device == "cuda" else 1) if min_bucket is None else min_bucket
+        self.host_argmax = host_argmax
         self.cache = None
         self._capacity = 0
         self._lengths = np.zeros(0, dtype=np.int64)
@@ -236,7 +237,7 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         self._fill(bucket, inputs, t)
         self._run(bucket)
         self.steps += 1
-        argmax = bucket.logits[:, :t].argmax(-1).cpu().numpy()
+        argmax = bucket.logits[:, :t].argmax(-1).cpu().numpy() if self.host_argmax else None
         return StepOutputs(logits=LazyHost(bucket.logits, t), hidden_states=LazyHost(bucket.hidden, t),
                            new_kv=(self._lengths.copy(), t, bucket.new_kv), argmax=argmax)
 

@@ -110,7 +110,8 @@ class _Graph:
 class TorchBackend(TreeBackend):
     name = "torch"
 
-    def __init__(self, model, device: str = "cpu", use_graphs: bool | None = None, min_bucket: int | None = None):
+    def __init__(self, model, device: str = "cpu", use_graphs: bool | None = None, min_bucket: int | None = None,
+                 host_argmax: bool = True):
         import torch
 
         from treespec.exporter.tree_model import TreeDecoder
@@ -122,6 +123,7 @@ class TorchBackend(TreeBackend):
         self.dtype = self.decoder.lm_head.weight.dtype
         self.use_graphs = self.cuda if use_graphs is None else (use_graphs and self.cuda)
         self.min_bucket = (64 if self.cuda else 1) if min_bucket is None else min_bucket
+        self.host_argmax = host_argmax  # the draft LM ranks with topk_logprobs: no argmax copy
         self._kernel = _ordered_attention(self.decoder.head_dim) if self.cuda else None
         self.ordered = self._kernel is not None
         dec = self.decoder
@@ -145,6 +147,7 @@ class TorchBackend(TreeBackend):
         elif name == "draft":
             model = load_hf_draft(manifest, device)
             kwargs.setdefault("min_bucket", 1)  # the draft needs no bit-identity across T
+            kwargs.setdefault("host_argmax", False)
         else:
             raise BackendError(f"torch backend: no graph named '{name}'")
         return cls(model, device, **kwargs)
@@ -314,7 +317,7 @@ class TorchBackend(TreeBackend):
             with torch.inference_mode():
                 logits, hidden, argmax = self._forward(g.dev, batch, tokens)
         self.steps += 1
-        host_argmax = argmax[:, :t].cpu().numpy()  # the one sync per step
+        host_argmax = argmax[:, :t].cpu().numpy() if self.host_argmax else None  # the one sync per step
         return StepOutputs(logits=LazyHost(logits, t), hidden_states=LazyHost(hidden, t),
                            new_kv=(self._lengths.copy(), t), argmax=host_argmax)
 
