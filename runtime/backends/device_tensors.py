@@ -7,6 +7,33 @@ from typing import Sequence
 
 import numpy as np
 
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def bucket_for(tokens: int, min_bucket: int = 1) -> int | None:
+    """The smallest bucket holding `tokens` (at least `min_bucket`); None past the largest."""
+    for b in BUCKETS:
+        if b >= max(tokens, min_bucket):
+            return b
+    return None
+
+
+def pad_step(input_ids, position_ids, tree_mask, lengths, tokens: int, out=None):
+    """A step's [B, T] inputs padded to `tokens`: padding ids 0 at position `lengths[b]`, each
+    padding row seeing only itself. Written into `out` = (ids, pos, mask) when given."""
+    batch, t = input_ids.shape
+    ids, pos, mask = out if out is not None else (np.empty((batch, tokens), np.int64), np.empty(
+        (batch, tokens), np.int64), np.empty((batch, tokens, tokens), np.bool_))
+    ids[:, :t] = input_ids
+    ids[:, t:] = 0
+    pos[:, :t] = position_ids
+    pos[:, t:] = lengths[:, None]
+    mask[:] = 0
+    mask[:, :t, :t] = tree_mask
+    pad = np.arange(t, tokens)
+    mask[:, pad, pad] = 1
+    return ids, pos, mask
+
 
 class LazyHost:
     """A device tensor [B, Tpad, ...] that looks enough like a numpy array [B, T, ...]:

@@ -17,27 +17,45 @@ from treespec.runtime.errors import ArtifactError
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
-def _providers(device: str) -> list:
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    raise BackendError(f"onnxruntime backend: unknown device '{device}' (use cpu or cuda)")
+class CudaGraphsUnavailable(RuntimeError):
+    """The CUDA provider refused graph capture (e.g. nodes placed on the CPU): open without."""
 
 
-def open_session(path: Path, device: str = "cpu", threads: int | None = None):
+def open_session(path: Path, device: str = "cpu", threads: int | None = None, cuda_graphs: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if device == "cuda":
+        import torch  # noqa: F401  (loads the CUDA libraries the provider links against)
+
+        if hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception:  # the libraries may be found the usual way instead
+                pass
+        # fp32 graphs in true fp32: TF32 GEMMs round like fp16 ones, and plain and tree steps
+        # would drift apart at near-tie argmaxes (see the README's ONNX Runtime CUDA section).
+        cuda = {"device_id": 0, "use_tf32": "0"}
+        if cuda_graphs:
+            cuda["enable_cuda_graph"] = "1"
+        providers: list = [("CUDAExecutionProvider", cuda)]
+    elif device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        raise BackendError(f"onnxruntime backend: unknown device '{device}' (use cpu or cuda)")
     try:
-        session = ort.InferenceSession(str(path), options, providers=_providers(device))
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for corrupt files
-        raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if cuda_graphs:
+            raise CudaGraphsUnavailable(first) from None
+        raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {first}") from None
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise BackendError("onnxruntime: CUDAExecutionProvider unavailable (install onnxruntime-gpu)")
+        raise BackendError("onnxruntime: CUDAExecutionProvider unavailable (install onnxruntime-gpu "
+                           "matching this machine's CUDA)")
     return session
 
 

@@ -27,56 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import LazyHost, topk_logprobs
-from treespec.runtime.errors import ArtifactError
+from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
+from treespec.runtime.backends.onnxruntime import CudaGraphsUnavailable, open_session
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16"}
-
-
-def open_device_session(path: Path, device: str, cuda_graphs: bool, threads: int | None = None):
-    """An InferenceSession on `device` ('cpu' or 'cuda'); with `cuda_graphs` the CUDA provider
-    captures graphs, which it allows only when every node runs on the GPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if device == "cuda":
-        import torch  # noqa: F401  (loads the CUDA libraries the provider links against)
-
-        if hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()
-            except Exception:  # the libraries may be found the usual way instead
-                pass
-        # fp32 graphs in true fp32: TF32 GEMMs round like fp16 ones, and plain and tree steps
-        # would drift apart at near-tie argmaxes (see onnxruntime_device in the README).
-        cuda = {"device_id": 0, "use_tf32": "0"}
-        if cuda_graphs:
-            cuda["enable_cuda_graph"] = "1"
-        providers = [("CUDAExecutionProvider", cuda)]
-    elif device == "cpu":
-        providers = ["CPUExecutionProvider"]
-    else:
-        raise BackendError(f"onnxruntime backend: unknown device '{device}' (use cpu or cuda)")
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if cuda_graphs:  # e.g. nodes placed on the CPU: the caller retries without graphs
-            raise _NoCudaGraphs(first) from None
-        raise ArtifactError(f"ONNX Runtime cannot load {path.name} on {device}: {first}") from None
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise BackendError("onnxruntime: CUDAExecutionProvider unavailable (install onnxruntime-gpu "
-                           "matching this machine's CUDA)")
-    return session
-
-
-class _NoCudaGraphs(RuntimeError):
-    pass
 
 
 class _Bucket:
@@ -126,11 +81,11 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         want_graphs = device == "cuda" if cuda_graphs is None else (cuda_graphs and device == "cuda")
         self.cuda_graphs = want_graphs
         try:
-            self.session = open_device_session(path, device, want_graphs, threads)
-        except _NoCudaGraphs as exc:
+            self.session = open_session(path, device, threads, cuda_graphs=want_graphs)
+        except CudaGraphsUnavailable as exc:
             warnings.warn(f"onnxruntime: CUDA graphs unavailable for {path.name} ({exc}); running without")
             self.cuda_graphs = False
-            self.session = open_device_session(path, device, False, threads)
+            self.session = open_session(path, device, threads)
         self.num_layers = num_layers
         self.kv_shape_tail = (num_kv_heads, head_dim)
         types = {a.name: ONNX_TYPES.get(a.type, "float32") for a in
@@ -194,17 +149,10 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
                 self._buckets[key] = bucket
         return bucket
 
-    def _fill(self, bucket: _Bucket, inputs: StepInputs, t: int) -> None:
+    def _fill(self, bucket: _Bucket, inputs: StepInputs) -> None:
         torch = self.torch
-        batch, tokens = bucket.batch, bucket.tokens
-        ids = np.zeros((batch, tokens), np.int64)
-        pos = np.repeat(self._lengths[:, None], tokens, axis=1)
-        mask = np.zeros((batch, tokens, tokens), np.bool_)
-        ids[:, :t] = inputs.input_ids
-        pos[:, :t] = inputs.position_ids
-        mask[:, :t, :t] = inputs.tree_mask
-        pad = np.arange(t, tokens)
-        mask[:, pad, pad] = True  # padding rows see only themselves
+        ids, pos, mask = pad_step(inputs.input_ids, inputs.position_ids, inputs.tree_mask, self._lengths,
+                                  bucket.tokens)
         bucket.ids.copy_(torch.from_numpy(ids))
         bucket.pos.copy_(torch.from_numpy(pos))
         bucket.mask.copy_(torch.from_numpy(mask))
@@ -232,9 +180,9 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
             raise BackendError(f"step has batch {batch} but reset() allocated {self.cache.shape[1]}")
         if int(self._lengths.max()) + t > self.cache.shape[3]:
             raise BackendError("KV cache capacity exceeded")
-        tokens = next((b for b in BUCKETS if b >= max(t, self.min_bucket)), t)
+        tokens = bucket_for(t, self.min_bucket) or t  # a long prefill runs at its own size
         bucket = self._bucket(batch, tokens)
-        self._fill(bucket, inputs, t)
+        self._fill(bucket, inputs)
         self._run(bucket)
         self.steps += 1
         argmax = bucket.logits[:, :t].argmax(-1).cpu().numpy() if self.host_argmax else None

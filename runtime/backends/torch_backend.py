@@ -36,18 +36,10 @@ from typing import Sequence
 import numpy as np
 
 from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import LazyHost, topk_logprobs
+from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SCRATCH = BUCKETS[-1]
 _CHECKPOINTS: dict = {}
-
-
-def bucket_for(tokens: int, min_bucket: int = 1) -> int | None:
-    for b in BUCKETS:
-        if b >= max(tokens, min_bucket):
-            return b
-    return None
 
 
 def load_hf_model(manifest, device: str):
@@ -244,21 +236,13 @@ class TorchBackend(TreeBackend):
             batch, 1, self.groups * tokens, rows)
 
     def _pack(self, g: _Graph, inputs: StepInputs, tokens: int) -> None:
-        batch, t = inputs.input_ids.shape
+        batch = inputs.input_ids.shape[0]
         host = g.host.numpy()
         n_ids = batch * tokens
-        ids = host[:n_ids].reshape(batch, tokens)
-        pos = host[n_ids:2 * n_ids].reshape(batch, tokens)
-        ids[:, :t] = inputs.input_ids
-        ids[:, t:] = 0
-        pos[:, :t] = inputs.position_ids
-        pos[:, t:] = self._lengths[:, None]
+        views = (host[:n_ids].reshape(batch, tokens), host[n_ids:2 * n_ids].reshape(batch, tokens),
+                 host[2 * n_ids + batch:].reshape(batch, tokens, tokens))
+        pad_step(inputs.input_ids, inputs.position_ids, inputs.tree_mask, self._lengths, tokens, views)
         host[2 * n_ids:2 * n_ids + batch] = self._lengths
-        mask = host[2 * n_ids + batch:].reshape(batch, tokens, tokens)
-        mask[:] = 0
-        mask[:, :t, :t] = inputs.tree_mask
-        idx = np.arange(t, tokens)
-        mask[:, idx, idx] = 1
         g.dev.copy_(g.host, non_blocking=True)
 
     def _graph_for(self, batch: int, tokens: int) -> _Graph:
