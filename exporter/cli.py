@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _weights(items: list[str]) -> dict[str, Path]:
-    from treespec.runtime.errors import InputError
+    from treespec.errors import InputError
 
     out = {}
     for item in items:
@@ -48,7 +48,7 @@ def _weights(items: list[str]) -> dict[str, Path]:
 
 def _main(argv: list[str] | None) -> int:
     from treespec.exporter.pipeline import ExportOptions, run_export
-    from treespec.runtime.errors import InputError
+    from treespec.errors import InputError
     from tqdm import tqdm
 
     args = build_parser().parse_args(argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from treespec.runtime.errors import InputError
+from treespec.errors import InputError
 
 TEXT_SUFFIXES = (".py", ".md", ".rst", ".txt")
 SNIPPET_TEMPLATES = (

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from treespec.exporter import distill_data as data
-from treespec.exporter.drafter_models import (MedusaHeads, draft_trainable_state, make_draft_model,
+from treespec.models.drafter_models import (MedusaHeads, draft_trainable_state, make_draft_model,
                                               save_weights)
 
 
@@ -134,7 +134,7 @@ def _load_checkpoint(path: Path, module, optimizer, prefix_map) -> tuple[int, li
 
 
 def train(opts: TrainOptions) -> dict:
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
 
     torch.manual_seed(opts.seed)
     started = time.perf_counter()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from treespec.exporter.drafter_models import (MedusaTopK, draft_from_weights, load_weights,
+from treespec.models.drafter_models import (MedusaTopK, draft_from_weights, load_weights,
                                               medusa_from_weights)
 from treespec.exporter.onnx_export import TORCH_DTYPES, _quiet_exporter, _save, export_tree_graph
-from treespec.exporter.tree_model import TreeDecoder
+from treespec.models.tree_model import TreeDecoder
 
 MEDUSA_TOP_K = 8
 DEFAULT_TREES = {

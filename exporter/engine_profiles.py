@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from treespec.runtime.errors import ArtifactError
+from treespec.errors import ArtifactError
 
 Range = tuple[int, int, int]
 AXES = ("batch", "tree_tokens", "past")

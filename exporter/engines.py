@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from treespec.exporter.engine_profiles import EngineProfile, input_shapes, profiles_for_graph
-from treespec.runtime.backends.engine_record import sha256_of, validate_record, write_sidecar
-from treespec.runtime.backends.trt_api import BUILDERS, TrtApi
-from treespec.runtime.errors import ArtifactError, InputError
+from treespec.engine_record import sha256_of, validate_record, write_sidecar
+from treespec.trt_api import BUILDERS, TrtApi
+from treespec.errors import ArtifactError, InputError
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from treespec.exporter.tree_model import TreeDecoder, graph_input_names, graph_output_names
+from treespec.models.tree_model import TreeDecoder, graph_input_names, graph_output_names
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

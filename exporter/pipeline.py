@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from treespec.runtime.errors import InputError
-from treespec.runtime.manifest import KV_CACHE_CONTRACT, write_manifest
+from treespec.errors import InputError
+from treespec.artifacts import KV_CACHE_CONTRACT, write_manifest
 
 DRAFTERS = ("lookup", "medusa", "draft")
 
@@ -82,9 +82,9 @@ def graph_entry(file: str, opts: ExportOptions, max_context: int, **extra) -> di
 
 
 def run_export(opts: ExportOptions, progress: Callable[[str], None] = print) -> dict:
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
     from treespec.exporter.onnx_export import export_tree_graph
-    from treespec.exporter.tree_model import TreeDecoder
+    from treespec.models.tree_model import TreeDecoder
 
     check_output_dir(opts.out, opts.force)
     for kind in opts.drafters:
@@ -159,7 +159,7 @@ def _check_drafter_weights(opts: ExportOptions, ckpt) -> None:
     """Refuse drafter weights made for another model before spending time on the export."""
     if not opts.drafter_weights:
         return
-    from treespec.exporter.drafter_models import check_compatible, load_weights
+    from treespec.models.drafter_models import check_compatible, load_weights
 
     for kind, path in opts.drafter_weights.items():
         if kind in opts.drafters:

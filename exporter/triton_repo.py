@@ -3,7 +3,7 @@
     <repo>/treespec_repo.json         what wrote the repository (compared on reuse)
     <repo>/treespec/config.pbtxt      the orchestrator: python backend, decoupled (streaming)
     <repo>/treespec/1/model.py        puts this environment on the stub's sys.path, then runs
-                                      treespec.runtime.triton_model
+                                      treespec.runtime.triton.model
     <repo>/target|draft|medusa/       one model per graph: platform onnxruntime_onnx, or
                                       tensorrt_plan when the manifest records full-TensorRT engines,
                                       files linked (or copied) from the artifact directory, for
@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from treespec.runtime.errors import ArtifactError, InputError
-from treespec.runtime.manifest import load_manifest
+from treespec.errors import ArtifactError, InputError
+from treespec.artifacts import load_manifest
 
 STAMP = "treespec_repo.json"
 ORCHESTRATOR = "treespec"
@@ -65,7 +65,7 @@ MODEL_PY = '''"""treespec's orchestrator for Triton's python backend (written by
 The python backend stub runs its own embedded Python, which does not see the environment treespec
 is installed in (PYTHONPATH is ignored). The parameter `python_path` in config.pbtxt records that
 environment's package folders; they are put on sys.path (with their .pth files, so editable
-installs work) before treespec.runtime.triton_model takes over.
+installs work) before treespec.runtime.triton.model takes over.
 """
 import json
 import os
@@ -88,7 +88,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         _use_environment(config)
         try:
-            from treespec.runtime.triton_model import TreespecModel
+            from treespec.runtime.triton.model import TreespecModel
         except ImportError as exc:
             where = config.get("parameters", {}).get("python_path", {}).get("string_value")
             raise RuntimeError(f"treespec cannot be imported from {where} ({exc}): install it in that "

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from treespec.runtime.auto_tree import LatencyCache
-from treespec.runtime.errors import InputError
+from treespec.runtime.trees.auto import LatencyCache
+from treespec.errors import InputError
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_target, load_tokenizer
-from treespec.runtime.manifest import Manifest, load_manifest
-from treespec.runtime.policies import TreeConfig, parse_tree_config
-from treespec.runtime.presets import load_tree_preset
+from treespec.artifacts import Manifest, load_manifest
+from treespec.runtime.trees.policies import TreeConfig, parse_tree_config
+from treespec.runtime.trees.presets import load_tree_preset
 from treespec.runtime.verify import SamplingParams
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20

@@ -44,7 +44,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args) -> int:
     from treespec.runtime.api import SpeculativeGenerator
-    from treespec.runtime.errors import InputError
+    from treespec.errors import InputError
 
     prompts = list(args.prompt or [])
     if args.prompts_file:

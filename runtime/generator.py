@@ -12,11 +12,11 @@ from typing import Iterator
 
 import numpy as np
 
-from treespec.runtime.auto_tree import AutoPlanner, LatencyCache, LatencyCurve, measure_latency
+from treespec.runtime.trees.auto import AutoPlanner, LatencyCache, LatencyCurve, measure_latency
 from treespec.runtime.backends.base import StepInputs, TreeBackend
 from treespec.runtime.drafters.base import Drafter
-from treespec.runtime.policies import TreeConfig, draft_trees
-from treespec.runtime.tree import batch_tree_inputs, chain_tree
+from treespec.runtime.trees.policies import TreeConfig, draft_trees
+from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 from treespec.runtime.verify import (SamplingParams, Verdict, sample_from, target_distribution,
                                      verify_greedy, verify_greedy_ids, verify_sampling, verify_typical)
 

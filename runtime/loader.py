@@ -1,10 +1,12 @@
 """Build the runtime's parts (tokenizer, target backend, drafter) from a manifest."""
 from __future__ import annotations
 
-from treespec.runtime.backends.base import BackendError, TreeBackend
+from treespec.errors import BackendError
+
+from treespec.runtime.backends.base import TreeBackend
 from treespec.runtime.drafters.base import Drafter
-from treespec.runtime.errors import ArtifactError
-from treespec.runtime.manifest import Manifest
+from treespec.errors import ArtifactError
+from treespec.artifacts import Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
 
@@ -78,7 +80,7 @@ def check_graph_dims(manifest: Manifest, name: str, session) -> None:
 
 
 def _draft_dims(manifest: Manifest):
-    from treespec.runtime.manifest import ModelDims
+    from treespec.artifacts import ModelDims
 
     return ModelDims.from_dict({**manifest.model, **manifest.graph("draft").get("dims", {})})
 

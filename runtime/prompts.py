@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from treespec.runtime.errors import InputError
+from treespec.errors import InputError
 
 BUNDLED_BENCH = Path(__file__).resolve().parent.parent / "tests" / "data" / "bench.jsonl"
 

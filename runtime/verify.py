@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from treespec.runtime.errors import InputError
-from treespec.runtime.tree import Tree
+from treespec.errors import InputError
+from treespec.runtime.trees.tree import Tree
 
 ACCEPTANCE_MODES = ("exact", "typical")
 ACCEPTANCE_HELP = ("exact: lossless speculative sampling (SpecInfer), the default; "

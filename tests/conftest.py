@@ -69,13 +69,13 @@ def bench_prompts():
 
 @pytest.fixture(scope="session")
 def tiny_hf():
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
 
     return load_checkpoint("tiny-random")
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf():
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
 
     return load_checkpoint("smollm2-135m")

@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from treespec.runtime.errors import ArtifactError, InputError, ModelLoadError, TreespecError
+from treespec.errors import ArtifactError, InputError, ModelLoadError, TreespecError
 
 CONTEXT = 256  # the tiny artifacts' max_context
 PROFILE_TREE_TOKENS = 128  # their graphs' profile maximum
@@ -295,7 +295,7 @@ def test_api_broken_artifacts(tiny_artifacts, tmp_path, case):
 
 def test_engine_check_refuses_truncated_file(tmp_path):
     """engine_record.check_engine, directly: a truncated engine never reaches a deserializer."""
-    from treespec.runtime.backends.engine_record import check_engine, write_sidecar
+    from treespec.engine_record import check_engine, write_sidecar
 
     record = fake_engine_record(tmp_path)
     path = tmp_path / record["file"]
@@ -345,7 +345,7 @@ def test_export_out_not_empty_or_a_file(tmp_path):
 
 
 def test_export_unknown_model(tmp_path):
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
 
     with pytest.raises(ModelLoadError, match=r"unknown model 'no-such-model': no such file, folder or preset"):
         load_checkpoint("no-such-model")
@@ -362,7 +362,7 @@ def _fake_target(vocab: int = 49152, hidden: int = 64):
 
 
 def test_drafter_weights_for_another_vocabulary(tmp_path):
-    from treespec.exporter.drafter_models import draft_from_weights, medusa_from_weights
+    from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
 
     other = save_safetensors(tmp_path / "other.safetensors", {"blocks.0.weight": (64, 64), "blocks.0.bias": (64,)},
                              {"vocab_size": "32000", "hidden_size": "64", "num_heads": "1"})
@@ -374,7 +374,7 @@ def test_drafter_weights_for_another_vocabulary(tmp_path):
 
 def test_drafter_weights_for_another_width_without_metadata(tmp_path):
     """No metadata to compare: the tensor shapes still refuse it, with a message, not a traceback."""
-    from treespec.exporter.drafter_models import medusa_from_weights
+    from treespec.models.drafter_models import medusa_from_weights
 
     narrow = save_safetensors(tmp_path / "narrow.safetensors", {"blocks.0.weight": (32, 32), "blocks.0.bias": (32,)}, {})
     with pytest.raises(InputError, match=r"drafter weights do not fit the target \(.*size mismatch"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from treespec.runtime.api import SpeculativeGenerator
-from treespec.runtime.manifest import load_manifest
+from treespec.artifacts import load_manifest
 
 NEW_TOKENS = 20
 # Every policy (small sizes: the CPU budget), and a sampled-children preset run greedily.
@@ -121,7 +121,7 @@ def test_auto_latency_curve_is_measured_once_and_cached(setup, tiny_artifacts, t
     import shutil
 
     import treespec.runtime.generator as generator_module
-    from treespec.runtime.auto_tree import CURVE_FILE, LatencyCache
+    from treespec.runtime.trees.auto import CURVE_FILE, LatencyCache
 
     gens, prompts, alone = setup
     gen = gens["lookup"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from treespec.runtime.api import SpeculativeGenerator
-from treespec.runtime.manifest import load_manifest
+from treespec.artifacts import load_manifest
 
 TREES = {
     "lookup": ["opt32"],
@@ -18,7 +18,7 @@ TREES = {
 def test_medusa_graph_matches_pytorch(tiny_artifacts, tiny_hf):
     import onnxruntime as ort
 
-    from treespec.exporter.drafter_models import medusa_from_weights
+    from treespec.models.drafter_models import medusa_from_weights
 
     heads = medusa_from_weights(tiny_hf.model, None)
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def test_medusa_graph_matches_pytorch(tiny_artifacts, tiny_hf):
 def test_draft_graph_matches_pytorch(tiny_artifacts, tiny_hf):
     from test_export_parity import hf_tree_logits, ort_tree_logits, random_tree
 
-    from treespec.exporter.drafter_models import draft_from_weights
+    from treespec.models.drafter_models import draft_from_weights
     from treespec.runtime.loader import load_graph
 
     manifest = load_manifest(tiny_artifacts)

@@ -15,16 +15,16 @@ import pytest
 
 pytest.importorskip("tensorrt_rtx_bindings", reason="tensorrt-rtx-cu13-bindings is not installed")
 
-from tiny_tree_graphs import write_tiny_artifacts  # noqa: E402
+from support.tiny_tree_graphs import write_tiny_artifacts  # noqa: E402
 
 from treespec.exporter.engine_profiles import (  # noqa: E402
     EngineProfile, input_shapes, profiles_for_graph, tree_profile)
 from treespec.exporter.engines import build_artifact_engines, build_engines  # noqa: E402
-from treespec.runtime.backends.base import BackendError  # noqa: E402
-from treespec.runtime.backends.engine_record import (  # noqa: E402
+from treespec.errors import BackendError  # noqa: E402
+from treespec.engine_record import (  # noqa: E402
     RECORD_KEYS, check_engine, read_sidecar, sha256_of)
-from treespec.runtime.backends.trt_api import RTX_DEFAULT_CCS, TrtApi  # noqa: E402
-from treespec.runtime.errors import ArtifactError, InputError  # noqa: E402
+from treespec.trt_api import RTX_DEFAULT_CCS, TrtApi  # noqa: E402
+from treespec.errors import ArtifactError, InputError  # noqa: E402
 
 RTX = "tensorrt-rtx"
 

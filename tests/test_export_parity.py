@@ -7,8 +7,8 @@ import torch
 
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.loader import load_target
-from treespec.runtime.manifest import load_manifest
-from treespec.runtime.tree import Tree, batch_tree_inputs, chain_tree
+from treespec.artifacts import load_manifest
+from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 
 TOLERANCE = 1e-3
 

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from treespec.runtime.drafters.lookup import LookupDrafter
-from treespec.runtime.errors import InputError
-from treespec.runtime.policies import POLICIES, TreeConfig, build_trees, parse_tree_config
-from treespec.runtime.tree import Tree
-from tree_checks import assert_batch_inputs, assert_tree_structure
+from treespec.errors import InputError
+from treespec.runtime.trees.policies import POLICIES, TreeConfig, build_trees, parse_tree_config
+from treespec.runtime.trees.tree import Tree
+from support.tree_checks import assert_batch_inputs, assert_tree_structure
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from treespec.runtime.backends.base import StepInputs
-from treespec.runtime.manifest import load_manifest
-from treespec.runtime.tree import Tree, batch_tree_inputs, chain_tree
+from treespec.artifacts import load_manifest
+from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 
 PROMPTS = ["Write a haiku about trees.", "List three prime numbers.", "Explain KV caching briefly."]
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from mypy_env import REPO, ensure_mypy_env
+from support.mypy_env import REPO, ensure_mypy_env
 
 MYPY_DIR = REPO / ".cache" / "mypy-plugins"
 STUB = REPO / "plugins" / "stubs" / "tensorrt" / "plugin" / "__init__.pyi"

@@ -20,13 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from treespec.runtime.auto_tree import AutoPlanner, LatencyCurve
+from treespec.runtime.trees.auto import AutoPlanner, LatencyCurve
 from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.runtime.errors import InputError
-from treespec.runtime.policies import (POLICIES, TreeConfig, build_trees, draft_trees, parse_tree_config,
+from treespec.errors import InputError
+from treespec.runtime.trees.policies import (POLICIES, TreeConfig, build_trees, draft_trees, parse_tree_config,
                                        proposal_distribution)
-from treespec.runtime.tree import Tree
-from tree_checks import assert_batch_inputs, assert_tree_structure
+from treespec.runtime.trees.tree import Tree
+from support.tree_checks import assert_batch_inputs, assert_tree_structure
 
 PROPS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -321,7 +321,7 @@ def test_new_fields_are_validated(raw, message):
 
 
 def test_every_preset_parses():
-    from treespec.runtime.presets import load_tree_preset, preset_names
+    from treespec.runtime.trees.presets import load_tree_preset, preset_names
 
     names = preset_names()
     assert {"adaptive", "auto", "opt32", "longspec", "binary3", "medusa-default", "opt-sampled"} <= set(names)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from treespec.runtime.errors import ArtifactError, InputError, ModelLoadError
+from treespec.errors import ArtifactError, InputError, ModelLoadError
 
 REPO = Path(__file__).resolve().parent.parent
 SCANNED = ("exporter", "runtime", "plugins", "treespec_pkg", "tools")
@@ -201,7 +201,7 @@ def _pickled_bin(path: Path, marker: Path) -> Path:
 
 
 def test_hf_folder_with_only_pytorch_model_bin_is_refused(tmp_path):
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
 
     folder = tmp_path / "hf-model"
     folder.mkdir()
@@ -220,7 +220,7 @@ def test_hf_folder_with_only_pytorch_model_bin_is_refused(tmp_path):
 
 
 def test_pickled_drafter_weights_are_refused(tmp_path):
-    from treespec.exporter.drafter_models import load_weights
+    from treespec.models.drafter_models import load_weights
 
     marker = tmp_path / "UNPICKLED"
     fake = _pickled_bin(tmp_path / "medusa.safetensors", marker)
@@ -248,7 +248,7 @@ def _artifact_dir(root: Path, tokenizer: str = "tokenizer", onnx: str = "target.
 @pytest.mark.parametrize("path", ["/etc/passwd", "../outside.onnx", "sub/../../outside.onnx", "..",
                                   "tokenizer/../../outside"])
 def test_manifest_paths_outside_the_directory_are_refused(tmp_path, path):
-    from treespec.runtime.manifest import load_manifest
+    from treespec.artifacts import load_manifest
 
     (tmp_path / "outside.onnx").write_bytes(b"")
     manifest = load_manifest(_artifact_dir(tmp_path / "art"))
@@ -260,7 +260,7 @@ def test_manifest_paths_outside_the_directory_are_refused(tmp_path, path):
 
 
 def test_manifest_symlink_leading_outside_is_refused(tmp_path):
-    from treespec.runtime.manifest import load_manifest
+    from treespec.artifacts import load_manifest
 
     (tmp_path / "secret.onnx").write_bytes(b"")
     root = _artifact_dir(tmp_path / "art")
@@ -287,7 +287,7 @@ def test_runtime_refuses_manifest_paths_outside(tiny_artifacts, tmp_path, field,
 
 
 def test_exported_manifest_paths_are_relative_and_inside(tiny_artifacts):
-    from treespec.runtime.manifest import load_manifest
+    from treespec.artifacts import load_manifest
 
     manifest = load_manifest(tiny_artifacts)
     named: list[str] = []

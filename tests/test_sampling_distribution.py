@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.runtime.policies import draft_trees, parse_tree_config
-from treespec.runtime.tree import Tree
+from treespec.runtime.trees.policies import draft_trees, parse_tree_config
+from treespec.runtime.trees.tree import Tree
 from treespec.runtime.verify import SamplingParams, Verdict, sample_from, target_distribution, verify_sampling
 
 VOCAB = 8
@@ -43,7 +43,7 @@ def small_target(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from treespec.exporter.onnx_export import export_tree_graph
-    from treespec.exporter.tree_model import TreeDecoder
+    from treespec.models.tree_model import TreeDecoder
     from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -79,7 +79,7 @@ def full_tree(root: int, depth: int) -> tuple[Tree, list[tuple[int, ...]]]:
 def target_logits(small_target) -> dict[tuple[int, ...], np.ndarray]:
     """Exact next-token logits after PROMPT + s for every s of up to 3 tokens (one tree step)."""
     from treespec.runtime.backends.base import StepInputs
-    from treespec.runtime.tree import batch_tree_inputs, chain_tree
+    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 
     backend = small_target
     backend.reset(1, 64)
@@ -309,7 +309,7 @@ def test_generator_sampled_children_preserve_the_distribution(small_target, targ
     batch of 8 identical prompts x 500 seeded runs follow the target."""
     import treespec.runtime.generator as generator_module
     from treespec.runtime.generator import TreeGenerator
-    from treespec.runtime.policies import proposal_distribution
+    from treespec.runtime.trees.policies import proposal_distribution
 
     drafter = BatchFixedRandomDrafter()
     checked = []

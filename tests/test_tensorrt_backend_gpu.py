@@ -14,12 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
-import fake_tensorrt  # noqa: E402
-import tiny_tree_graphs as tiny  # noqa: E402
+from support import fake_tensorrt  # noqa: E402
+from support import tiny_tree_graphs as tiny  # noqa: E402
 
 from treespec.runtime.backends import trt_api  # noqa: E402
-from treespec.runtime.backends.base import BackendError, StepInputs  # noqa: E402
-from treespec.runtime.backends.engine_record import sha256_of  # noqa: E402
+from treespec.errors import BackendError  # noqa: E402
+from treespec.runtime.backends.base import StepInputs  # noqa: E402
+from treespec.engine_record import sha256_of  # noqa: E402
 
 PROFILES = [
     {"name": "tree", "batch": [1, 2, 2], "tree_tokens": [1, 4, 8], "past": [1, 48, 64]},

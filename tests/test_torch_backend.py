@@ -22,8 +22,8 @@ def test_torch_lossless_cpu(tiny_artifacts, drafter):
 def test_torch_matches_onnxruntime(tiny_artifacts):
     from treespec.runtime.backends.base import StepInputs
     from treespec.runtime.loader import load_graph
-    from treespec.runtime.manifest import load_manifest
-    from treespec.runtime.tree import Tree, batch_tree_inputs, chain_tree
+    from treespec.artifacts import load_manifest
+    from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 
     manifest = load_manifest(tiny_artifacts)
     rng = np.random.default_rng(0)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from triton_helpers import MAX_TOKENS, PROMPTS, TIMEOUT, grpc_stream
+from support.triton_helpers import MAX_TOKENS, PROMPTS, TIMEOUT, grpc_stream
 
 pytestmark = pytest.mark.slow
 LONG = 64  # tokens: long enough to be stopped mid-stream
@@ -48,7 +48,7 @@ def repo(smollm2_artifacts, tmp_path_factory):
 
 @pytest.fixture
 def server(repo, expected, request):
-    from treespec.runtime.serve import TritonServer
+    from treespec.runtime.triton.server import TritonServer
 
     exit_timeout = getattr(request, "param", 30)
     with TritonServer(repo, None, None, None, startup_timeout=600, supervise_interval=0.5,
@@ -134,7 +134,7 @@ def test_a_model_that_cannot_load_fails_the_start_with_its_message(tiny_artifact
     """A bad default tree in the repository: start() raises at once with the model's own message and
     the log tail, instead of waiting for a readiness that never comes."""
     from treespec.exporter.triton_repo import write_triton_repo
-    from treespec.runtime.serve import ServerError, TritonServer
+    from treespec.runtime.triton.server import ServerError, TritonServer
 
     repo = write_triton_repo(tiny_artifacts, tmp_path / "repo", tree="no-such-tree")
     server = TritonServer(repo, None, None, None, startup_timeout=300)

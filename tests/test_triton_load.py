@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from triton_helpers import PROMPTS, grpc_stream, rss_kb
+from support.triton_helpers import PROMPTS, grpc_stream, rss_kb
 
 pytestmark = pytest.mark.load
 CLIENTS = 16
@@ -47,7 +47,7 @@ def expected(smollm2_artifacts):
 @pytest.fixture(scope="module")
 def server(smollm2_artifacts, expected, tmp_path_factory):
     from treespec.exporter.triton_repo import write_triton_repo
-    from treespec.runtime.serve import TritonServer
+    from treespec.runtime.triton.server import TritonServer
 
     repo = write_triton_repo(smollm2_artifacts, tmp_path_factory.mktemp("triton") / "repo")
     with TritonServer(repo, None, None, None, startup_timeout=600) as srv:

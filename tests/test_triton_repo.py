@@ -13,8 +13,8 @@ import pytest
 from treespec.exporter.triton_repo import (ORCHESTRATOR_INPUTS, ORCHESTRATOR_OUTPUTS, STAMP, _onnx_io,
                                            default_repo_dir, ensure_triton_repo, parse_config,
                                            write_triton_repo)
-from treespec.runtime.errors import ArtifactError, InputError
-from treespec.runtime.manifest import load_manifest
+from treespec.errors import ArtifactError, InputError
+from treespec.artifacts import load_manifest
 
 
 def _configs(repo: Path) -> dict:
@@ -63,7 +63,7 @@ def test_graph_model_matches_the_onnx_graph(tiny_artifacts, tiny_repo):
 
 
 def test_writing_again_changes_nothing_and_other_folders_are_refused(tiny_artifacts, tiny_repo, tmp_path):
-    from triton_helpers import repo_snapshot
+    from support.triton_helpers import repo_snapshot
 
     before = repo_snapshot(tiny_repo)
     write_triton_repo(tiny_artifacts, tiny_repo)  # same artifacts, same options: untouched

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from triton_helpers import (LEFT, MAX_TOKENS, PROMPTS, TIMEOUT, expected_outputs, grpc_stream,
+from support.triton_helpers import (LEFT, MAX_TOKENS, PROMPTS, TIMEOUT, expected_outputs, grpc_stream,
                             http_generate, http_post, ids_of, metrics, repo_snapshot, sse_events)
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def repo(smollm2_artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo, expected):  # expected first: the references are computed before the server loads
-    from treespec.runtime.serve import TritonServer
+    from treespec.runtime.triton.server import TritonServer
 
     with TritonServer(repo, None, None, None, startup_timeout=600) as srv:
         print(f"\ntritonserver ready in {srv.startup_s:.1f} s")
@@ -207,7 +207,7 @@ def test_acceptance_metrics_on_the_metrics_endpoint(server):
 
 def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm2_artifacts, expected, tmp_path):
     """Runs last: stops the module's server, then restarts with `serve()` (what `treespec serve` runs)."""
-    from treespec.runtime.serve import free_port
+    from treespec.runtime.triton.server import free_port
 
     t0 = time.perf_counter()
     assert server.stop() == 0, server.log_tail()  # every request of this module was released
@@ -215,7 +215,7 @@ def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm
     before = repo_snapshot(repo)
     for _ in range(1):
         port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-        code = (f"import sys; from treespec.runtime.serve import serve; sys.exit(serve({str(smollm2_artifacts)!r}, "
+        code = (f"import sys; from treespec.runtime.triton.server import serve; sys.exit(serve({str(smollm2_artifacts)!r}, "
                 f"{port}, {grpc_port}, {metrics_port}, repo_dir={str(repo)!r}))")
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env={**os.environ, "TREESPEC_CACHE": str(tmp_path)})

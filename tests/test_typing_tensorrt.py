@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mypy_env import REPO, ensure_mypy_env
+from support.mypy_env import REPO, ensure_mypy_env
 
 FILES = [
     "runtime/backends/tensorrt.py",

@@ -7,8 +7,8 @@ from typing import Callable
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
-    from treespec.runtime.errors import TreespecError
-    from treespec.runtime.backends.base import BackendError
+    from treespec.errors import TreespecError
+    from treespec.errors import BackendError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -91,6 +91,3 @@ class TreeBackend(ABC):
     def close(self) -> None:
         """Release device memory and sessions."""
 
-
-class BackendError(RuntimeError):
-    """A backend could not be created or run; the message says why and what to do."""

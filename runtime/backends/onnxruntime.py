@@ -11,8 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.errors import ArtifactError
+from treespec.errors import BackendError
+
+from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
+from treespec.errors import ArtifactError
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 

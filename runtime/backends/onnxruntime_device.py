@@ -26,7 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
+from treespec.errors import BackendError
+
+from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
 from treespec.runtime.backends.onnxruntime import CudaGraphsUnavailable, open_session
 

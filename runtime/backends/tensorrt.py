@@ -29,15 +29,17 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.engine_record import check_engine, deserialize_engine, made_by, read_sidecar
-from treespec.runtime.backends.trt_api import RuntimeCache, TrtApi
-from treespec.runtime.errors import ArtifactError
+from treespec.errors import BackendError
+
+from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
+from treespec.engine_record import check_engine, deserialize_engine, made_by, read_sidecar
+from treespec.trt_api import RuntimeCache, TrtApi
+from treespec.errors import ArtifactError
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-    from treespec.runtime.manifest import Manifest
+    from treespec.artifacts import Manifest
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
                  "INT64": torch.int64, "INT32": torch.int32, "BOOL": torch.bool}

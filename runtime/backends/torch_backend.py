@@ -35,7 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from treespec.runtime.backends.base import BackendError, StepInputs, StepOutputs, TreeBackend
+from treespec.errors import BackendError
+
+from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
 
 SCRATCH = BUCKETS[-1]
@@ -46,7 +48,7 @@ def load_hf_model(manifest, device: str):
     """The target's HF model (loaded once per process and checkpoint), fp16 on CUDA, fp32 on CPU."""
     import torch
 
-    from treespec.exporter.checkpoint import load_checkpoint
+    from treespec.models.checkpoint import load_checkpoint
 
     spec = manifest.model.get("checkpoint") or manifest.model.get("source")
     if not spec:
@@ -66,7 +68,7 @@ def load_hf_draft(manifest, device: str):
     """The draft LM in HF form (shares embeddings/norm/lm_head with the target)."""
     import torch
 
-    from treespec.exporter.drafter_models import draft_from_weights
+    from treespec.models.drafter_models import draft_from_weights
 
     spec = manifest.drafters.get("draft", {})
     weights = spec.get("weights")
@@ -106,7 +108,7 @@ class TorchBackend(TreeBackend):
                  host_argmax: bool = True):
         import torch
 
-        from treespec.exporter.tree_model import TreeDecoder
+        from treespec.models.tree_model import TreeDecoder
 
         self.torch = torch
         self.device = torch.device(device)

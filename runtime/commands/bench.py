@@ -171,7 +171,7 @@ def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dic
     import numpy as np
 
     from treespec.runtime.backends.base import StepInputs
-    from treespec.runtime.tree import batch_tree_inputs, chain_tree
+    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 
     backend.reset(1, past + max(sizes) + 8)
     rng = np.random.default_rng(0)
@@ -228,7 +228,7 @@ def run(args) -> int:
     import torch
 
     from treespec.runtime.api import SpeculativeGenerator
-    from treespec.runtime.errors import InputError
+    from treespec.errors import InputError
     from treespec.runtime.generator import TreeGenerator
     from treespec.runtime.loader import load_drafter
 

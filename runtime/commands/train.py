@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from treespec.runtime.errors import InputError
+from treespec.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from treespec.exporter.triton_repo import write_triton_repo
-    from treespec.runtime.manifest import load_manifest
+    from treespec.artifacts import load_manifest
 
     load_manifest(args.artifacts)  # a clear error for a missing or broken artifact directory
     write_triton_repo(args.artifacts, args.out, backend=args.backend, device=args.device, force=args.force)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from treespec.runtime.tree import Tree
+from treespec.runtime.trees.tree import Tree
 
 
 @dataclass

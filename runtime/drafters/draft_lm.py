@@ -11,7 +11,7 @@ import numpy as np
 
 from treespec.runtime.backends.base import StepInputs, TreeBackend
 from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.runtime.tree import Tree, batch_tree_inputs, chain_tree
+from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

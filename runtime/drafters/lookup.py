@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.runtime.tree import Tree
+from treespec.runtime.trees.tree import Tree
 
 
 class NgramIndex:

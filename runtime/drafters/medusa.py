@@ -9,8 +9,8 @@ import numpy as np
 
 from treespec.runtime.backends.onnxruntime import open_session
 from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.runtime.errors import ArtifactError
-from treespec.runtime.tree import Tree
+from treespec.errors import ArtifactError
+from treespec.runtime.trees.tree import Tree
 
 
 class MedusaDrafter(Drafter):
@@ -93,7 +93,7 @@ class TorchMedusaDrafter(MedusaDrafter):
 
     @classmethod
     def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
-        from treespec.exporter.drafter_models import medusa_from_weights
+        from treespec.models.drafter_models import medusa_from_weights
         from treespec.runtime.backends.torch_backend import load_hf_model
 
         entry = manifest.graph("medusa")

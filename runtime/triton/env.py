@@ -27,7 +27,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from treespec.runtime.errors import TreespecError
+from treespec.errors import TreespecError
 
 
 class ServerError(TreespecError):

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from treespec.runtime.backends.base import BackendError
-from treespec.runtime.backends.trt_api import TrtApi
-from treespec.runtime.errors import ArtifactError
+from treespec.errors import BackendError
+from treespec.trt_api import TrtApi
+from treespec.errors import ArtifactError
 
 if TYPE_CHECKING:
     import tensorrt as trt

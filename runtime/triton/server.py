@@ -6,7 +6,7 @@ prints the endpoints and blocks until Ctrl-C / SIGTERM, then stops the server cl
 
 Only the `treespec` model is loaded (`--model-control-mode explicit`): the per-graph models in the
 repository need Triton's onnxruntime/tensorrt backends, which the wheel does not ship. How the
-bundled server is made to run our python model: treespec.runtime.triton_env.
+bundled server is made to run our python model: treespec.runtime.triton.env.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from treespec.runtime.triton_env import ServerError, TritonInstall, stage_stub_numpy
+from treespec.runtime.triton.env import ServerError, TritonInstall, stage_stub_numpy
 
 HOST = "127.0.0.1"
 

@@ -23,10 +23,12 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MYPY_DIR = REPO / ".cache" / "mypy"
-LINKS = {"__init__.py": "treespec_pkg/__init__.py", "exporter": "exporter", "runtime": "runtime",
-         "plugins": "plugins", "configs": "configs"}
+# The package map of pyproject.toml: the shared layer (treespec_pkg/) is the root, the wings sit in it.
+LINKS = {**{p.name: f"treespec_pkg/{p.name}" for p in (REPO / "treespec_pkg").iterdir()
+            if p.name != "__pycache__"},
+         "exporter": "exporter", "runtime": "runtime", "plugins": "plugins", "configs": "configs"}
 PACKAGES = ("tensorrt", "tensorrt_bindings")
 _KEYWORD_PARAM = re.compile(r"(?<=[(,\s])in(?=\s*:)")
 _UNNAMED_RETURN = re.compile(r"-> \.\.\.:")

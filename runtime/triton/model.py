@@ -28,7 +28,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from treespec.runtime.api import MAX_NEW_TOKENS_LIMIT
-from treespec.runtime.errors import InputError, TreespecError
+from treespec.errors import InputError, TreespecError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ACCEPTED_BUCKETS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32]
@@ -91,7 +91,7 @@ class TreespecModel:
                                                        threads=threads, tree=params.get("tree") or None,
                                                        drafter=params.get("drafter") or None)
         self.max_context = self.gen.max_context
-        from treespec.runtime.presets import preset_names
+        from treespec.runtime.trees.presets import preset_names
 
         self.presets = preset_names()
         self.vocab = self.gen.manifest.dims.vocab_size

@@ -15,3 +15,7 @@ class ArtifactError(TreespecError):
 
 class ModelLoadError(TreespecError):
     """A checkpoint cannot be loaded (unknown preset, unsupported architecture, bad file)."""
+
+
+class BackendError(TreespecError, RuntimeError):
+    """A backend could not be created or run; the message says why and what to do."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-import tiny_tree_graphs as tiny
+from support import tiny_tree_graphs as tiny
 
 __version__ = "10.99.0+fake"
 _TYPESTR = {torch.int64: "<i8", torch.bool: "|b1", torch.float32: "<f4", torch.float16: "<f2"}

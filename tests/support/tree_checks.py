@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from treespec.runtime.tree import Tree, batch_tree_inputs
+from treespec.runtime.trees.tree import Tree, batch_tree_inputs
 
 
 def assert_tree_structure(tree: Tree) -> None:

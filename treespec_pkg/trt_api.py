@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from treespec.runtime.backends.base import BackendError
-from treespec.runtime.errors import ArtifactError, InputError
+from treespec.errors import BackendError
+from treespec.errors import ArtifactError, InputError
 
 if TYPE_CHECKING:
     import tensorrt as trt

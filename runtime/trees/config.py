@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from treespec.runtime.errors import InputError
+from treespec.errors import InputError
 
 POLICIES = ("none", "widths", "depth_branching", "choices", "opt", "adaptive", "auto")
 COMMON_FIELDS = {"policy", "name", "description", "budget", "max_depth", "sample_children"}

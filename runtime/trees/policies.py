@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.runtime.tree import Tree
-from treespec.runtime.tree_config import (  # noqa: F401  (re-exported: the policies' public names)
+from treespec.runtime.trees.tree import Tree
+from treespec.runtime.trees.config import (  # noqa: F401  (re-exported: the policies' public names)
     ALL_FIELDS, COMMON_FIELDS, DEFAULT_MAX_DEPTH, LOGPROB_FLOOR, POLICIES, POLICY_FIELDS, TreeConfig,
     parse_tree_config)
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from treespec.runtime.errors import ModelLoadError
+from treespec.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from treespec.runtime.errors import InputError
+from treespec.errors import InputError
 
 
 def preset_names() -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from treespec.runtime.errors import InputError
+from treespec.errors import InputError
 
 
 class MedusaHeads(nn.Module):
