@@ -1,7 +1,7 @@
 """Lossless sampling: speculative sampling over trees is distribution-preserving.
 
 The target is REAL: a random-weight Llama with a vocabulary of 8 tokens, exported through
-exporter/tree_model.py + exporter/onnx_export.py and run by ONNX Runtime (our backend). One
+treespec_pkg/models/tree_model.py + exporter/onnx_export.py and run by ONNX Runtime (our backend). One
 tree step over the full 8-ary tree of depth 3 under the prompt gives the target's exact logits for
 every continuation of up to 3 tokens (585 prefixes, tree attention); plain sampling's exact
 distribution of the first 3 tokens is enumerated from them (512 outcomes).
@@ -9,7 +9,7 @@ distribution of the first 3 tokens is enumerated from them (512 outcomes).
 The drafter is a test double of a drafter's output: a fixed random distribution per path (its
 top-k as candidates, and the full q for sampled children). Each run speculates until 3 tokens are
 produced (trees are cut to the depth whose logits we hold), through the real policies
-(runtime/policies.py) and the real verifier (runtime/verify.py), 20k seeded runs per case. The
+(runtime/trees/policies.py) and the real verifier (runtime/verify.py), 20k seeded runs per case. The
 first 3 tokens' joint histogram must match the exact target distribution (chi-square, p > 0.01)
 for several tree policies, top-k and sampled children, temperature 1 and 0.7 + top-k; the same
 harness with deliberately broken acceptance rules must give p < 0.01.

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 from support import fake_tensorrt  # noqa: E402
 from support import tiny_tree_graphs as tiny  # noqa: E402
 
-from treespec.runtime.backends import trt_api  # noqa: E402
+from treespec import trt_api  # noqa: E402
 from treespec.errors import BackendError  # noqa: E402
 from treespec.runtime.backends.base import StepInputs  # noqa: E402
 from treespec.engine_record import sha256_of  # noqa: E402

@@ -16,8 +16,8 @@ from support.mypy_env import REPO, ensure_mypy_env
 
 FILES = [
     "runtime/backends/tensorrt.py",
-    "runtime/backends/trt_api.py",
-    "runtime/backends/engine_record.py",
+    "treespec_pkg/trt_api.py",
+    "treespec_pkg/engine_record.py",
     "exporter/engines.py",
     "exporter/engine_profiles.py",
 ]

@@ -1,6 +1,6 @@
 """PyTorch backend: the tree graph run by PyTorch itself (fp16 + CUDA graphs on the GPU, fp32 on CPU).
 
-The model is our TreeDecoder over the HF checkpoint's modules (exporter/tree_model.py), so it has
+The model is our TreeDecoder over the HF checkpoint's modules (treespec_pkg/models/tree_model.py), so it has
 exactly the graph contract; only the KV handling differs from the ONNX graphs, for speed:
 
 * One static buffer [2*layers, B, KVH, capacity + SCRATCH, D] is allocated in `reset`. A step

@@ -1,6 +1,6 @@
 """The drafter interface: propose candidate children for nodes of a growing token tree.
 
-Tree policies (runtime/policies.py) decide which candidates become nodes; drafters only say what
+Tree policies (runtime/trees/policies.py) decide which candidates become nodes; drafters only say what
 could come next and how likely they think it is. `expand` is batched over sequences so that a
 draft model runs one forward per tree level for the whole batch.
 """

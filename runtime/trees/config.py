@@ -1,5 +1,5 @@
 """Tree configs: the YAML/JSON dicts that name a tree policy, parsed and checked (see
-runtime/policies.py for what each policy does with a drafter's candidates)."""
+runtime/trees/policies.py for what each policy does with a drafter's candidates)."""
 from __future__ import annotations
 
 import math

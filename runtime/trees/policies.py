@@ -20,7 +20,7 @@ A tree config is a dict (a YAML preset under configs/trees/ or inline JSON):
   {policy: auto, budget: 64}                       OPT-Tree grown to `budget`, then cut to the size
                                                    that maximises expected accepted tokens per
                                                    second on a measured verify-latency curve
-                                                   (runtime/auto_tree.py)
+                                                   (runtime/trees/auto.py)
 Every policy honours `max_depth` and `budget` (total drafted nodes), and `sample_children`:
 with temperature > 0 and a drafter that gives full distributions q (Medusa, draft LM), the
 children of a node are drawn i.i.d. from q (tempered like the target) instead of being its top-k,
