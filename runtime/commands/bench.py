@@ -16,10 +16,23 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+import transformers
+from tqdm import tqdm
+
+from treespec.errors import InputError
+from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.commands.bench_report import plot, print_table, summary
+from treespec.runtime.generator import TreeGenerator
+from treespec.runtime.loader import load_drafter
 from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
+from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
+from treespec.runtime.verify import SamplingParams
 
 CURVE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -63,32 +76,25 @@ def _median(xs):
 
 
 class _Progress:
-    def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
+    """One tick per configuration (rows, skips and failures alike), so the bar reaches its total."""
 
-            self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            self.bar = None
-        self.done, self.total = 0, total
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def set_total(self, total: int) -> None:
+        self.bar.total = total
+        self.bar.refresh()
 
     def update(self, label: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_description(label[:48])
-            self.bar.update(1)
-        else:  # pragma: no cover
-            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+        self.bar.set_description(label[:48])
+        self.bar.update(1)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
 
 
@@ -132,8 +138,6 @@ def _summarise(name: str, runs: list[dict], reference: list[list[int]] | None) -
 
 
 def _run_treespec(engine, prompts, max_new_tokens, tree, device):
-    from treespec.runtime.verify import SamplingParams
-
     runs = []
     for ids in prompts:
         _sync(device)
@@ -149,8 +153,6 @@ def _run_treespec(engine, prompts, max_new_tokens, tree, device):
 
 
 def _run_hf(model, prompts, max_new_tokens, device, eos, **kwargs):
-    import torch
-
     runs = []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
@@ -168,11 +170,6 @@ def _run_hf(model, prompts, max_new_tokens, device, eos, **kwargs):
 
 def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dict:
     """Wall time of one target step (host packing + launch/replay + argmax copy) per tree size."""
-    import numpy as np
-
-    from treespec.runtime.backends.base import StepInputs
-    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
-
     backend.reset(1, past + max(sizes) + 8)
     rng = np.random.default_rng(0)
     ids, pos, mask = batch_tree_inputs([chain_tree(rng.integers(10, 1000, past).tolist())], backend.lengths)
@@ -224,155 +221,177 @@ def _write(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=1))
 
 
-def run(args) -> int:
-    import torch
+@dataclass
+class BenchRun:
+    """What every part of one bench run shares: its arguments, prompts, results and progress."""
 
-    from treespec.runtime.api import SpeculativeGenerator
-    from treespec.errors import InputError
-    from treespec.runtime.generator import TreeGenerator
-    from treespec.runtime.loader import load_drafter
+    args: argparse.Namespace
+    device: str
+    result: dict
+    prompts: list[list[int]]
+    warm: list[list[int]]  # the longest prompt, decoded once untimed before each configuration
+    bar: _Progress
+    started: float = field(default_factory=time.perf_counter)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backends = _split([args.backends])
-    baselines = _split([args.baselines])
-    t_start = time.perf_counter()
+    def over_budget(self) -> bool:
+        return bool(self.args.time_budget) and time.perf_counter() - self.started > self.args.time_budget
+
+    def skip(self, config: str, why: str) -> None:
+        self.result["skipped"].append({"config": config, "why": why[:300]})
+        self.bar.update(config)
+
+    def add(self, key: str, row: dict) -> None:
+        self.result[key].append(row)
+        self.bar.update(row["name"])
+        _write(self.args.json, self.result)
+
+    def timed(self, engine, tree) -> list[dict]:
+        _run_treespec(engine, self.warm, self.args.max_new_tokens, tree, self.device)  # warm-up
+        return _run_treespec(engine, self.prompts, self.args.max_new_tokens, tree, self.device)
+
+
+def _bench_plain(bench: BenchRun, backend_name: str, gen) -> tuple[dict, list[list[int]]]:
+    """`--tree none` on this backend: the reference tokens and tok/s every other row is held to,
+    then (CUDA) plain decoding as fast as it goes, in 1-token steps not padded to the tree steps'
+    bucket (the padding is what makes plain and tree steps bit-identical, and it has a cost)."""
+    target, manifest = gen.target, gen.manifest
+    none_tree = gen.resolve_tree("none")
+    engine = TreeGenerator(target, None, manifest.eos_token_ids, manifest.dims.max_context)
+    runs = bench.timed(engine, none_tree)
+    reference = [r["tokens"] for r in runs]
+    base = _summarise(f"{backend_name} --tree none", runs, reference)
+    base.update(backend=backend_name, drafter="none", tree="none")
+    bench.add("configs", base)
+    if bench.device == "cuda" and getattr(target, "min_bucket", 1) > 1 and not bench.over_budget():
+        padded, target.min_bucket = target.min_bucket, 1
+        row = _summarise(f"{backend_name} --tree none, 1-token steps", bench.timed(engine, none_tree), reference)
+        row.update(backend=backend_name, drafter="none", tree="none-1-token-steps")
+        bench.result["configs"].append(row)
+        target.min_bucket = padded
+    return base, reference
+
+
+def _bench_drafter(bench: BenchRun, backend_name: str, gen, kind: str, trees: list[str],
+                   base: dict, reference: list[list[int]]) -> None:
+    """One drafter under every requested tree, each row checked token for token against `--tree none`."""
+    manifest, drafter = gen.manifest, None
+    for tree_name in trees:
+        label = f"{backend_name} {kind} {tree_name}"
+        if bench.over_budget():
+            bench.skip(label, "time budget")
+            continue
+        try:
+            if drafter is None:
+                drafter = load_drafter(manifest, backend_name, bench.device, bench.args.threads, kind)
+            gen.drafter = drafter
+            spec = manifest.data.get("default_trees", {}).get(kind) if tree_name == "default" else tree_name
+            cfg = gen.resolve_tree(spec)
+        except InputError as exc:
+            bench.skip(label, str(exc))
+            continue
+        engine = TreeGenerator(gen.target, drafter, manifest.eos_token_ids, manifest.dims.max_context)
+        try:
+            runs = bench.timed(engine, cfg)
+        except Exception as exc:  # record and go on with the other configurations
+            bench.skip(label, f"{type(exc).__name__}: {exc}")
+            continue
+        row = _summarise(label, runs, reference)
+        row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__,
+                   speedup_vs_tree_none=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
+        bench.add("configs", row)
+
+
+def _bench_backend(bench: BenchRun, backend_name: str, gen, drafters: list[str], trees: list[str]) -> None:
+    base, reference = _bench_plain(bench, backend_name, gen)
+    if not bench.over_budget():
+        try:
+            _curves(bench.result, backend_name, gen.target, gen.manifest, bench.device, bench.args)
+        except Exception as exc:
+            bench.result["skipped"].append({"config": f"{backend_name} verify curve",
+                                            "why": f"{type(exc).__name__}: {exc}"[:300]})
+        _write(bench.args.json, bench.result)
+    for kind in drafters:
+        if kind not in gen.manifest.drafters:
+            bench.result["skipped"].append({"drafter": kind, "why": "not in the artifacts"})
+            continue
+        _bench_drafter(bench, backend_name, gen, kind, trees, base, reference)
+
+
+def _hf_configs(bench: BenchRun, manifest) -> list[tuple[str, dict]]:
+    baselines, todo = _split([bench.args.baselines]), []
+    if "hf" in baselines:
+        todo.append(("hf greedy", {}))
+    if "hf-assisted" in baselines:
+        todo.append((f"hf assisted prompt_lookup_num_tokens={bench.args.prompt_lookup_tokens}",
+                     {"prompt_lookup_num_tokens": bench.args.prompt_lookup_tokens}))
+        if "draft" in manifest.drafters:
+            todo.append(("hf assisted assistant_model=draft LM", {"assistant_model": None}))
+    return todo
+
+
+def _bench_hf(bench: BenchRun, manifest) -> None:
+    """HF transformers `generate` greedy and assisted, on the same prompts and device."""
+    todo = _hf_configs(bench, manifest)
+    if not todo:
+        return
+    from treespec.runtime.backends.torch_backend import load_hf_draft, load_hf_model
+
+    model, eos, greedy = load_hf_model(manifest, bench.device), list(manifest.eos_token_ids), None
+    prompts = bench.prompts[: bench.args.hf_prompts] if bench.args.hf_prompts else bench.prompts
+    for name, kwargs in todo:
+        if bench.over_budget():
+            bench.skip(name, "time budget")
+            continue
+        if "assistant_model" in kwargs:
+            kwargs = {"assistant_model": load_hf_draft(manifest, bench.device)}
+        try:
+            _run_hf(model, bench.warm, min(bench.args.max_new_tokens, 32), bench.device, eos, **kwargs)
+            runs = _run_hf(model, prompts, bench.args.max_new_tokens, bench.device, eos, **kwargs)
+        except Exception as exc:  # an HF API change must not lose the other results
+            bench.skip(name, f"{type(exc).__name__}: {exc}")
+            continue
+        row = _summarise(name, runs, None)
+        greedy = runs if name == "hf greedy" else greedy
+        if greedy is not None:
+            same = [r["tokens"] == h["tokens"] for r, h in zip(runs, greedy)]
+            row["identical_to_hf_greedy"] = f"{sum(same)}/{len(same)}"
+        bench.add("baselines", row)
+
+
+def _start(args, device: str) -> tuple[BenchRun, SpeculativeGenerator]:
     texts = read_prompts(args.prompts, args.num_prompts)
     result: dict = {
         "artifacts": str(args.artifacts), "prompts_file": str(args.prompts), "num_prompts": len(texts),
         "max_new_tokens": args.max_new_tokens, "device": device, "batch": 1, "sampling": "greedy",
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "torch": torch.__version__, "configs": [], "baselines": [], "verify_curve_ms": {}, "skipped": [],
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "torch": torch.__version__,
+        "transformers": transformers.__version__, "configs": [], "baselines": [], "verify_curve_ms": {},
+        "skipped": [],
     }
-    try:
-        import transformers
-
-        result["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-
-    def over_budget() -> bool:
-        return bool(args.time_budget) and time.perf_counter() - t_start > args.time_budget
-
-    first = SpeculativeGenerator.from_artifacts(args.artifacts, backends[0], device, threads=args.threads,
-                                                drafter="none")
-    manifest = first.manifest
+    first = SpeculativeGenerator.from_artifacts(args.artifacts, _split([args.backends])[0], device,
+                                                threads=args.threads, drafter="none")
     prompts = [first.encode(t) for t in texts]
     result["prompt_tokens"] = [len(p) for p in prompts]
-    drafters = _split([args.drafters]) if args.drafters else [k for k in manifest.drafters]
-    trees = _split(args.trees) or ["default"]
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    warm = [prompts[longest]]
-    plan = [(b, d, t) for b in backends for d in drafters for t in trees]
-    bar = _Progress(len(backends) * (1 + len(plan) // max(len(backends), 1)) + len(baselines) + 1)
+    return BenchRun(args, device, result, prompts, [prompts[longest]], _Progress(0)), first
 
+
+def run(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backends = _split([args.backends])
+    bench, first = _start(args, device)
+    manifest = first.manifest
+    drafters = _split([args.drafters]) if args.drafters else list(manifest.drafters)
+    trees = _split(args.trees) or ["default"]
+    bench.bar.set_total(len(backends) * (1 + len(drafters) * len(trees)) + len(_hf_configs(bench, manifest)))
     for backend_name in backends:
         gen = first if backend_name == backends[0] else SpeculativeGenerator.from_artifacts(
             args.artifacts, backend_name, device, threads=args.threads, drafter="none")
-        target = gen.target
-        none_tree = gen.resolve_tree("none")
-        base_engine = TreeGenerator(target, None, manifest.eos_token_ids, manifest.dims.max_context)
-        _run_treespec(base_engine, warm, args.max_new_tokens, none_tree, device)  # warm-up
-        base_runs = _run_treespec(base_engine, prompts, args.max_new_tokens, none_tree, device)
-        reference = [r["tokens"] for r in base_runs]
-        base = _summarise(f"{backend_name} --tree none", base_runs, reference)
-        base.update(backend=backend_name, drafter="none", tree="none")
-        result["configs"].append(base)
-        bar.update(base["name"])
-        _write(args.json, result)
-        if device == "cuda" and getattr(target, "min_bucket", 1) > 1 and not over_budget():
-            # Plain decoding as fast as it goes: 1-token steps, not padded to the tree steps' bucket
-            # (the padding is what makes plain and tree steps bit-identical, and it has a cost).
-            padded, target.min_bucket = target.min_bucket, 1
-            _run_treespec(base_engine, warm, args.max_new_tokens, none_tree, device)
-            row = _summarise(f"{backend_name} --tree none, 1-token steps", _run_treespec(
-                base_engine, prompts, args.max_new_tokens, none_tree, device), reference)
-            row.update(backend=backend_name, drafter="none", tree="none-1-token-steps")
-            result["configs"].append(row)
-            target.min_bucket = padded
-        if not over_budget():
-            try:
-                _curves(result, backend_name, target, manifest, device, args)
-            except Exception as exc:
-                result["skipped"].append({"config": f"{backend_name} verify curve",
-                                          "why": f"{type(exc).__name__}: {exc}"[:300]})
-            _write(args.json, result)
-        for kind in drafters:
-            if kind not in manifest.drafters:
-                result["skipped"].append({"drafter": kind, "why": "not in the artifacts"})
-                continue
-            drafter = None
-            for tree_name in trees:
-                label = f"{backend_name} {kind} {tree_name}"
-                if over_budget():
-                    result["skipped"].append({"config": label, "why": "time budget"})
-                    bar.update(label)
-                    continue
-                try:
-                    if drafter is None:
-                        drafter = load_drafter(manifest, backend_name, device, args.threads, kind)
-                    gen.drafter = drafter
-                    spec = manifest.data.get("default_trees", {}).get(kind) if tree_name == "default" else tree_name
-                    cfg = gen.resolve_tree(spec)
-                except InputError as exc:
-                    result["skipped"].append({"config": label, "why": str(exc)})
-                    bar.update(label)
-                    continue
-                engine = TreeGenerator(target, drafter, manifest.eos_token_ids, manifest.dims.max_context)
-                try:
-                    _run_treespec(engine, warm, args.max_new_tokens, cfg, device)
-                    runs = _run_treespec(engine, prompts, args.max_new_tokens, cfg, device)
-                except Exception as exc:  # record and go on with the other configurations
-                    result["skipped"].append({"config": label, "why": f"{type(exc).__name__}: {exc}"[:300]})
-                    bar.update(label)
-                    continue
-                row = _summarise(label, runs, reference)
-                row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__,
-                           speedup_vs_tree_none=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
-                result["configs"].append(row)
-                bar.update(label)
-                _write(args.json, result)
-
-    if baselines and "hf" in baselines or "hf-assisted" in baselines:
-        from treespec.runtime.backends.torch_backend import load_hf_draft, load_hf_model
-
-        model = load_hf_model(manifest, device)
-        eos = list(manifest.eos_token_ids)
-        hf_runs = []
-        todo = []
-        if "hf" in baselines:
-            todo.append(("hf greedy", {}))
-        if "hf-assisted" in baselines:
-            todo.append((f"hf assisted prompt_lookup_num_tokens={args.prompt_lookup_tokens}",
-                         {"prompt_lookup_num_tokens": args.prompt_lookup_tokens}))
-            if "draft" in manifest.drafters:
-                todo.append(("hf assisted assistant_model=draft LM", {"assistant_model": None}))
-        for name, kwargs in todo:
-            if over_budget():
-                result["skipped"].append({"config": name, "why": "time budget"})
-                bar.update(name)
-                continue
-            if "assistant_model" in kwargs:
-                kwargs = {"assistant_model": load_hf_draft(manifest, device)}
-            try:
-                hf_prompts = prompts[: args.hf_prompts] if args.hf_prompts else prompts
-                _run_hf(model, warm, min(args.max_new_tokens, 32), device, eos, **kwargs)
-                runs = _run_hf(model, hf_prompts, args.max_new_tokens, device, eos, **kwargs)
-            except Exception as exc:  # an HF API change must not lose the other results
-                result["skipped"].append({"config": name, "why": f"{type(exc).__name__}: {exc}"[:300]})
-                bar.update(name)
-                continue
-            hf_runs.append((name, runs))
-            row = _summarise(name, runs, None)
-            hf_ref = dict(hf_runs).get("hf greedy")
-            if hf_ref is not None:
-                same = [r["tokens"] == h["tokens"] for r, h in zip(runs, hf_ref)]
-                row["identical_to_hf_greedy"] = f"{sum(same)}/{len(same)}"
-            result["baselines"].append(row)
-            bar.update(name)
-            _write(args.json, result)
-    bar.close()
+        _bench_backend(bench, backend_name, gen, drafters, trees)
+    _bench_hf(bench, manifest)
+    bench.bar.close()
+    result = bench.result
     result["summary"] = summary(result)
-    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    result["total_s"] = round(time.perf_counter() - bench.started, 1)
     _write(args.json, result)
     if args.plot:
         plot(result, args.plot)
