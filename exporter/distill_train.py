@@ -11,12 +11,14 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from treespec.exporter import distill_data as data
+from treespec.models.checkpoint import load_checkpoint
 from treespec.models.drafter_models import (MedusaHeads, draft_trainable_state, make_draft_model,
                                               save_weights)
 
@@ -133,9 +135,61 @@ def _load_checkpoint(path: Path, module, optimizer, prefix_map) -> tuple[int, li
     return int(meta["step"]), json.loads(meta["losses"])
 
 
-def train(opts: TrainOptions) -> dict:
-    from treespec.models.checkpoint import load_checkpoint
+@dataclass
+class Trainee:
+    """The module being trained and how its trainable tensors are read and restored."""
 
+    module: torch.nn.Module
+    params: list
+    state: Callable[[], dict]
+    load: Callable[[dict], object]
+
+
+def _trainee(opts: TrainOptions, target, draft_base) -> Trainee:
+    if opts.kind == "medusa":
+        heads = MedusaHeads(target.config.hidden_size, opts.num_heads, target.lm_head).to(opts.device)
+        return Trainee(heads, list(heads.blocks.parameters()), heads.trainable_state,
+                       lambda s: heads.load_state_dict(s, strict=False))
+    draft = make_draft_model(draft_base, opts.num_layers).to(opts.device)  # already fp32
+    return Trainee(draft, list(draft.model.layers.parameters()), lambda: draft_trainable_state(draft),
+                   lambda s: draft.model.layers.load_state_dict({k[len("layers."):]: v for k, v in s.items()}))
+
+
+def _train_steps(opts: TrainOptions, target, trainee: Trainee, ids, lengths) -> list[float]:
+    optimizer = torch.optim.AdamW(trainee.params, lr=opts.lr, weight_decay=0.0)
+    schedule = lambda step: min(1.0, (step + 1) / 20) * max(0.05, 1 - step / opts.steps)  # noqa: E731
+    _, ckpt_path = _paths(opts.out)
+    step, losses = 0, []
+    if opts.resume and ckpt_path.exists():
+        step, losses = _load_checkpoint(ckpt_path, trainee.module, optimizer, trainee.load)
+        data.log(f"resuming from {ckpt_path} at step {step}")
+    bar = tqdm(total=opts.steps, initial=step, desc=f"train-{opts.kind}", unit="step")
+    while step < opts.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = opts.lr * schedule(step)
+        batch, valid = _batch(ids, lengths, opts, step)
+        with torch.no_grad():
+            out = target(input_ids=batch, attention_mask=valid.long(), output_hidden_states=True)
+            labels = out.logits.argmax(-1)
+        if opts.kind == "medusa":
+            loss = medusa_loss(trainee.module, out.hidden_states[-1], labels, valid)
+        else:
+            loss = draft_loss(trainee.module, batch, labels, valid)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainee.params, 1.0)
+        optimizer.step()
+        losses.append(round(float(loss), 5))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % opts.checkpoint_every == 0 or step == opts.steps:
+            _save_checkpoint(ckpt_path, trainee.state(), optimizer, step, losses)
+    bar.close()
+    return losses
+
+
+def train(opts: TrainOptions) -> dict:
     torch.manual_seed(opts.seed)
     started = time.perf_counter()
     ckpt = load_checkpoint(opts.model)
@@ -146,52 +200,9 @@ def train(opts: TrainOptions) -> dict:
     if opts.device == "cuda":
         target = target.to(torch.bfloat16)
     target.eval().requires_grad_(False)
-    tokenizer = ckpt.tokenizer
-    ids, lengths, info = build_dataset(opts, target, tokenizer)
-
-    if opts.kind == "medusa":
-        module = MedusaHeads(target.config.hidden_size, opts.num_heads, target.lm_head).to(opts.device)
-        params = list(module.blocks.parameters())
-        state_fn = module.trainable_state
-        load_fn = lambda s: module.load_state_dict(s, strict=False)  # noqa: E731
-    else:
-        module = make_draft_model(draft_base, opts.num_layers).to(opts.device)  # already fp32
-        params = list(module.model.layers.parameters())
-        state_fn = lambda: draft_trainable_state(module)  # noqa: E731
-        load_fn = lambda s: module.model.layers.load_state_dict(  # noqa: E731
-            {k[len("layers."):]: v for k, v in s.items()})
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    schedule = lambda step: min(1.0, (step + 1) / 20) * max(0.05, 1 - step / opts.steps)  # noqa: E731
-
-    _, ckpt_path = _paths(opts.out)
-    step, losses = 0, []
-    if opts.resume and ckpt_path.exists():
-        step, losses = _load_checkpoint(ckpt_path, module, optimizer, load_fn)
-        data.log(f"resuming from {ckpt_path} at step {step}")
-    bar = tqdm(total=opts.steps, initial=step, desc=f"train-{opts.kind}", unit="step")
-    while step < opts.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = opts.lr * schedule(step)
-        batch, valid = _batch(ids, lengths, opts, step)
-        with torch.no_grad():
-            out = target(input_ids=batch, attention_mask=valid.long(), output_hidden_states=True)
-            labels = out.logits.argmax(-1)
-            hidden = out.hidden_states[-1] if opts.kind == "medusa" else None
-        if opts.kind == "medusa":
-            loss = medusa_loss(module, hidden, labels, valid)
-        else:
-            loss = draft_loss(module, batch, labels, valid)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(round(float(loss), 5))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step % opts.checkpoint_every == 0 or step == opts.steps:
-            _save_checkpoint(ckpt_path, state_fn(), optimizer, step, losses)
-    bar.close()
+    ids, lengths, info = build_dataset(opts, target, ckpt.tokenizer)
+    trainee = _trainee(opts, target, draft_base)
+    losses = _train_steps(opts, target, trainee, ids, lengths)
 
     window = max(1, min(20, len(losses) // 4))
     summary = {**{k: str(v) for k, v in asdict(opts).items()}, **info,
@@ -201,7 +212,7 @@ def train(opts: TrainOptions) -> dict:
             "hidden_size": str(target.config.hidden_size), "summary": json.dumps(summary)}
     meta["num_heads" if opts.kind == "medusa" else "num_layers"] = str(
         opts.num_heads if opts.kind == "medusa" else opts.num_layers)
-    save_weights(state_fn(), opts.out, meta)
+    save_weights(trainee.state(), opts.out, meta)
     data.log(f"wrote {opts.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
     return summary
 
