@@ -206,6 +206,60 @@ def plot(results: list[dict], copy_bw: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _compiled_flex(report: dict):
+    """flex_attention compiled once per benchmark shape, or None (the reason goes in the report)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        for knob in ("cache_size_limit", "recompile_limit"):  # one compile per benchmark shape
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
+        return flex
+    except Exception as exc:
+        report["flex_error"] = str(exc)[:300]
+        return None
+
+
+def _aot_kernels_for(d: int) -> dict:
+    kernels = {}
+    for tactic in TACTICS:
+        kernel = aot.fit_shared_memory("fp16", d, None, tactic_config(tactic))
+        kernels[tactic] = (kernel, PtxKernel(kernel, driver="ctypes"))
+    return kernels
+
+
+def _measure_point(shape: str, p: int, t: int, aot_kernels: dict, copy_bw: float) -> tuple[dict, dict]:
+    """Ours (sweep), AOT PTX and SDPA at one (shape, P, T); returns the point and its inputs."""
+    h, kvh, d = SHAPES[shape]
+    x = inputs(h, kvh, d, p, t)
+    ours, out = bench_ours(x, d)
+    aot_rows = bench_aot(x, aot_kernels)
+    sdpa, sdpa_out = bench_sdpa(x, p, t)
+    best = min(ours[:-1], key=lambda r: r["ms"])  # the sweep's best (its warm time is measured)
+    fused = min((r for r in ours if r["splits"] == 1), key=lambda r: r["ms"])
+    sdpa_ms = min((v for v in sdpa.values() if isinstance(v, float)), default=float("nan"))
+    nbytes = useful_bytes(h, kvh, d, p, t)
+    point: dict = {"shape": shape, "H": h, "KVH": kvh, "D": d, "P": p, "T": t, "ours": ours, "aot": aot_rows,
+                   "sdpa": sdpa, "copies": x["copies"]}
+    point.update(ours_ms=best["ms"], ours_best=best, fused_ms=fused["ms"], default_ms=ours[-1]["ms"],
+                 aot_ms=min(r["ms"] for r in aot_rows), sdpa_ms=sdpa_ms, bytes=nbytes,
+                 bandwidth_Bps=nbytes / (best["ms"] * 1e-3), bw_fraction=nbytes / (best["ms"] * 1e-3) / copy_bw,
+                 speedup_vs_sdpa=sdpa_ms / best["ms"],
+                 max_abs_diff_vs_sdpa=(out.float() - sdpa_out.float()).abs().max().item() if sdpa_out is not None else None)
+    return point, x
+
+
+def _print_point(point: dict) -> None:
+    best, flex_ms = point["ours_best"], point.get("flex_ms")
+    flex_us = flex_ms * 1e3 if isinstance(flex_ms, float) else float("nan")
+    print(f"{point['shape']:28s} P={point['P']:5d} T={point['T']:3d}  ours {best['ms'] * 1e3:7.1f} µs "
+          f"({best['config']}, splits {best['splits']})  fused {point['fused_ms'] * 1e3:7.1f}  default "
+          f"{point['default_ms'] * 1e3:7.1f}  aot {point['aot_ms'] * 1e3:7.1f}  sdpa {point['sdpa_ms'] * 1e3:7.1f}"
+          f"  flex {flex_us:7.1f}  warm {best['warm_ms'] * 1e3:6.1f}  bw {100 * point['bw_fraction']:5.1f}%"
+          f"  x{point['speedup_vs_sdpa']:.2f} vs sdpa", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -219,17 +273,7 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     report: dict = {"device": device, "torch": torch.__version__, "copy_bandwidth_Bps": copy_bw, "points": []}
     print(f"{device}: device copy bandwidth {copy_bw / 1e12:.3f} TB/s", flush=True)
-    flex = None
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        flex = torch.compile(flex_attention, dynamic=False)
-        for knob in ("cache_size_limit", "recompile_limit"):  # one compile per benchmark shape
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, 64)
-    except Exception as exc:
-        report["flex_error"] = str(exc)[:300]
-    flex_spent = 0.0
+    flex, flex_spent = _compiled_flex(report), 0.0
     order = [(s, 8192, 64) for s in SHAPES]  # the target point first, for both shapes
     order += [(s, p, t) for s in SHAPES for p in PASTS for t in TOKENS if (p, t) != (8192, 64)]
     aot_kernels: dict = {}
@@ -237,18 +281,10 @@ def main() -> int:
         if time.time() - start > args.deadline:
             report.setdefault("skipped", []).append([shape, p, t])
             continue
-        h, kvh, d = SHAPES[shape]
+        d = SHAPES[shape][2]
         if d not in aot_kernels:
-            aot_kernels[d] = {}
-            for tactic in TACTICS:
-                kernel = aot.fit_shared_memory("fp16", d, None, tactic_config(tactic))
-                aot_kernels[d][tactic] = (kernel, PtxKernel(kernel, driver="ctypes"))
-        x = inputs(h, kvh, d, p, t)
-        ours, out = bench_ours(x, d)
-        aot_rows = bench_aot(x, aot_kernels[d])
-        sdpa, sdpa_out = bench_sdpa(x, p, t)
-        point: dict = {"shape": shape, "H": h, "KVH": kvh, "D": d, "P": p, "T": t, "ours": ours, "aot": aot_rows,
-                       "sdpa": sdpa}
+            aot_kernels[d] = _aot_kernels_for(d)
+        point, x = _measure_point(shape, p, t, aot_kernels[d], copy_bw)
         if flex is not None and flex_spent < args.flex_budget:
             t0 = time.time()
             try:
@@ -256,23 +292,10 @@ def main() -> int:
             except Exception as exc:
                 point["flex_ms"] = f"{type(exc).__name__}: {exc}"[:300]
             flex_spent += time.time() - t0
-        best = min(ours[:-1], key=lambda r: r["ms"])  # the sweep's best (its warm time is measured)
-        point["copies"] = x["copies"]
-        fused = min((r for r in ours if r["splits"] == 1), key=lambda r: r["ms"])
-        sdpa_ms = min((v for v in sdpa.values() if isinstance(v, float)), default=float("nan"))
-        nbytes = useful_bytes(h, kvh, d, p, t)
-        point.update(ours_ms=best["ms"], ours_best=best, fused_ms=fused["ms"], default_ms=ours[-1]["ms"],
-                     aot_ms=min(r["ms"] for r in aot_rows), sdpa_ms=sdpa_ms, bytes=nbytes,
-                     bandwidth_Bps=nbytes / (best["ms"] * 1e-3), bw_fraction=nbytes / (best["ms"] * 1e-3) / copy_bw,
-                     speedup_vs_sdpa=sdpa_ms / best["ms"],
-                     max_abs_diff_vs_sdpa=(out.float() - sdpa_out.float()).abs().max().item() if sdpa_out is not None else None)
         if isinstance(point.get("flex_ms"), float):
-            point["speedup_vs_flex"] = point["flex_ms"] / best["ms"]
+            point["speedup_vs_flex"] = point["flex_ms"] / point["ours_ms"]
         report["points"].append(point)
-        print(f"{shape:28s} P={p:5d} T={t:3d}  ours {best['ms'] * 1e3:7.1f} µs ({best['config']}, splits {best['splits']})"
-              f"  fused {fused['ms'] * 1e3:7.1f}  default {ours[-1]['ms'] * 1e3:7.1f}  aot {point['aot_ms'] * 1e3:7.1f}"
-              f"  sdpa {sdpa_ms * 1e3:7.1f}  flex {point.get('flex_ms', float('nan')) * 1e3 if isinstance(point.get('flex_ms'), float) else float('nan'):7.1f}"
-              f"  warm {best['warm_ms'] * 1e3:6.1f}  bw {100 * point['bw_fraction']:5.1f}%  x{point['speedup_vs_sdpa']:.2f} vs sdpa", flush=True)
+        _print_point(point)
         (args.out / "bench_kernel.json").write_text(json.dumps(report, indent=1, default=str))
         del x
     report["elapsed_s"] = time.time() - start
