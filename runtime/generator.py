@@ -1,8 +1,9 @@
-"""The decoding loop: prefill, then draft -> build tree -> verify -> commit, for a batch.
+"""The decoding loop in the algorithm's own words: prefill, then per step draft -> verify -> advance.
 
 Token-level only (no text): runtime/api.py adds the tokenizer, presets and streaming of text.
 Each sequence of a batch has its own (ragged) tree; the trees are padded into one target call and
-every sequence keeps its own KV length.
+every sequence keeps its own KV length. `TreeGenerator.run` reads as those steps; one `_Run`
+carries a generation's state between them (no tuple returns, no attributes set on others).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import numpy as np
 
 from treespec.runtime.trees.auto import AutoPlanner, LatencyCache, LatencyCurve, measure_latency
 from treespec.runtime.backends.base import StepInputs, TreeBackend
-from treespec.runtime.drafters.base import Drafter
-from treespec.runtime.trees.policies import TreeConfig, draft_trees
-from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
+from treespec.runtime.backends.base import StepOutputs
+from treespec.runtime.drafters.base import Drafter, Features
+from treespec.runtime.trees.policies import DraftedTrees, TreeConfig, draft_trees
+from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 from treespec.runtime.verify import (SamplingParams, Verdict, sample_from, target_distribution,
-                                     verify_greedy, verify_greedy_ids, verify_sampling, verify_typical)
+                                     verify_greedy_ids, verify_tree)
 
 __all__ = ["StepEvent", "Stats", "TreeGenerator", "verify_greedy_ids", "Verdict"]
 
@@ -78,6 +80,23 @@ class Stats:
         return out
 
 
+@dataclass
+class _Run:
+    """One generation's state, threaded through the steps of `TreeGenerator.run`."""
+
+    tree: TreeConfig
+    sampling: SamplingParams
+    rng: np.random.Generator
+    drafter: Drafter | None  # None for --tree none
+    sample_children: bool  # children drawn from the drafter's q (exact sampling only)
+    planner: AutoPlanner | None  # `auto`: picks each step's node budget
+    capacity: int  # KV rows per sequence (the target's and the drafter's)
+    limits: list[int]  # new tokens each sequence may produce
+    produced: list[int]
+    finished: list[bool]
+    roots: list[int] = field(default_factory=list)  # each sequence's last token: its next tree root
+
+
 class TreeGenerator:
     def __init__(self, target: TreeBackend, drafter: Drafter | None, eos_token_ids: list[int],
                  max_context: int, latency_cache: LatencyCache | None = None):
@@ -105,116 +124,125 @@ class TreeGenerator:
     def run(self, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig,
             sampling: SamplingParams, seed: int | None = None) -> Iterator[StepEvent]:
         """Yield one StepEvent after the prefill and after every verification step."""
+        state = self._start(prompts, max_new_tokens, tree, sampling, seed)
+        yield self._prefill(state, prompts)
+        while not all(state.finished):
+            drafted = self._draft(state)  # one tree per sequence
+            out = self._verify_step(drafted.trees)  # the target scores every tree in one step
+            verdicts = self._verify(state, drafted, out)  # the longest path the target agrees with
+            yield self._advance(state, drafted, out, verdicts)  # commit, emit, feed the drafter
+
+    def _start(self, prompts: list[list[int]], max_new_tokens: int, tree: TreeConfig,
+               sampling: SamplingParams, seed: int | None) -> _Run:
+        """Fresh stats, the target's cache sized for the longest sequence, the generation's state."""
         drafter = self.drafter if tree.policy != "none" else None
         # Children drawn from the drafter's q only where the exact rule can use q.
         sample_children = (drafter is not None and tree.sample_children and not sampling.greedy
                            and sampling.acceptance == "exact")
-        if drafter is not None and hasattr(drafter, "return_distributions"):
+        if drafter is not None:
             drafter.return_distributions = sample_children
         planner = None
         if drafter is not None and tree.policy == "auto":
             planner = AutoPlanner(self.latency_curve(tree.max_nodes), tree.budget)
-        self.stats = stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless)
-        rng = np.random.default_rng(seed)
-        batch = len(prompts)
+        self.stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless)
         longest = max(len(p) for p in prompts)
         capacity = min(self.max_context, longest + max_new_tokens) + tree.levels + 2
-        self.target.reset(batch, capacity)
-        limits = [min(max_new_tokens, self.max_context - len(p)) for p in prompts]
-        produced = [0] * batch
-        finished = [False] * batch
+        self.target.reset(len(prompts), capacity)
+        return _Run(tree, sampling, np.random.default_rng(seed), drafter, sample_children, planner, capacity,
+                    limits=[min(max_new_tokens, self.max_context - len(p)) for p in prompts],
+                    produced=[0] * len(prompts), finished=[False] * len(prompts))
 
+    def _prefill(self, state: _Run, prompts: list[list[int]]) -> StepEvent:
+        """Every prompt in one step; the first token from its last position; the drafter primed."""
         t0 = time.perf_counter()
-        chains = [chain_tree(p) for p in prompts]
-        out = self._verify_step(chains)
+        out = self._target_step([chain_tree(p) for p in prompts])
         self.target.commit(out, [list(range(len(p))) for p in prompts])
-        argmax = getattr(out, "argmax", None)
-        first = []
         for b, prompt in enumerate(prompts):
-            if sampling.greedy:
-                first.append(int(argmax[b, len(prompt) - 1]) if argmax is not None
-                             else int(out.logits[b, len(prompt) - 1].argmax()))
+            last = len(prompt) - 1
+            if state.sampling.greedy:
+                token = int(out.argmax[b, last]) if out.argmax is not None else int(out.logits[b, last].argmax())
             else:
-                first.append(sample_from(target_distribution(out.logits[b, len(prompt) - 1], sampling), rng))
-        stats.prefill_s = time.perf_counter() - t0
+                token = sample_from(target_distribution(out.logits[b, last], state.sampling), state.rng)
+            state.roots.append(token)
+        self.stats.prefill_s = time.perf_counter() - t0
         if self.drafter is not None:
-            self.drafter.reset([p + [f] for p, f in zip(prompts, first)], capacity)
+            self.drafter.reset([p + [r] for p, r in zip(prompts, state.roots)], state.capacity)
             for b, prompt in enumerate(prompts):
-                self.drafter.accept(b, [], out.hidden_states[b, len(prompt) - 1])
-        roots = first
-        event = self._finish([[f] for f in first], produced, limits, finished)
-        yield event
+                self.drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(prompt)))))
+        return self._finish([[r] for r in state.roots], state)
 
-        while not all(finished):
-            t_draft = time.perf_counter()
-            drafted = draft_trees(tree, drafter, roots, active=[not f for f in finished],
-                                  rng=rng if sample_children else None,
-                                  temperature=sampling.temperature, planner=planner)
-            trees = drafted.trees
-            if drafted.budget is not None:
-                stats.budgets.append(drafted.budget)
-            t_verify = time.perf_counter()
-            stats.draft_s += t_verify - t_draft
-            out = self._verify_step(trees)
-            t_host = time.perf_counter()
-            stats.verify_s += t_host - t_verify
+    def _draft(self, state: _Run) -> DraftedTrees:
+        t0 = time.perf_counter()
+        drafted = draft_trees(state.tree, state.drafter, state.roots, active=[not f for f in state.finished],
+                              rng=state.rng if state.sample_children else None,
+                              temperature=state.sampling.temperature, planner=state.planner)
+        if drafted.budget is not None:
+            self.stats.budgets.append(drafted.budget)
+        self.stats.draft_s += time.perf_counter() - t0
+        return drafted
 
-            argmax = getattr(out, "argmax", None)
-            accepted_rows, new_tokens = [], []
-            for b, t in enumerate(trees):
-                if finished[b]:
-                    accepted_rows.append([])
-                    new_tokens.append([])
-                    continue
-                if sampling.greedy and argmax is not None:  # device argmax: no [T, V] copy
-                    verdict = verify_greedy_ids(t, argmax[b])
-                elif sampling.greedy:
-                    verdict = verify_greedy(t, out.logits[b, : len(t)])
-                elif sampling.acceptance == "typical":
-                    verdict = verify_typical(t, out.logits[b, : len(t)], sampling, rng)
-                else:
-                    verdict = verify_sampling(t, out.logits[b, : len(t)], sampling, rng, drafted.proposals[b])
-                    stats.sampled_children |= bool(drafted.proposals[b])
-                accepted_rows.append(verdict.path)
-                new_tokens.append(verdict.tokens)
-                stats.tree_sizes.append(len(t))
-                if planner is not None:
-                    planner.record(drafted.expected[b], len(verdict.path) - 1)
-                stats.tree_depths.append(max(t.depths))
-            self.target.commit(out, accepted_rows)
-            stats.steps += 1
-            event = self._finish(new_tokens, produced, limits, finished)
-            stats.accepted += [len(e) for e, t in zip(event.new_tokens, new_tokens) if t]
-            for b in range(batch):
-                if new_tokens[b]:
-                    roots[b] = new_tokens[b][-1]
-                    if self.drafter is not None and not finished[b]:
-                        last = accepted_rows[b][-1]
-                        self.drafter.accept(b, new_tokens[b], out.hidden_states[b, last])
-            stats.host_s += time.perf_counter() - t_host
-            yield event
+    def _verify_step(self, trees: list[Tree]) -> StepOutputs:
+        t0 = time.perf_counter()
+        out = self._target_step(trees)
+        self.stats.verify_s += time.perf_counter() - t0
+        return out
 
-    def _verify_step(self, trees):
+    def _target_step(self, trees: list[Tree]) -> StepOutputs:
         ids, pos, mask = batch_tree_inputs(trees, self.target.lengths)
         return self.target.step(StepInputs(ids, pos, mask))
 
-    def _finish(self, new_tokens, produced, limits, finished) -> StepEvent:
+    def _verify(self, state: _Run, drafted: DraftedTrees, out: StepOutputs) -> list[Verdict | None]:
+        """Each unfinished sequence's verdict on its tree (None for finished ones)."""
+        t0 = time.perf_counter()
+        verdicts: list[Verdict | None] = []
+        for b, tree in enumerate(drafted.trees):
+            if state.finished[b]:
+                verdicts.append(None)
+                continue
+            verdict = verify_tree(tree, out, b, state.sampling, state.rng, drafted.proposals[b])
+            self.stats.sampled_children |= bool(drafted.proposals[b])
+            self.stats.tree_sizes.append(len(tree))
+            self.stats.tree_depths.append(max(tree.depths))
+            if state.planner is not None:
+                state.planner.record(drafted.expected[b], len(verdict.path) - 1)
+            verdicts.append(verdict)
+        self.stats.host_s += time.perf_counter() - t0
+        return verdicts
+
+    def _advance(self, state: _Run, drafted: DraftedTrees, out: StepOutputs,
+                 verdicts: list[Verdict | None]) -> StepEvent:
+        """Commit the accepted rows, emit the new tokens, hand the drafter the accepted features."""
+        t0 = time.perf_counter()
+        self.target.commit(out, [v.path if v is not None else [] for v in verdicts])
+        self.stats.steps += 1
+        event = self._finish([v.tokens if v is not None else [] for v in verdicts], state)
+        self.stats.accepted += [len(e) for e, v in zip(event.new_tokens, verdicts) if v is not None]
+        for b, verdict in enumerate(verdicts):
+            if verdict is None:
+                continue
+            state.roots[b] = verdict.tokens[-1]
+            if self.drafter is not None and not state.finished[b]:
+                self.drafter.accept(b, verdict.tokens, Features(out.hidden_states, b, verdict.path))
+        self.stats.host_s += time.perf_counter() - t0
+        return event
+
+    def _finish(self, new_tokens: list[list[int]], state: _Run) -> StepEvent:
         """Cut each sequence's new tokens at EOS / its token limit and mark it finished."""
         emitted = []
         for b, tokens in enumerate(new_tokens):
-            if finished[b]:
+            if state.finished[b]:
                 emitted.append([])
                 continue
-            room = limits[b] - produced[b]
+            room = state.limits[b] - state.produced[b]
             kept = []
             for token in tokens[:room]:
                 kept.append(token)
                 if token in self.eos:
-                    finished[b] = True
+                    state.finished[b] = True
                     break
-            produced[b] += len(kept)
-            if produced[b] >= limits[b]:
-                finished[b] = True
+            state.produced[b] += len(kept)
+            if state.produced[b] >= state.limits[b]:
+                state.finished[b] = True
             emitted.append(kept)
             self.stats.new_tokens += len(kept)
-        return StepEvent(new_tokens=emitted, finished=list(finished))
+        return StepEvent(new_tokens=emitted, finished=list(state.finished))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from treespec.errors import InputError
+from treespec.runtime.backends.base import StepOutputs
 from treespec.runtime.trees.tree import Tree
 
 ACCEPTANCE_MODES = ("exact", "typical")
@@ -106,6 +107,21 @@ def sample_from(p: np.ndarray, rng: np.random.Generator) -> int:
     while p[i] <= 0 and i > 0:  # rounding at the top end: step back to a token with mass
         i -= 1
     return i
+
+
+def verify_tree(tree: Tree, out: StepOutputs, b: int, sampling: SamplingParams, rng: np.random.Generator,
+                proposals: dict[int, np.ndarray] | None = None) -> Verdict:
+    """Sequence b's tree against the target step `out`, by the rule `sampling` asks for: greedy on
+    the backend's argmax when it gave one (no [T, V] copy), greedy on the logits, typical (LOSSY)
+    or exact speculative sampling against the drafter's proposals."""
+    if sampling.greedy and out.argmax is not None:
+        return verify_greedy_ids(tree, out.argmax[b])
+    logits = out.logits[b, : len(tree)]
+    if sampling.greedy:
+        return verify_greedy(tree, logits)
+    if sampling.acceptance == "typical":
+        return verify_typical(tree, logits, sampling, rng)
+    return verify_sampling(tree, logits, sampling, rng, proposals)
 
 
 def verify_greedy(tree: Tree, logits: np.ndarray) -> Verdict:

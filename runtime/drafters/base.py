@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
 
 
@@ -30,19 +32,47 @@ class Candidates:
         return int(self.tokens.shape[0])
 
 
+@dataclass
+class Features:
+    """The target's final hidden states at some rows of one step's output, left where the step put
+    them: `hidden` is a host array [B, T, H] or a LazyHost over a device tensor, so a drafter that
+    needs only the last row copies only that row, and a device drafter can gather them in place."""
+
+    hidden: Any
+    b: int
+    rows: list[int]
+
+    def host(self) -> np.ndarray:
+        """float32 [len(rows), H]"""
+        return np.asarray(self.hidden[self.b, self.rows], dtype=np.float32).reshape(len(self.rows), -1)
+
+    def last(self) -> np.ndarray:
+        """float32 [H]: the hidden state at the last row."""
+        return np.asarray(self.hidden[self.b, self.rows[-1]], dtype=np.float32).reshape(-1)
+
+
 class Drafter(ABC):
     kind: str = "abstract"
     max_depth: int | None = None  # Medusa: number of heads; others unbounded
+    # Sampling sets this: candidates then carry the drafter's full distribution q (Candidates.distribution)
+    return_distributions: bool = False
 
     @abstractmethod
     def reset(self, contexts: list[list[int]], capacity: int) -> None:
         """Start a batch. contexts[b] holds every token so far; its last token is the tree root."""
 
     @abstractmethod
-    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
-        """After verification: sequence b grew by `new_tokens` (the last one is the next root);
-        `target_hidden` is the target's last hidden state at the node that produced it."""
+    def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
+        """After a target step: sequence b grew by `new_tokens` (the last one is the next root).
+        `features` are the target's hidden states at the positions that step kept: the prompt's at
+        the prefill (`new_tokens` empty), the accepted path's nodes (root first, one per new token)
+        after a verification; the last is at the node whose prediction is the new root."""
 
     @abstractmethod
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
         """For each sequence b and node n in frontiers[b], candidates for n's children."""
+
+    def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> list[Tree] | None:
+        """Whole trees for `cfg` grown by the drafter itself (EAGLE-2 in one captured CUDA graph);
+        None, the default: the tree policy grows them level by level through `expand`."""
+        return None
