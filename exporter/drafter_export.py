@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from treespec.models.drafter_models import (MedusaTopK, draft_from_weights, load_weights,
-                                              medusa_from_weights)
-from treespec.exporter.onnx_export import TORCH_DTYPES, _quiet_exporter, _save, export_tree_graph
+from treespec.artifacts import DrafterEntry, GraphEntry, Profile
+from treespec.exporter.onnx_export import TORCH_DTYPES, _quiet_exporter, _save, export_tree_graph, graph_entry
+from treespec.models.drafter_models import MedusaTopK, draft_from_weights, load_weights, medusa_from_weights
 from treespec.models.tree_model import TreeDecoder
 
 MEDUSA_TOP_K = 8
@@ -46,30 +48,49 @@ def bundled_weights(model: str, kind: str) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def export_drafter(kind: str, ckpt, opts, work: Path, model: dict):
-    weights = opts.drafter_weights.get(kind) or bundled_weights(opts.model, kind)
+@dataclass
+class DrafterExport:
+    """What a drafter export needs from the export options (plain values: no ExportOptions here)."""
+
+    model: str  # the checkpoint spec as given (its bundled drafter weights are looked up by it)
+    precision: str
+    attention: str
+    max_batch: int
+    max_tree_tokens: int
+    max_context: int
+    weights: Path | None = None  # trained weights given with --drafter-weights
+
+
+@dataclass
+class AddedDrafter:
+    entry: DrafterEntry
+    graphs: dict[str, GraphEntry]
+    default_tree: dict[str, Any]
+
+
+def export_drafter(kind: str, target, work: Path, req: DrafterExport) -> AddedDrafter:
+    """Export the `kind` drafter of `target` into `work`: its graph, its weights and its entry."""
+    weights = req.weights or bundled_weights(req.model, kind)
     meta = load_weights(weights)[1] if weights else {}
     if weights:  # keep the weights beside the graph: the torch backend rebuilds the drafter from them
         (work / "drafters").mkdir(exist_ok=True)
         shutil.copyfile(weights, work / "drafters" / f"{kind}.safetensors")
-    trained = {"weights": f"drafters/{kind}.safetensors" if weights else None, "trained": bool(weights),
-               "training": {k: v for k, v in meta.items() if k not in ("vocab_size", "hidden_size")}}
+    entry = DrafterEntry(graph=kind, top_k=MEDUSA_TOP_K, weights=f"drafters/{kind}.safetensors" if weights else None,
+                         trained=bool(weights),
+                         training={k: v for k, v in meta.items() if k not in ("vocab_size", "hidden_size")})
     if kind == "medusa":
-        heads = medusa_from_weights(ckpt.model, weights)
-        export_medusa_graph(heads, work / "medusa.onnx", opts.precision)
-        graph = {"onnx": "medusa.onnx", "external_data": True, "precision": opts.precision,
-                 "num_heads": heads.num_heads, "top_k": MEDUSA_TOP_K, "outputs_logits": True,
-                 "profile": {"batch": [1, 1, opts.max_batch], "tree_tokens": [1, 1, opts.max_tree_tokens]},
-                 "engines": []}
-        spec = {"graph": "medusa", "num_heads": heads.num_heads, "top_k": MEDUSA_TOP_K, **trained}
-        return spec, {"medusa": graph}, DEFAULT_TREES["medusa"]
+        heads = medusa_from_weights(target, weights)
+        export_medusa_graph(heads, work / "medusa.onnx", req.precision)
+        entry.num_heads = heads.num_heads
+        graph = GraphEntry(onnx="medusa.onnx", external_data=True, precision=req.precision, num_heads=heads.num_heads,
+                           top_k=MEDUSA_TOP_K, outputs_logits=True,
+                           profile=Profile(batch=(1, 1, req.max_batch), tree_tokens=(1, 1, req.max_tree_tokens)))
+        return AddedDrafter(entry, {"medusa": graph}, DEFAULT_TREES["medusa"])
     if kind == "draft":
-        draft = draft_from_weights(ckpt.model, weights)
-        export_tree_graph(TreeDecoder(draft, opts.attention), work / "draft.onnx", opts.precision)
-        from treespec.exporter.pipeline import graph_entry
-
-        graph = graph_entry("draft.onnx", opts, model["max_context"],
-                            dims={"num_layers": draft.config.num_hidden_layers})
-        spec = {"graph": "draft", "num_layers": draft.config.num_hidden_layers, "top_k": MEDUSA_TOP_K, **trained}
-        return spec, {"draft": graph}, DEFAULT_TREES["draft"]
+        draft = draft_from_weights(target, weights)
+        export_tree_graph(TreeDecoder(draft, req.attention), work / "draft.onnx", req.precision)
+        entry.num_layers = draft.config.num_hidden_layers
+        graph = graph_entry("draft.onnx", req.precision, req.attention, req.max_batch, req.max_tree_tokens,
+                            req.max_context, entry.num_layers)
+        return AddedDrafter(entry, {"draft": graph}, DEFAULT_TREES["draft"])
     raise ValueError(kind)

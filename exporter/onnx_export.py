@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from treespec.artifacts import GraphEntry, Profile
 from treespec.models.tree_model import TreeDecoder, graph_input_names, graph_output_names
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,3 +73,12 @@ def _save(program, path: Path) -> None:
 def _quiet_exporter() -> None:
     for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def graph_entry(file: str, precision: str, attention: str, max_batch: int, max_tree_tokens: int,
+                max_context: int, num_layers: int | None = None) -> GraphEntry:
+    """The manifest entry of a decoder graph (target or draft) and the profile its engines get."""
+    profile = Profile(batch=(1, 1, max_batch), tree_tokens=(1, min(64, max_tree_tokens), max_tree_tokens),
+                      past=(1, min(1024, max_context), max_context))
+    return GraphEntry(onnx=file, profile=profile, precision=precision, attention=attention, external_data=True,
+                      num_layers=num_layers)

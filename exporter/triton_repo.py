@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from treespec.errors import ArtifactError, InputError
-from treespec.artifacts import load_manifest
+from treespec.artifacts import EngineRecord, GraphEntry, load_manifest
 
 STAMP = "treespec_repo.json"
 ORCHESTRATOR = "treespec"
@@ -195,18 +195,15 @@ def _onnx_io(path: Path) -> tuple[list, list]:
     return describe([v for v in model.graph.input if v.name not in inits]), describe(model.graph.output)
 
 
-def _trt_engine(entry: dict[str, Any]) -> dict[str, Any] | None:
-    for record in entry.get("engines", []) or []:
-        if record.get("builder") == "tensorrt":
-            return record
-    return None
+def _trt_engine(entry: GraphEntry) -> EngineRecord | None:
+    return entry.engine("tensorrt")
 
 
 def graph_config(manifest, name: str, device: str):
     """(ModelConfig, {file in version dir: source path}) for one graph of the artifacts."""
     pb, _ = _pb()
     entry = manifest.graph(name)
-    onnx_path = manifest.require_file(entry["onnx"])
+    onnx_path = manifest.require_file(entry.onnx)
     inputs, outputs = _onnx_io(onnx_path)
     engine = _trt_engine(entry)
     cfg = pb.ModelConfig(name=name, max_batch_size=0)
@@ -214,21 +211,21 @@ def graph_config(manifest, name: str, device: str):
     if engine is not None:
         cfg.platform = "tensorrt_plan"
         cfg.default_model_filename = "model.plan"
-        files["model.plan"] = manifest.require_file(engine["file"])
+        files["model.plan"] = manifest.require_file(engine.file)
         device = "cuda"  # TensorRT plans run on GPUs only
     else:
         cfg.platform = "onnxruntime_onnx"
         cfg.default_model_filename = "model.onnx"
         files["model.onnx"] = onnx_path
-        if entry.get("external_data"):  # ONNX Runtime finds it by the name stored in the graph
-            data = manifest.require_file(entry["onnx"] + ".data")
+        if entry.external_data:  # ONNX Runtime finds it by the name stored in the graph
+            data = manifest.require_file(entry.onnx + ".data")
             files[data.name] = data
     cfg.input.extend(_tensor(pb, "input", n, t, d) for n, t, d in inputs)
     cfg.output.extend(_tensor(pb, "output", n, t, d) for n, t, d in outputs)
     group = _instance_group(pb, device, 1)
-    if engine is not None and len(engine.get("profiles") or []) > 1:
+    if engine is not None and len(engine.profiles) > 1:
         # e.g. "tree" and "prefill": Triton runs each request in the first listed profile it fits
-        group.profile.extend(str(i) for i in range(len(engine["profiles"])))
+        group.profile.extend(str(i) for i in range(len(engine.profiles)))
     cfg.instance_group.append(group)
     return cfg, files
 
@@ -265,8 +262,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
     if backend == "tensorrt" and _trt_engine(manifest.graph("target")) is None:
         raise ArtifactError(f"{artifact_dir} has no full-TensorRT engine for the target graph: "
                             "build one with treespec-export --engines tensorrt, or use --backend onnxruntime")
-    if backend == "tensorrt-rtx" and not any(r.get("builder") == "tensorrt-rtx"
-                                             for r in manifest.graph("target").get("engines", []) or []):
+    if backend == "tensorrt-rtx" and manifest.graph("target").engine("tensorrt-rtx") is None:
         raise ArtifactError(f"{artifact_dir} has no TensorRT-RTX engine for the target graph: "
                             "build one with treespec-export --engines tensorrt-rtx, or use --backend onnxruntime")
     plan: dict[str, str | Path] = {}

@@ -1,14 +1,39 @@
-"""Build the runtime's parts (tokenizer, target backend, drafter) from a manifest."""
+"""The one loader: manifest entries in, built backends and drafters out (Polygraphy's split).
+
+Backends (runtime/backends/) and drafters (runtime/drafters/) only run what they are given: an
+ONNX Runtime session, a TensorRT engine file with its record, an HF model, Medusa heads, a draft
+backend. Everything that reads the manifest and opens files lives here, one small loader per
+backend and per drafter kind, in the two name -> loader tables below. A new drafter is one
+function and one entry in DRAFTER_LOADERS.
+
+Every loader reads only the artifact directory: the torch backend's weights come from the
+manifest's `torch_weights` folder, never from the checkpoint the artifacts were exported from.
+"""
 from __future__ import annotations
 
-from treespec.errors import BackendError
+import copy
+import warnings
+from functools import partial
+from typing import Callable
 
+import numpy as np
+import torch
+
+from treespec.artifacts import DrafterEntry, Manifest
+from treespec.errors import ArtifactError, BackendError
+from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
 from treespec.runtime.backends.base import TreeBackend
+from treespec.runtime.backends.onnxruntime import CudaGraphsUnavailable, OnnxRuntimeBackend, open_session
+from treespec.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
+from treespec.runtime.backends.tensorrt import TensorRTBackend
+from treespec.runtime.backends.torch_backend import TorchBackend
 from treespec.runtime.drafters.base import Drafter
-from treespec.errors import ArtifactError
-from treespec.artifacts import Manifest
+from treespec.runtime.drafters.draft_lm import DraftModelDrafter
+from treespec.runtime.drafters.lookup import LookupDrafter
+from treespec.runtime.drafters.medusa import MedusaDrafter, TorchMedusaDrafter
 
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")
+_HF_MODELS: dict[tuple[str, str], torch.nn.Module] = {}  # (weights folder, device) -> HF model
+_HF_DRAFTS: dict[tuple[str, str, str], torch.nn.Module] = {}
 
 
 def load_tokenizer(manifest: Manifest):
@@ -20,50 +45,96 @@ def load_tokenizer(manifest: Manifest):
         raise ArtifactError(f"cannot load the tokenizer from {manifest.tokenizer_dir}: {exc}") from None
 
 
-def load_graph(manifest: Manifest, name: str, backend: str, device: str,
-               threads: int | None = None) -> TreeBackend:
-    """A TreeBackend for the `target` or `draft` graph."""
+# -- backends --------------------------------------------------------------------------------------
+
+def _open_graph_session(manifest: Manifest, name: str, device: str, threads: int | None, cuda_graphs: bool = False):
     entry = manifest.graph(name)
-    dims = manifest.dims if name == "target" else _draft_dims(manifest)
-    if backend == "onnxruntime":
-        from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    path = manifest.require_file(entry.onnx)
+    if entry.external_data:
+        manifest.require_file(entry.onnx + ".data")
+    session = open_session(path, device, threads, cuda_graphs=cuda_graphs)
+    check_graph_dims(manifest, name, session)
+    return session
 
-        path = manifest.require_file(entry["onnx"])
-        manifest.require_file(entry["onnx"] + ".data") if entry.get("external_data") else None
-        if device == "cuda":  # device-resident cache and outputs (IO binding to torch tensors)
-            from treespec.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
 
-            device_backend = OnnxRuntimeDeviceBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                                                      device, threads, min_bucket=None if name == "target" else 1,
-                                                      host_argmax=name == "target")
-            check_graph_dims(manifest, name, device_backend.session)
-            if name == "target" and entry.get("precision") == "fp16":
-                import warnings
+def _load_onnxruntime(manifest: Manifest, name: str, device: str, threads: int | None) -> TreeBackend:
+    """Host numpy buffers (CPU); on CUDA the device-buffer backend, as the CLI's `onnxruntime` means."""
+    if device == "cuda":
+        return _load_onnxruntime_device(manifest, name, device, threads)
+    dims = manifest.graph_dims(name)
+    session = _open_graph_session(manifest, name, device, threads)
+    return OnnxRuntimeBackend(session, dims.num_layers, dims.num_kv_heads, dims.head_dim,
+                              manifest.graph(name).precision, device)
 
-                warnings.warn("onnxruntime on CUDA with an fp16 target: ONNX Runtime's attention sums "
-                              "round differently for tree and plain steps, so outputs can differ from "
-                              "--tree none at near-tie tokens (H100: 7-9 of 10 prompts identical over 256 "
-                              "tokens); export --precision fp32 for lossless output, or use --backend torch")
-            return device_backend
-        ort_backend = OnnxRuntimeBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                                         entry.get("precision", "fp32"), device, threads)
-        check_graph_dims(manifest, name, ort_backend.session)
-        return ort_backend
-    if backend in ("tensorrt", "tensorrt-rtx"):
-        from treespec.runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend.from_manifest(manifest, name, backend)
-    if backend == "torch":
-        from treespec.runtime.backends.torch_backend import TorchBackend
+def _load_onnxruntime_device(manifest: Manifest, name: str, device: str, threads: int | None) -> TreeBackend:
+    """Device-resident cache and outputs through IO binding to torch tensors (CUDA, or the CPU in CI)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("onnxruntime backend: CUDA is not available on this machine (use --device cpu)")
+    graphs = device == "cuda"
+    try:
+        session = _open_graph_session(manifest, name, device, threads, cuda_graphs=graphs)
+    except CudaGraphsUnavailable as exc:
+        warnings.warn(f"onnxruntime: CUDA graphs unavailable for {manifest.graph(name).onnx} ({exc}); running without")
+        graphs, session = False, _open_graph_session(manifest, name, device, threads)
+    if device == "cuda" and name == "target" and manifest.graph(name).precision == "fp16":
+        warnings.warn("onnxruntime on CUDA with an fp16 target: ONNX Runtime's attention sums "
+                      "round differently for tree and plain steps, so outputs can differ from "
+                      "--tree none at near-tie tokens (H100: 7-9 of 10 prompts identical over 256 "
+                      "tokens); export --precision fp32 for lossless output, or use --backend torch")
+    dims = manifest.graph_dims(name)
+    target = name == "target"
+    return OnnxRuntimeDeviceBackend(session, dims.num_layers, dims.num_kv_heads, dims.head_dim, device, graphs,
+                                    min_bucket=None if target else 1, host_argmax=target)
 
-        return TorchBackend.from_manifest(manifest, name, device)
-    raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+
+def _load_tensorrt(manifest: Manifest, name: str, device: str, threads: int | None, builder: str) -> TreeBackend:
+    record = manifest.graph(name).engine(builder)
+    if record is None:
+        have = ", ".join(f"{r.builder} {r.builder_version}" for r in manifest.graph(name).engines) or "none"
+        raise ArtifactError(f"graph '{name}' has no {builder} engine (it has: {have}): export with "
+                            f"treespec-export ... --engines {builder}")
+    cache = manifest.resolve(record.runtime_cache) if record.runtime_cache else None
+    return TensorRTBackend(manifest.resolve(record.file), record.to_dict(), device=device if device != "cpu" else "cuda",
+                           runtime_cache=cache)
+
+
+def _load_torch(manifest: Manifest, name: str, device: str, threads: int | None) -> TreeBackend:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError("torch backend: CUDA is not available on this machine (use --device cpu)")
+    if name == "target":
+        return TorchBackend(load_hf_model(manifest, device), device)
+    if name == "draft":  # the draft needs no bit-identity across T, and ranks with topk_logprobs
+        return TorchBackend(load_hf_draft(manifest, device), device, min_bucket=1, host_argmax=False)
+    raise BackendError(f"torch backend: no graph named '{name}'")
+
+
+BACKEND_LOADERS: dict[str, Callable[[Manifest, str, str, int | None], TreeBackend]] = {
+    "onnxruntime": _load_onnxruntime,
+    "onnxruntime-device": _load_onnxruntime_device,
+    "tensorrt": partial(_load_tensorrt, builder="tensorrt"),
+    "tensorrt-rtx": partial(_load_tensorrt, builder="tensorrt-rtx"),
+    "torch": _load_torch,
+}
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")  # what users choose; -device is internal
+
+
+def load_graph(manifest: Manifest, name: str, backend: str, device: str, threads: int | None = None) -> TreeBackend:
+    """A TreeBackend for the `target` or `draft` graph."""
+    loader = BACKEND_LOADERS.get(backend)
+    if loader is None:
+        raise BackendError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    return loader(manifest, name, device, threads)
+
+
+def load_target(manifest: Manifest, backend: str, device: str, threads: int | None = None) -> TreeBackend:
+    return load_graph(manifest, "target", backend, device, threads)
 
 
 def check_graph_dims(manifest: Manifest, name: str, session) -> None:
-    """Refuse a graph whose vocabulary or hidden size differs from the target's (e.g. a drafter
-    exported for another model): drafted token ids must be the target's token ids."""
-    dims = manifest.dims
+    """Refuse a graph whose vocabulary, hidden size or layer count differs from the manifest's (e.g.
+    a drafter exported for another model): drafted token ids must be the target's token ids."""
+    dims = manifest.graph_dims(name) if name in ("target", "draft") else manifest.dims
     wanted = {"logits": ("vocabulary", dims.vocab_size)}
     if name in ("target", "medusa"):  # Medusa heads read the target's hidden states
         wanted["hidden_states"] = ("hidden size", dims.hidden_size)
@@ -77,39 +148,93 @@ def check_graph_dims(manifest: Manifest, name: str, session) -> None:
                 f"{manifest.root}: the '{name}' graph has a {what} of {got} ({arg.name}) but the target "
                 f"model's is {want}: it was exported for another model; re-export the artifacts with "
                 "treespec-export")
+    layers = sum(1 for arg in session.get_inputs() if arg.name.startswith("past_key_"))
+    if name in ("target", "draft") and layers != dims.num_layers:
+        raise ArtifactError(f"{manifest.root}: the '{name}' graph has {layers} layers of KV cache but the manifest "
+                            f"says {dims.num_layers}: re-export the artifacts with treespec-export")
 
 
-def _draft_dims(manifest: Manifest):
-    from treespec.artifacts import ModelDims
+# -- the torch models: from the artifacts' own weights -------------------------------------------
 
-    return ModelDims.from_dict({**manifest.model, **manifest.graph("draft").get("dims", {})})
+def load_hf_model(manifest: Manifest, device: str) -> torch.nn.Module:
+    """The target as an HF model from `torch_weights` (once per process), fp16 on CUDA, fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    if manifest.torch_weights is None:
+        raise ArtifactError(f"{manifest.root}: the manifest names no torch_weights: re-export the artifacts "
+                            "with treespec-export")
+    folder = manifest.require_file(manifest.torch_weights.path)
+    key = (str(folder), device)
+    if key not in _HF_MODELS:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                                         local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"cannot load the torch weights from {folder}: {exc}") from None
+        _HF_MODELS[key] = model.to(device).eval()
+    return _HF_MODELS[key]
 
 
-def load_target(manifest: Manifest, backend: str, device: str, threads: int | None = None) -> TreeBackend:
-    return load_graph(manifest, "target", backend, device, threads)
+def _drafter_weights(manifest: Manifest, spec: DrafterEntry):
+    return manifest.require_file(spec.weights) if spec.weights else None
+
+
+def load_hf_draft(manifest: Manifest, device: str) -> torch.nn.Module:
+    """The draft LM in HF form: the target's embeddings, norm and lm_head with its own layers."""
+    spec = manifest.drafter("draft")
+    path = _drafter_weights(manifest, spec)
+    target = load_hf_model(manifest, device)
+    key = (str(manifest.require_file(manifest.torch_weights.path)), str(path), device)
+    if key not in _HF_DRAFTS:
+        layers = manifest.graph("draft").num_layers or spec.num_layers
+        draft = draft_from_weights(target, path, layers)
+        if target.generation_config is not None:  # HF assisted generation edits it
+            draft.generation_config = copy.deepcopy(target.generation_config)
+        _HF_DRAFTS[key] = draft.to(device=device, dtype=target.dtype).eval()
+    return _HF_DRAFTS[key]
+
+
+# -- drafters --------------------------------------------------------------------------------------
+
+def _load_lookup(manifest: Manifest, spec: DrafterEntry, backend: str, device: str, threads: int | None) -> Drafter:
+    return LookupDrafter(**spec.options)
+
+
+def _load_medusa(manifest: Manifest, spec: DrafterEntry, backend: str, device: str, threads: int | None) -> Drafter:
+    graph = manifest.graph(spec.graph or "medusa")
+    num_heads, top_k = int(graph.num_heads or spec.num_heads or 4), int(graph.top_k or spec.top_k or 8)
+    if backend == "torch":  # the heads on the target's device, from the artifacts' weights
+        target = load_hf_model(manifest, device)
+        heads = medusa_from_weights(target, _drafter_weights(manifest, spec), num_heads)
+        heads.blocks.to(device=target.lm_head.weight.device, dtype=target.lm_head.weight.dtype)
+        return TorchMedusaDrafter(heads.eval(), top_k, manifest.dims.hidden_size, device)
+    if backend not in ("onnxruntime", "onnxruntime-device"):
+        raise ArtifactError(f"the Medusa drafter runs on onnxruntime here, not {backend}")
+    session = _open_graph_session(manifest, spec.graph or "medusa", device, threads)
+    dtype = np.float16 if graph.precision == "fp16" else np.float32
+    return MedusaDrafter(session, num_heads, top_k, manifest.dims.hidden_size, dtype)
+
+
+def _load_draft(manifest: Manifest, spec: DrafterEntry, backend: str, device: str, threads: int | None) -> Drafter:
+    return DraftModelDrafter(load_graph(manifest, spec.graph or "draft", backend, device, threads), spec.top_k or 8)
+
+
+DRAFTER_LOADERS: dict[str, Callable[[Manifest, DrafterEntry, str, str, int | None], Drafter]] = {
+    "lookup": _load_lookup,
+    "medusa": _load_medusa,
+    "draft": _load_draft,
+}
 
 
 def load_drafter(manifest: Manifest, backend: str, device: str, threads: int | None = None,
                  kind: str | None = None) -> Drafter | None:
-    kind = kind or manifest.default_drafter
+    kind = kind or manifest.default_drafter_kind
     if kind == "none":
         return None
-    spec = manifest.drafters.get(kind)
-    if spec is None:
-        raise ArtifactError(f"these artifacts have no '{kind}' drafter (they have: "
-                            f"{', '.join(manifest.drafters) or 'none'}; add one with treespec-export --drafter)")
-    if kind == "lookup":
-        from treespec.runtime.drafters.lookup import LookupDrafter
-
-        return LookupDrafter(**spec.get("options", {}))
-    if kind == "medusa":
-        from treespec.runtime.drafters.medusa import MedusaDrafter
-
-        drafter = MedusaDrafter.from_manifest(manifest, backend, device, threads)
-        check_graph_dims(manifest, "medusa", drafter.session)
-        return drafter
-    if kind == "draft":
-        from treespec.runtime.drafters.draft_lm import DraftModelDrafter
-
-        return DraftModelDrafter.from_manifest(manifest, backend, device, threads)
-    raise ArtifactError(f"manifest names an unknown drafter kind '{kind}'")
+    spec = manifest.drafter(kind)
+    loader = DRAFTER_LOADERS.get(kind)
+    if loader is None:
+        raise ArtifactError(f"manifest names an unknown drafter kind '{kind}' (this treespec knows: "
+                            f"{', '.join(DRAFTER_LOADERS)})")
+    return loader(manifest, spec, backend, device, threads)

@@ -14,12 +14,13 @@ PROMPTS = ["Write a haiku about trees.", "List three prime numbers.", "Explain K
 
 
 def _device_backend(manifest, name: str, device: str = "cpu", **kwargs):
+    from treespec.runtime.backends.onnxruntime import open_session
     from treespec.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
-    from treespec.runtime.loader import _draft_dims
 
-    dims = manifest.dims if name == "target" else _draft_dims(manifest)
-    path = manifest.require_file(manifest.graph(name)["onnx"])
-    return OnnxRuntimeDeviceBackend(path, dims.num_layers, dims.num_kv_heads, dims.head_dim, device, **kwargs)
+    dims = manifest.graph_dims(name)
+    session = open_session(manifest.require_file(manifest.graph(name).onnx), device, cuda_graphs=device == "cuda")
+    return OnnxRuntimeDeviceBackend(session, dims.num_layers, dims.num_kv_heads, dims.head_dim, device,
+                                    cuda_graphs=device == "cuda", **kwargs)
 
 
 def _steps(backend, prompt, tree):

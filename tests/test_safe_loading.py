@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from treespec.artifacts import SCHEMA_VERSION
 from treespec.errors import ArtifactError, InputError, ModelLoadError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,7 +240,7 @@ def _artifact_dir(root: Path, tokenizer: str = "tokenizer", onnx: str = "target.
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer").mkdir(exist_ok=True)
     (root / "target.onnx").write_bytes(b"")
-    manifest = {"schema_version": 1, "model": MODEL, "tokenizer": {"path": tokenizer},
+    manifest = {"schema_version": SCHEMA_VERSION, "model": MODEL, "tokenizer": {"path": tokenizer},
                 "graphs": {"target": {"onnx": onnx, "profile": {"batch": [1, 1, 1], "tree_tokens": [1, 1, 4]}}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -302,7 +303,7 @@ def test_exported_manifest_paths_are_relative_and_inside(tiny_artifacts):
         elif isinstance(node, str) and key in ("onnx", "path", "file", "weights", "runtime_cache"):
             named.append(node)
 
-    walk({k: v for k, v in manifest.data.items() if k != "model"})  # model.checkpoint is provenance only
+    walk({k: v for k, v in manifest.to_dict().items() if k != "model"})  # model.source is provenance only
     assert "target.onnx" in named and "tokenizer" in named
     for rel in named:
         assert not Path(rel).is_absolute() and ".." not in Path(rel).parts, rel

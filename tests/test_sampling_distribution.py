@@ -44,7 +44,7 @@ def small_target(tmp_path_factory):
 
     from treespec.exporter.onnx_export import export_tree_graph
     from treespec.models.tree_model import TreeDecoder
-    from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend, open_session
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -56,7 +56,7 @@ def small_target(tmp_path_factory):
             if p.dim() == 2:
                 p.normal_(0.0, 0.25)
     path = export_tree_graph(TreeDecoder(model), tmp_path_factory.mktemp("vocab8") / "target.onnx")
-    backend = OnnxRuntimeBackend(path, num_layers=2, num_kv_heads=1, head_dim=16, threads=1)
+    backend = OnnxRuntimeBackend(open_session(path, "cpu", threads=1), num_layers=2, num_kv_heads=1, head_dim=16)
     yield backend
     backend.close()
 

@@ -18,6 +18,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from treespec.errors import BackendError
+
 
 @dataclass
 class StepInputs:
@@ -43,6 +45,7 @@ class TreeBackend(ABC):
     """A loaded tree graph plus its KV cache for one batch of sequences."""
 
     name: str = "abstract"
+    min_bucket: int = 1  # every step is padded to at least this many tokens (1: no padding)
     _lengths: np.ndarray  # set by reset()
     _capacity: int
 
@@ -83,6 +86,21 @@ class TreeBackend(ABC):
             if any(not 0 <= r < tokens for r in rows):
                 raise BackendError(f"accepted row out of range (step had {tokens} tokens)")
             yield b, start, rows
+
+    def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]],
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k token ids (int64 [N, k], best first) and log-probs (float64 [N, k]) of the (b, t)
+        rows of `outputs.logits`: how drafters rank candidates. This default ranks on the host;
+        device backends override it so that no [T, V] logits cross to the host."""
+        ids = np.zeros((len(rows), k), dtype=np.int64)
+        logprobs = np.zeros((len(rows), k), dtype=np.float64)
+        for n, (b, t) in enumerate(rows):
+            z = np.asarray(outputs.logits[b, t]).astype(np.float64)
+            top = np.argpartition(-z, k)[:k]
+            top = top[np.argsort(-z[top], kind="stable")]
+            ids[n] = top
+            logprobs[n] = z[top] - (z.max() + np.log(np.exp(z - z.max()).sum()))
+        return ids, logprobs
 
     def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copy of the valid cache (per layer, key and value): for tests and debugging."""

@@ -64,9 +64,10 @@ def open_session(path: Path, device: str = "cpu", threads: int | None = None, cu
 class OnnxRuntimeBackend(TreeBackend):
     name = "onnxruntime"
 
-    def __init__(self, path: Path, num_layers: int, num_kv_heads: int, head_dim: int,
-                 precision: str = "fp32", device: str = "cpu", threads: int | None = None):
-        self.session = open_session(path, device, threads)
+    def __init__(self, session, num_layers: int, num_kv_heads: int, head_dim: int,
+                 precision: str = "fp32", device: str = "cpu"):
+        """`session`: an InferenceSession over a tree graph (open_session; runtime/loader.py)."""
+        self.session = session
         self.num_layers = num_layers
         self.kv_shape_tail = (num_kv_heads, head_dim)
         self.dtype = NUMPY_DTYPES.get(precision, np.float32)

@@ -20,8 +20,6 @@ It runs on the CPU provider too (torch CPU tensors bound the same way): the test
 """
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +28,6 @@ from treespec.errors import BackendError
 
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
-from treespec.runtime.backends.onnxruntime import CudaGraphsUnavailable, open_session
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16"}
@@ -70,24 +67,18 @@ class _Bucket:
 class OnnxRuntimeDeviceBackend(TreeBackend):
     name = "onnxruntime"
 
-    def __init__(self, path: Path, num_layers: int, num_kv_heads: int, head_dim: int,
-                 device: str = "cuda", threads: int | None = None, cuda_graphs: bool | None = None,
-                 min_bucket: int | None = None, host_argmax: bool = True):
+    def __init__(self, session, num_layers: int, num_kv_heads: int, head_dim: int,
+                 device: str = "cuda", cuda_graphs: bool = False, min_bucket: int | None = None,
+                 host_argmax: bool = True):
+        """`session`: an InferenceSession over a tree graph on `device`'s provider, opened with CUDA
+        graphs when `cuda_graphs` (runtime/loader.py opens it, and reopens without on refusal)."""
         import torch
 
         self.torch = torch
         self.device = device
         self.torch_device = torch.device("cuda:0" if device == "cuda" else "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BackendError("onnxruntime backend: CUDA is not available on this machine (use --device cpu)")
-        want_graphs = device == "cuda" if cuda_graphs is None else (cuda_graphs and device == "cuda")
-        self.cuda_graphs = want_graphs
-        try:
-            self.session = open_session(path, device, threads, cuda_graphs=want_graphs)
-        except CudaGraphsUnavailable as exc:
-            warnings.warn(f"onnxruntime: CUDA graphs unavailable for {path.name} ({exc}); running without")
-            self.cuda_graphs = False
-            self.session = open_session(path, device, threads)
+        self.cuda_graphs = cuda_graphs and device == "cuda"
+        self.session = session
         self.num_layers = num_layers
         self.kv_shape_tail = (num_kv_heads, head_dim)
         types = {a.name: ONNX_TYPES.get(a.type, "float32") for a in

@@ -39,8 +39,6 @@ from treespec.errors import ArtifactError
 if TYPE_CHECKING:
     import tensorrt as trt
 
-    from treespec.artifacts import Manifest
-
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
                  "INT64": torch.int64, "INT32": torch.int32, "BOOL": torch.bool}
 _TREE_INPUTS = ("input_ids", "position_ids", "tree_mask", "past_lengths")
@@ -111,23 +109,6 @@ class TensorRTBackend(TreeBackend):
         self._capacity = 0
         self._tmax = 0
         self._step = 0
-
-    @classmethod
-    def from_manifest(cls, manifest: "Manifest", graph: str = "target", builder: str | None = None,
-                      device: str = "cuda", cuda_graphs: bool = False) -> "TensorRTBackend":
-        entry = manifest.graph(graph)
-        records: list[dict[str, Any]] = list(entry.get("engines", []))
-        chosen = [r for r in records if builder is None or r.get("builder") == builder]
-        if not chosen:
-            have = ", ".join(f"{r.get('builder')} {r.get('builder_version')}" for r in records) or "none"
-            raise ArtifactError(
-                f"graph '{graph}' has no {builder or 'TensorRT'} engine (it has: {have}): export with "
-                f"treespec-export ... --engines {builder or 'tensorrt-rtx'}"
-            )
-        record = chosen[0]
-        cache = record.get("runtime_cache")
-        return cls(manifest.resolve(str(record.get("file", ""))), record, device=device, cuda_graphs=cuda_graphs,
-                   runtime_cache=manifest.resolve(str(cache)) if cache else None)
 
     # -- engine I/O --------------------------------------------------------------------------------
 

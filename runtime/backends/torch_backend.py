@@ -1,7 +1,7 @@
 """PyTorch backend: the tree graph run by PyTorch itself (fp16 + CUDA graphs on the GPU, fp32 on CPU).
 
-The model is our TreeDecoder over the HF checkpoint's modules (treespec_pkg/models/tree_model.py), so it has
-exactly the graph contract; only the KV handling differs from the ONNX graphs, for speed:
+The model is our TreeDecoder (treespec_pkg/models/tree_model.py) over the HF model that
+runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exactly the graph contract; only the KV handling differs from the ONNX graphs, for speed:
 
 * One static buffer [2*layers, B, KVH, capacity + SCRATCH, D] is allocated in `reset`. A step
   writes the K/V rows of its T tree tokens into the scratch rows [length, length + T) of each
@@ -37,54 +37,11 @@ import numpy as np
 
 from treespec.errors import BackendError
 
+from treespec.models.tree_model import TreeDecoder
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
 
 SCRATCH = BUCKETS[-1]
-_CHECKPOINTS: dict = {}
-
-
-def load_hf_model(manifest, device: str):
-    """The target's HF model (loaded once per process and checkpoint), fp16 on CUDA, fp32 on CPU."""
-    import torch
-
-    from treespec.models.checkpoint import load_checkpoint
-
-    spec = manifest.model.get("checkpoint") or manifest.model.get("source")
-    if not spec:
-        raise BackendError("torch backend: the manifest names no model checkpoint (re-export the artifacts)")
-    key = (spec, device)
-    if key not in _CHECKPOINTS:
-        ckpt = load_checkpoint(spec)
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        _CHECKPOINTS[key] = ckpt.model.to(device=device, dtype=dtype).eval()
-    return _CHECKPOINTS[key]
-
-
-_DRAFTS: dict = {}
-
-
-def load_hf_draft(manifest, device: str):
-    """The draft LM in HF form (shares embeddings/norm/lm_head with the target)."""
-    import torch
-
-    from treespec.models.drafter_models import draft_from_weights
-
-    spec = manifest.drafters.get("draft", {})
-    weights = spec.get("weights")
-    path = manifest.require_file(weights) if weights else None
-    key = (str(path), device)
-    if key not in _DRAFTS:
-        target = load_hf_model(manifest, device)
-        layers = manifest.graph("draft").get("dims", {}).get("num_layers") or spec.get("num_layers")
-        draft = draft_from_weights(target, path, int(layers) if layers else None)
-        if getattr(target, "generation_config", None) is not None:  # HF assisted generation edits it
-            import copy
-
-            draft.generation_config = copy.deepcopy(target.generation_config)
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        _DRAFTS[key] = draft.to(device=device, dtype=dtype).eval()
-    return _DRAFTS[key]
 
 
 class _Graph:
@@ -108,8 +65,6 @@ class TorchBackend(TreeBackend):
                  host_argmax: bool = True):
         import torch
 
-        from treespec.models.tree_model import TreeDecoder
-
         self.torch = torch
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -129,22 +84,6 @@ class TorchBackend(TreeBackend):
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self.graph_pool = None
         self.steps = 0
-
-    @classmethod
-    def from_manifest(cls, manifest, name: str, device: str = "cpu", **kwargs) -> "TorchBackend":
-        import torch
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError("torch backend: CUDA is not available on this machine (use --device cpu)")
-        if name == "target":
-            model = load_hf_model(manifest, device)
-        elif name == "draft":
-            model = load_hf_draft(manifest, device)
-            kwargs.setdefault("min_bucket", 1)  # the draft needs no bit-identity across T
-            kwargs.setdefault("host_argmax", False)
-        else:
-            raise BackendError(f"torch backend: no graph named '{name}'")
-        return cls(model, device, **kwargs)
 
     # ---- cache -------------------------------------------------------------------------------
     def reset(self, batch_size: int, capacity: int) -> None:

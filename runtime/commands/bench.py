@@ -29,7 +29,7 @@ from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.commands.bench_report import plot, print_table, summary
 from treespec.runtime.generator import TreeGenerator
-from treespec.runtime.loader import load_drafter
+from treespec.runtime.loader import load_drafter, load_hf_draft, load_hf_model
 from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
 from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams
@@ -197,7 +197,7 @@ def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dic
 def _curves(result, backend_name, target, manifest, device, args) -> None:
     """The verify curve as the generator sees it, then (CUDA) with exact-size buckets, and for the
     torch backend eagerly too: what the padding and the CUDA graphs each cost or save."""
-    sizes = [s for s in CURVE_SIZES if s <= manifest.graph("target")["profile"]["tree_tokens"][2]]
+    sizes = [s for s in CURVE_SIZES if s <= manifest.profile("target").tree_tokens[2]]
     curves = result["verify_curve_ms"]
     graphs = device == "cuda" and (getattr(target, "use_graphs", False) or getattr(target, "cuda_graphs", False))
     curves[f"{backend_name}-cuda-graphs" if graphs else backend_name] = verify_curve(
@@ -284,7 +284,7 @@ def _bench_drafter(bench: BenchRun, backend_name: str, gen, kind: str, trees: li
             if drafter is None:
                 drafter = load_drafter(manifest, backend_name, bench.device, bench.args.threads, kind)
             gen.drafter = drafter
-            spec = manifest.data.get("default_trees", {}).get(kind) if tree_name == "default" else tree_name
+            spec = manifest.default_tree(kind) if tree_name == "default" else tree_name
             cfg = gen.resolve_tree(spec)
         except InputError as exc:
             bench.skip(label, str(exc))
@@ -334,8 +334,6 @@ def _bench_hf(bench: BenchRun, manifest) -> None:
     todo = _hf_configs(bench, manifest)
     if not todo:
         return
-    from treespec.runtime.backends.torch_backend import load_hf_draft, load_hf_model
-
     model, eos, greedy = load_hf_model(manifest, bench.device), list(manifest.eos_token_ids), None
     prompts = bench.prompts[: bench.args.hf_prompts] if bench.args.hf_prompts else bench.prompts
     for name, kwargs in todo:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from treespec.runtime.backends.base import StepInputs, TreeBackend
-from treespec.runtime.drafters.base import Candidates, Drafter
+from treespec.runtime.drafters.base import Candidates, Drafter, Features
 from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 
 
@@ -26,21 +26,13 @@ class DraftModelDrafter(Drafter):
     def __init__(self, backend: TreeBackend, top_k: int = 8):
         self.backend = backend
         self.top_k = top_k
-        self.return_distributions = False
         self.pending: list[list[int]] = []
-
-    @classmethod
-    def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
-        from treespec.runtime.loader import load_graph
-
-        spec = manifest.drafters.get("draft", {})
-        return cls(load_graph(manifest, "draft", backend, device, threads), int(spec.get("top_k", 8)))
 
     def reset(self, contexts: list[list[int]], capacity: int) -> None:
         self.backend.reset(len(contexts), capacity)
         self.pending = [list(c) for c in contexts]
 
-    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
+    def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         self.pending[b] += new_tokens
 
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
@@ -49,11 +41,10 @@ class DraftModelDrafter(Drafter):
             refs = [[(b, last[b])] if frontiers[b] else [] for b in range(len(trees))]
         else:
             out, refs = self._feed_tree(trees, frontiers)
-        device_topk = getattr(self.backend, "topk_logprobs", None)
         flat = [r for per_seq in refs for r in per_seq]
-        if device_topk is not None and not self.return_distributions and flat:
-            # The backend ranks on its device: no [T, V] logits cross to the host.
-            ids, logprobs = device_topk(out, flat, self.top_k)
+        if not self.return_distributions and flat:
+            # The backend ranks where its logits lie: on a device, no [T, V] logits cross to the host.
+            ids, logprobs = self.backend.topk_logprobs(out, flat, self.top_k)
             it = iter(range(len(flat)))
             return [[Candidates(ids[i], logprobs[i]) for i in (next(it) for _ in per_seq)] for per_seq in refs]
         return [[self._candidates(out.logits[b, i]) for b, i in per_seq] for per_seq in refs]

@@ -6,10 +6,10 @@ gives the candidates for every node at depth d+1 (Medusa heads do not condition 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from treespec.runtime.backends.onnxruntime import open_session
-from treespec.runtime.drafters.base import Candidates, Drafter
-from treespec.errors import ArtifactError
+from treespec.models.drafter_models import MedusaHeads
+from treespec.runtime.drafters.base import Candidates, Drafter, Features
 from treespec.runtime.trees.tree import Tree
 
 
@@ -17,32 +17,20 @@ class MedusaDrafter(Drafter):
     kind = "medusa"
 
     def __init__(self, session, num_heads: int, top_k: int, hidden_size: int, dtype=np.float32):
+        """`session`: an ONNX Runtime session over the Medusa graph (runtime/loader.py opens it)."""
         self.session = session
         self.max_depth = num_heads
         self.top_k = top_k
         self.hidden_size = hidden_size
         self.dtype = dtype
-        self.return_distributions = False
-        self.output_names = [o.name for o in session.get_outputs()]
+        self.output_names = [o.name for o in session.get_outputs()] if session is not None else []
         self.heads: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
-
-    @classmethod
-    def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
-        entry = manifest.graph("medusa")
-        if backend == "torch":
-            return TorchMedusaDrafter.from_manifest(manifest, backend, device, threads)
-        if backend not in ("onnxruntime", "torch"):
-            raise ArtifactError(f"the Medusa drafter runs on onnxruntime here, not {backend}")
-        session = open_session(manifest.require_file(entry["onnx"]), device if backend == "onnxruntime" else "cpu",
-                               threads)
-        dtype = np.float16 if entry.get("precision") == "fp16" else np.float32
-        return cls(session, int(entry["num_heads"]), int(entry["top_k"]), manifest.dims.hidden_size, dtype)
 
     def reset(self, contexts: list[list[int]], capacity: int) -> None:
         self.heads = [(np.zeros((0, 0), np.int64), np.zeros((0, 0)), None) for _ in contexts]
 
-    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
-        feed = {"hidden_states": np.asarray(target_hidden, dtype=self.dtype).reshape(1, 1, -1)}
+    def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
+        feed = {"hidden_states": features.last().astype(self.dtype).reshape(1, 1, -1)}
         wanted = self.output_names if self.return_distributions else ["topk_ids", "topk_logprobs"]
         outs = dict(zip(wanted, self.session.run(wanted, feed)))
         probs = None
@@ -68,42 +56,17 @@ class MedusaDrafter(Drafter):
         return out
 
 
-class _NoSession:
-    """Stands in for an ONNX Runtime session where the loader checks graph dims (the torch heads
-    are built on the target itself, so their dims match by construction)."""
-
-    def get_inputs(self):
-        return []
-
-    def get_outputs(self):
-        return []
-
-
 class TorchMedusaDrafter(MedusaDrafter):
     """The same drafter with the heads run by PyTorch on the target's device (torch backend)."""
 
-    def __init__(self, heads, num_heads: int, top_k: int, hidden_size: int, device: str):
-        import torch
-
+    def __init__(self, heads: MedusaHeads, top_k: int, hidden_size: int, device: str):
+        """`heads`: the Medusa heads on the target's device and dtype (runtime/loader.py builds them)."""
         self.torch = torch
         self.module = heads
         self.device = torch.device(device)
         self.param_dtype = heads.lm_head.weight.dtype
-        super().__init__(_NoSession(), num_heads, top_k, hidden_size, np.float32)
-
-    @classmethod
-    def from_manifest(cls, manifest, backend: str, device: str, threads: int | None = None):
-        from treespec.models.drafter_models import medusa_from_weights
-        from treespec.runtime.backends.torch_backend import load_hf_model
-
-        entry = manifest.graph("medusa")
-        spec = manifest.drafters.get("medusa", {})
-        target = load_hf_model(manifest, device)
-        path = manifest.require_file(spec["weights"]) if spec.get("weights") else None
-        heads = medusa_from_weights(target, path, int(entry["num_heads"]))
-        heads.blocks.to(device=target.lm_head.weight.device, dtype=target.lm_head.weight.dtype)
-        heads.eval()
-        return cls(heads, heads.num_heads, int(entry["top_k"]), manifest.dims.hidden_size, device)
+        self._graph = None
+        super().__init__(None, heads.num_heads, top_k, hidden_size, np.float32)
 
     def _heads(self, hidden):
         """[H] hidden -> [K, 2*top_k] float32: the top-k ids (exact in float32) and log-probs."""
@@ -127,9 +90,9 @@ class TorchMedusaDrafter(MedusaDrafter):
         with torch.inference_mode(), torch.cuda.graph(self._graph):
             self._output = self._heads(self._input)
 
-    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
+    def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         torch = self.torch
-        hidden = np.asarray(target_hidden, dtype=np.float32).reshape(-1)
+        hidden = features.last()
         if self.return_distributions:  # sampling needs the full distributions: run eagerly
             with torch.inference_mode():
                 x = torch.as_tensor(hidden, device=self.device)
@@ -139,7 +102,7 @@ class TorchMedusaDrafter(MedusaDrafter):
                 self.heads[b] = (ids.cpu().numpy(), lp.double().cpu().numpy(), logp.exp().double().cpu().numpy())
             return
         if self.device.type == "cuda":
-            if getattr(self, "_graph", None) is None:
+            if self._graph is None:
                 self._capture()
             self._host.numpy()[:] = hidden
             self._input.copy_(self._host, non_blocking=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from treespec.artifacts import SCHEMA_VERSION
+
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2, 32, 4, 2, 8, 64
 MEDUSA_HEADS, MEDUSA_TOPK = 2, 4
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -153,7 +155,7 @@ def tiny_manifest(precision: str, graphs=("target", "draft", "medusa"), max_cont
         for name in graphs
     }
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "model": {"num_layers": LAYERS, "num_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                   "hidden_size": HIDDEN, "vocab_size": VOCAB, "max_context": max_context},
         "tokenizer": {"path": "tokenizer"},

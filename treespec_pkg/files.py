@@ -1,0 +1,43 @@
+"""Two file idioms every artifact writer and reader shares.
+
+`write_atomic`: write a temporary sibling, then rename it over the target, so a crash or a full
+disk never leaves a half-written manifest, sidecar or engine that a later load would half-read.
+`read_json_object`: a JSON file that must hold an object, refused with one ArtifactError line
+("... is corrupt") instead of a traceback when it is not valid JSON or not an object.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from treespec.errors import ArtifactError
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through `<name>.tmp` and a rename (atomic on one filesystem)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """`data` as indented JSON, written atomically."""
+    return write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json_object(path: Path, name: str | None = None) -> dict[str, Any]:
+    """The JSON object in `path`; ArtifactError naming `name` (default: the path) if it is not one."""
+    shown = name or str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{shown} is corrupt (not valid JSON: {exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{shown} is corrupt (not a JSON object)")
+    return data
