@@ -1,4 +1,6 @@
-"""Exported tree graphs (ONNX Runtime) vs. the HF PyTorch model given the equivalent 4-D mask."""
+"""Exported tree graphs vs. the HF PyTorch model given the equivalent 4-D mask, on every backend
+that runs on the CPU (ONNX Runtime, its device backend on the CPU provider, torch over the
+artifacts' own weights)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +13,7 @@ from treespec.artifacts import load_manifest
 from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 
 TOLERANCE = 1e-3
+CPU_BACKENDS = ["onnxruntime", "onnxruntime-device", "torch"]
 
 
 def random_tree(rng: np.random.Generator, size: int, vocab: int) -> Tree:
@@ -31,19 +34,19 @@ def hf_tree_logits(model, prefix: list[int], tree: Tree) -> np.ndarray:
     return logits[0].numpy()
 
 
-def ort_tree_logits(backend, prefix: list[int], tree: Tree) -> np.ndarray:
+def backend_tree_logits(backend, prefix: list[int], tree: Tree) -> np.ndarray:
     backend.reset(1, len(prefix) + len(tree) + 8)
     for t in (chain_tree(prefix),):
         ids, pos, mask = batch_tree_inputs([t], backend.lengths)
         out = backend.step(StepInputs(ids, pos, mask))
         backend.commit(out, [list(range(len(prefix)))])
     ids, pos, mask = batch_tree_inputs([tree], backend.lengths)
-    return backend.step(StepInputs(ids, pos, mask)).logits[0]
+    return np.asarray(backend.step(StepInputs(ids, pos, mask)).logits[0])
 
 
-def check_parity(artifacts, checkpoint, cases: int, seed: int) -> float:
+def check_parity(artifacts, checkpoint, cases: int, seed: int, backend_name: str = "onnxruntime") -> float:
     manifest = load_manifest(artifacts)
-    backend = load_target(manifest, "onnxruntime", "cpu")
+    backend = load_target(manifest, backend_name, "cpu")
     model = checkpoint.model
     model.config._attn_implementation = "eager"
     rng = np.random.default_rng(seed)
@@ -52,19 +55,21 @@ def check_parity(artifacts, checkpoint, cases: int, seed: int) -> float:
     for size in sizes:
         prefix = [int(t) for t in rng.integers(0, manifest.dims.vocab_size, int(rng.integers(1, 40)))]
         tree = random_tree(rng, size, manifest.dims.vocab_size)
-        got = ort_tree_logits(backend, prefix, tree)
+        got = backend_tree_logits(backend, prefix, tree)
         want = hf_tree_logits(model, prefix, tree)
         worst = max(worst, float(np.abs(got - want).max()))
-    print(f"max |ORT - PyTorch| over {cases} random trees: {worst:.2e}")
+    print(f"max |{backend_name} - PyTorch| over {cases} random trees: {worst:.2e}")
     return worst
 
 
-def test_tiny_decomposed_parity(tiny_artifacts, tiny_hf):
-    assert check_parity(tiny_artifacts, tiny_hf, cases=8, seed=0) < TOLERANCE
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_decomposed_parity(tiny_artifacts, tiny_hf, backend):
+    assert check_parity(tiny_artifacts, tiny_hf, cases=8, seed=0, backend_name=backend) < TOLERANCE
 
 
-def test_tiny_onnx_attention_parity(tiny_artifacts_onnx_attention, tiny_hf):
-    assert check_parity(tiny_artifacts_onnx_attention, tiny_hf, cases=8, seed=1) < TOLERANCE
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_onnx_attention_parity(tiny_artifacts_onnx_attention, tiny_hf, backend):
+    assert check_parity(tiny_artifacts_onnx_attention, tiny_hf, cases=8, seed=1, backend_name=backend) < TOLERANCE
 
 
 @pytest.mark.slow

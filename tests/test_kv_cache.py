@@ -1,8 +1,10 @@
 """KV bookkeeping: after any sequence of accepted tree paths, the cache equals the cache built by
-feeding the accepted tokens one at a time."""
+feeding the accepted tokens one at a time. The contract of every backend that runs on the CPU:
+ONNX Runtime (host buffers), the ONNX Runtime device backend on the CPU provider, and torch."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.loader import load_target
@@ -15,10 +17,14 @@ def _step(backend, trees):
     return backend.step(StepInputs(ids, pos, mask))
 
 
-def test_cache_after_random_accepted_paths_equals_token_by_token(tiny_artifacts):
+CPU_BACKENDS = ["onnxruntime", "onnxruntime-device", "torch"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cache_after_random_accepted_paths_equals_token_by_token(tiny_artifacts, backend):
     manifest = load_manifest(tiny_artifacts)
-    tree_backend = load_target(manifest, "onnxruntime", "cpu")
-    plain_backend = load_target(manifest, "onnxruntime", "cpu")
+    tree_backend = load_target(manifest, backend, "cpu")
+    plain_backend = load_target(manifest, backend, "cpu")
     rng = np.random.default_rng(0)
     vocab = manifest.dims.vocab_size
     batch = 3
