@@ -1,4 +1,4 @@
-"""Build TensorRT or TensorRT-RTX engines from the exported tree graphs and record them.
+"""Build TensorRT or TensorRT-RTX engines from the exported tree graphs, through Polygraphy, and record them.
 
     build_engines(artifact_dir: Path, manifest: dict, builder: str, precision: str | None = None,
                   compute_capabilities: list[str] | None = None,
@@ -10,6 +10,12 @@ builds one engine per graph in `manifest["graphs"]` (or just `graphs`), writes
 in `graphs.<name>.engines` and returns the manifest (changed in place; writing manifest.json is the
 caller's job). `build_artifact_engines(artifact_dir, builder, ...)` reads and writes manifest.json
 itself: one call for tests and scripts.
+
+One engine is four steps: `parse_graph` (Polygraphy's NetworkFromOnnxPath, strongly typed, and
+SetDecomposableAttentions), `configure` (CreateConfig / CreateConfigRTX: profiles, timing cache,
+targets, progress), `build_plan` (EngineBytesFromNetwork) and `record_engine` (file, sidecar,
+record). Polygraphy cannot save the plan: its SaveEngine wants a deserialized ICudaEngine, which
+needs a GPU the flavour supports (none for RTX here), so the bytes are written atomically here.
 
 - builder: "tensorrt" (needs a GPU; engines for that GPU, or 'ampere+') or "tensorrt-rtx" (builds
   on the CPU, ahead of time, for `compute_capabilities`: default its portable set 8.0/8.6/8.9/12.0,
@@ -24,18 +30,24 @@ itself: one call for tests and scripts.
   kernels on the target GPU at run time, so its record names a `runtime_cache` file the runtime
   backend loads and refills.
 - profiles come from each graph's manifest `profile` (see engine_profiles.py).
+- profiling verbosity stays TensorRT's default (layer names only), not Polygraphy's (detailed).
 """
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from treespec.exporter.engine_profiles import EngineProfile, input_shapes, profiles_for_graph
 from treespec.engine_record import sha256_of, validate_record, write_sidecar
-from treespec.trt_api import BUILDERS, TrtApi
 from treespec.errors import ArtifactError, InputError
+from treespec.exporter.engine_profiles import EngineProfile, input_shapes, profiles_for_graph
+from treespec.trt_api import BUILDERS, BuildTargets, PolygraphyTrt, TrtApi
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -88,9 +100,45 @@ def build_artifact_engines(artifact_dir: Path, builder: str = "tensorrt-rtx", pr
     return manifest
 
 
+@dataclass
+class ParsedGraph:
+    """A parsed, strongly typed network (the parser is kept: the network refers to its weights)."""
+    builder: "trt.Builder"
+    network: "trt.INetworkDefinition"
+    parser: "trt.OnnxParser"
+    precision: str
+    decomposable: int
+
+
+@dataclass(frozen=True)
+class BuiltPlan:
+    plan: memoryview  # the serialized engine (a view of TensorRT's IHostMemory: no copy of 0.5 GB)
+    seconds: float
+
+
 def build_engine(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, Any], precision: str | None,
                  compute_capabilities: list[str] | None, report: Progress) -> dict[str, Any]:
     """Build one graph's engine; returns its record (also written as the engine's sidecar)."""
+    onnx_path = _graph_onnx(api, artifact_dir, graph, entry)
+    profiles = profiles_for_graph(graph, entry)
+    targets = api.build_targets(compute_capabilities)
+    poly = api.polygraphy()
+    timing_cache = None if api.is_rtx else artifact_dir / TIMING_CACHE
+    log: list[str] = []
+    with polygraphy_log(log):
+        report(f"{graph}: parsing {onnx_path.name}")
+        parsed = parse_graph(api, poly, onnx_path, graph, entry, log)
+        _check_precision(api, graph, parsed.precision, precision)
+        config = configure(api, poly, parsed, profiles, targets, timing_cache, lambda msg: report(f"{graph}: {msg}"))
+        report(f"{graph}: building with {api.builder} {api.version} ({parsed.precision}, "
+               f"compute capabilities {', '.join(targets.recorded)})")
+        built = build_plan(api, poly, parsed, config, timing_cache, graph, log)
+    record = record_engine(api, artifact_dir, graph, entry, parsed, profiles, targets, built)
+    report(f"{graph}: built {record['file']} in {built.seconds:.1f} s ({built.plan.nbytes / 1e6:.1f} MB)")
+    return record
+
+
+def _graph_onnx(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, Any]) -> Path:
     onnx_path = artifact_dir / str(entry.get("onnx", ""))
     if not entry.get("onnx") or not onnx_path.is_file():
         raise ArtifactError(f"graph '{graph}': ONNX file '{entry.get('onnx')}' is missing from {artifact_dir}")
@@ -99,64 +147,87 @@ def build_engine(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, A
             f"graph '{graph}' was exported with --attention plugin, but TensorRT-RTX has no plugin API: "
             "build it with --engines tensorrt, or re-export with --attention decomposed or onnx"
         )
-    profiles = profiles_for_graph(graph, entry)
-    log: list[str] = []
-    logger = api.logger(log)
-    builder = api.builder_for(logger)
-    network = api.strongly_typed_network(builder)
-    parser = api.onnx_parser(network, logger)
-    report(f"{graph}: parsing {onnx_path.name}")
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or log[-3:]
-        raise ArtifactError(f"{api.builder} {api.version} cannot parse {onnx_path.name}: " + "; ".join(errors))
+    return onnx_path
+
+
+def parse_graph(api: TrtApi, poly: PolygraphyTrt, onnx_path: Path, graph: str, entry: dict[str, Any],
+                log: list[str]) -> ParsedGraph:
+    """Parse step: Polygraphy's NetworkFromOnnxPath (strongly typed), then SetDecomposableAttentions."""
+    from polygraphy.exception import PolygraphyException  # polygraphy: optional ([tensorrt] extra)
+
+    loader = poly.loaders.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    if api.has_attention:
+        loader = poly.loaders.SetDecomposableAttentions(loader)
+    try:
+        builder, network, parser = loader()
+    except PolygraphyException as exc:
+        raise ArtifactError(f"{api.builder} {api.version} cannot parse {onnx_path.name}: "
+                            + _builder_says(log, str(exc))) from None
     graph_precision = _network_precision(network, entry, graph)
-    if precision is not None and precision != graph_precision:
-        raise ArtifactError(
-            f"graph '{graph}' is {graph_precision} (its ONNX dtypes) but {precision} engines were asked: "
-            f"{api.builder} networks are strongly typed, so re-export the graphs with --precision {precision}"
-        )
-    decomposable = api.mark_attention_decomposable(network)
+    return ParsedGraph(builder, network, parser, graph_precision, api.decomposable_attentions(network))
 
-    config = builder.create_builder_config()
-    for profile in profiles:
-        _add_profile(api, builder, config, network, profile)
-    targets = api.set_targets(config, compute_capabilities)
-    cache_path = artifact_dir / TIMING_CACHE
-    if not api.is_rtx:
-        _load_timing_cache(config, cache_path)
-    config.progress_monitor = api.progress_monitor(lambda msg: report(f"{graph}: {msg}"))
 
-    report(f"{graph}: building with {api.builder} {api.version} ({graph_precision}, "
-           f"compute capabilities {', '.join(targets)})")
+def configure(api: TrtApi, poly: PolygraphyTrt, parsed: ParsedGraph, profiles: list[EngineProfile],
+              targets: BuildTargets, timing_cache: Path | None, report: Progress) -> Any:
+    """Configure step: a Polygraphy CreateConfig (CreateConfigRTX) loader; the build step calls it."""
+    return poly.create_config(
+        profiles=[_profile(poly, parsed.network, profile) for profile in profiles],
+        load_timing_cache=str(timing_cache) if timing_cache is not None and timing_cache.is_file() else None,
+        progress_monitor=api.progress_monitor(report),
+        profiling_verbosity=api.default_profiling_verbosity,
+        **targets.config_args,
+    )
+
+
+def _profile(poly: PolygraphyTrt, network: "trt.INetworkDefinition", profile: EngineProfile) -> Any:
+    """A Polygraphy Profile: min/opt/max of every network input from the tree-graph contract."""
+    shapes = poly.loaders.Profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tensor.shape
+        low, opt, high = input_shapes(tensor.name, [shape[j] for j in range(len(shape))], profile)
+        shapes.add(tensor.name, min=low, opt=opt, max=high)
+    return shapes
+
+
+def build_plan(api: TrtApi, poly: PolygraphyTrt, parsed: ParsedGraph, config: Any, timing_cache: Path | None,
+               graph: str, log: list[str]) -> BuiltPlan:
+    """Build step: Polygraphy's EngineBytesFromNetwork (which also merges the timing cache back)."""
+    from polygraphy.exception import PolygraphyException  # polygraphy: optional ([tensorrt] extra)
+
+    build = poly.loaders.EngineBytesFromNetwork(
+        (parsed.builder, parsed.network), config=config,
+        save_timing_cache=str(timing_cache) if timing_cache is not None else None)
     start = time.perf_counter()
-    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if serialized is None:
-        errors = [line for line in log if line][-3:]
+    try:
+        plan: trt.IHostMemory = build()
+    except PolygraphyException as exc:
         raise ArtifactError(f"{api.builder} {api.version} could not build graph '{graph}': "
-                            + ("; ".join(errors) or "no message from the builder"))
-    if not api.is_rtx:
-        _save_timing_cache(config, cache_path)
+                            + _builder_says(log, str(exc))) from None
+    return BuiltPlan(memoryview(plan), time.perf_counter() - start)
 
+
+def record_engine(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, Any], parsed: ParsedGraph,
+                  profiles: list[EngineProfile], targets: BuildTargets, built: BuiltPlan) -> dict[str, Any]:
+    """Record step: the engine file (written atomically), its record and its sidecar."""
     engine_name = engine_file_name(graph, api.builder)
     engine_path = artifact_dir / engine_name
-    blob = memoryview(serialized)
     tmp = engine_path.with_name(engine_name + ".tmp")
-    tmp.write_bytes(blob)
+    tmp.write_bytes(built.plan)
     tmp.replace(engine_path)
     record: dict[str, Any] = {
         "file": engine_name,
         "builder": api.builder,
         "builder_version": api.version,
-        "precision": graph_precision,
+        "precision": parsed.precision,
         "precision_source": "onnx",
         "profiles": [p.to_dict() for p in profiles],
-        "compute_capabilities": targets,
-        "build_seconds": round(seconds, 3),
-        "sha256": sha256_of(blob),
-        "size_bytes": blob.nbytes,
+        "compute_capabilities": targets.recorded,
+        "build_seconds": round(built.seconds, 3),
+        "sha256": sha256_of(built.plan),
+        "size_bytes": built.plan.nbytes,
         "onnx": entry["onnx"],
-        "attention_decomposable": decomposable,
+        "attention_decomposable": parsed.decomposable,
     }
     if api.is_rtx:
         record["runtime_cache"] = f"{graph}.{api.builder}.runtime-cache"
@@ -164,8 +235,15 @@ def build_engine(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, A
         record["timing_cache"] = TIMING_CACHE
     validate_record(record)
     write_sidecar(engine_path, record)
-    report(f"{graph}: built {engine_name} in {seconds:.1f} s ({blob.nbytes / 1e6:.1f} MB)")
     return record
+
+
+def _check_precision(api: TrtApi, graph: str, graph_precision: str, wanted: str | None) -> None:
+    if wanted is not None and wanted != graph_precision:
+        raise ArtifactError(
+            f"graph '{graph}' is {graph_precision} (its ONNX dtypes) but {wanted} engines were asked: "
+            f"{api.builder} networks are strongly typed, so re-export the graphs with --precision {wanted}"
+        )
 
 
 def _network_precision(network: "trt.INetworkDefinition", entry: dict[str, Any], graph: str) -> str:
@@ -182,26 +260,47 @@ def _network_precision(network: "trt.INetworkDefinition", entry: dict[str, Any],
     return str(entry.get("precision", "fp32"))
 
 
-def _add_profile(api: TrtApi, builder: "trt.Builder", config: "trt.IBuilderConfig",
-                 network: "trt.INetworkDefinition", profile: EngineProfile) -> None:
-    shapes = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tensor.shape
-        low, opt, high = input_shapes(tensor.name, [shape[j] for j in range(len(shape))], profile)
-        shapes.set_shape(tensor.name, api.dims(low), api.dims(opt), api.dims(high))
-    if config.add_optimization_profile(shapes) < 0:
-        raise ArtifactError(f"the builder refused optimisation profile '{profile.name}' {profile.to_dict()}")
+# Polygraphy's own summary of a failure, logged after the builder's reasons.
+_SUMMARIES = ("Could not parse ONNX correctly", "Failed to parse ONNX model", "Invalid Engine")
 
 
-def _load_timing_cache(config: "trt.IBuilderConfig", path: Path) -> None:
-    blob = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    if not config.set_timing_cache(cache, False):  # from another GPU or version: start afresh
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+def _builder_says(log: list[str], fallback: str) -> str:
+    """The last three distinct warnings/errors of the builder (TensorRT's logger and Polygraphy's
+    parser check both report a parse error: once is enough)."""
+    lines = [line for line in dict.fromkeys(log) if line and not line.startswith(_SUMMARIES)]
+    return "; ".join(lines[-3:]) or fallback
 
 
-def _save_timing_cache(config: "trt.IBuilderConfig", path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    tmp.replace(path)
+class _SinkHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip()
+        self.sink.append(_LETTER.sub("", text))
+
+
+_LETTER = re.compile(r"^\[[A-Z!]\] ")  # Polygraphy's severity letter
+
+
+@contextmanager
+def polygraphy_log(sink: list[str]) -> Iterator[None]:
+    """Polygraphy's warnings and errors (TensorRT's included: Polygraphy's TensorRT logger forwards
+    them) go to `sink` instead of stdout while building, so a refusal can quote the builder."""
+    from polygraphy.logger import G_LOGGER  # polygraphy: optional ([tensorrt] extra)
+
+    python_logger = logging.getLogger("Polygraphy")
+    handler = _SinkHandler(sink)
+    kept = (G_LOGGER.use_python_logging_system, G_LOGGER.colors, python_logger.propagate)
+    python_logger.addHandler(handler)
+    python_logger.propagate = False
+    G_LOGGER.use_python_logging_system, G_LOGGER.colors = True, False
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING), warnings.catch_warnings():
+            # CreateConfig always sets an empty timing cache, a no-op TensorRT-RTX warns about.
+            warnings.filterwarnings("ignore", "Use Deprecated in TensorRT-RTX", DeprecationWarning)
+            yield
+    finally:
+        G_LOGGER.use_python_logging_system, G_LOGGER.colors, python_logger.propagate = kept
+        python_logger.removeHandler(handler)

@@ -1,7 +1,7 @@
 """TensorRT-RTX engines built on the CPU from exported tree graphs; records and refusals.
 
 TensorRT-RTX (tensorrt-rtx-cu13-bindings) builds ahead of time without a GPU, so CI builds real
-engines here. Running them needs a GPU TensorRT-RTX supports, which this project has none of: the
+engines here, through Polygraphy's loaders as the exporter does. Running them needs a GPU TensorRT-RTX supports, which this project has none of: the
 backend is exercised up to the point where it would deserialize (the checks before it, and its
 refusal without a GPU). Build times and sizes are printed (pytest -s shows them).
 """
@@ -127,6 +127,30 @@ def test_prefill_profile_and_compute_capabilities(tiny_fp16, tmp_path):
     assert record["profiles"][1]["tree_tokens"] == [1, 64, 64]
     with pytest.raises(InputError, match="cannot target compute capability 9.0"):
         build_engines(root, manifest, RTX, compute_capabilities=["9.0"], graphs=["medusa"])
+
+
+def test_build_goes_through_polygraphy_quietly(tiny_fp16, tmp_path, capsys):
+    """Polygraphy's TensorRT loaders drive the installed TensorRT-RTX module (registered as
+    `tensorrt_rtx`); its log and TensorRT's stay off stdout and stderr during a build."""
+    api = TrtApi.load(RTX)
+    poly = api.polygraphy()
+    assert poly.loaders.loader.trt.Builder is api.module.Builder
+    assert poly.create_config.__name__ == "CreateConfigRTX"
+    root = stage(tiny_fp16, tmp_path / "q")
+    capsys.readouterr()
+    build_artifact_engines(root, RTX, graphs=["medusa"])
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "", out
+
+
+def test_unparsable_onnx_quotes_the_parser_once(tiny_fp16, tmp_path):
+    root = stage(tiny_fp16, tmp_path / "bad")
+    truncated = (root / "medusa.onnx").read_bytes()[:3000]
+    (root / "medusa.onnx").unlink()
+    (root / "medusa.onnx").write_bytes(truncated)
+    with pytest.raises(ArtifactError, match="tensorrt-rtx 1.7.1.* cannot parse medusa.onnx: .*Failed to parse") as err:
+        build_artifact_engines(root, RTX, graphs=["medusa"])
+    assert str(err.value).count("MODEL_DESERIALIZE_FAILED") == 1, err.value
 
 
 def test_plugin_graphs_need_full_tensorrt(tiny_fp16, tmp_path):

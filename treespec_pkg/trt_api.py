@@ -7,16 +7,21 @@ one place that touches a flavour's module object: it imports `tensorrt`, `tensor
 and hands out objects annotated with the `tensorrt` types. Everything only one flavour has
 (compute-capability targets, the runtime cache, RTX's own CUDA-graph capture, engine validity
 checks, IAttention which tensorrt-stubs 10.13 predates) is a method of `TrtApi` below.
+
+Engines are built through Polygraphy (`polygraphy.backend.trt`, and `polygraphy.backend.tensorrt_rtx`
+for RTX's compute capabilities); `TrtApi.polygraphy()` binds Polygraphy to the installed flavour
+(Polygraphy 0.53 drives TensorRT-RTX itself, but imports it as `tensorrt_rtx`, the name of NVIDIA's
+own wheel, while the PyPI wheels install `tensorrt_rtx_bindings`).
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from treespec.errors import BackendError
-from treespec.errors import ArtifactError, InputError
+from treespec.errors import ArtifactError, BackendError, InputError
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -27,6 +32,8 @@ _INSTALL = {
     "tensorrt": "pip install tensorrt (needs NVIDIA's package index and a GPU to build)",
     "tensorrt-rtx": "pip install tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116",
 }
+# The module name Polygraphy imports for each flavour (polygraphy.mod.trt_importer).
+_POLYGRAPHY_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 # TensorRT-RTX's documented portable set when no compute capability is set (CPU-only AOT build).
 RTX_DEFAULT_CCS = ["8.0", "8.6", "8.9", "12.0"]
 _RTX_CC_NAMES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
@@ -83,27 +90,15 @@ class TrtApi:
         logger: trt.ILogger = type("TreespecLogger", (base,), {"__init__": __init__, "log": log})()
         return logger
 
-    def builder_for(self, logger: "trt.ILogger") -> "trt.Builder":
-        builder: trt.Builder = self.module.Builder(logger)
-        return builder
-
-    def strongly_typed_network(self, builder: "trt.Builder") -> "trt.INetworkDefinition":
-        # Strongly typed: every tensor keeps the dtype the ONNX gives it. TensorRT-RTX only has
-        # such networks; TensorRT 10.12+ deprecates the weakly typed ones.
-        flag = int(self.module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        return builder.create_network(1 << flag)
-
-    def onnx_parser(self, network: "trt.INetworkDefinition", logger: "trt.ILogger") -> "trt.OnnxParser":
-        parser: trt.OnnxParser = self.module.OnnxParser(network, logger)
-        return parser
-
     def runtime(self, logger: "trt.ILogger") -> "trt.Runtime":
         runtime: trt.Runtime = self.module.Runtime(logger)
         return runtime
 
-    def dims(self, shape: list[int]) -> "trt.Dims":
-        dims: trt.Dims = self.module.Dims(shape)
-        return dims
+    @property
+    def default_profiling_verbosity(self) -> "trt.ProfilingVerbosity":
+        """TensorRT's own default (layer names only): Polygraphy's CreateConfig would ask for DETAILED."""
+        verbosity: trt.ProfilingVerbosity = self.module.ProfilingVerbosity.LAYER_NAMES_ONLY
+        return verbosity
 
     def progress_monitor(self, report: Callable[[str], None]) -> "trt.IProgressMonitor":
         """Forwards the builder's top two phase levels (and top-level steps) to `report`."""
@@ -136,62 +131,91 @@ class TrtApi:
 
     # -- build-time differences ------------------------------------------------------------------
 
-    def set_targets(self, config: "trt.IBuilderConfig", ccs: list[str] | None) -> list[str]:
-        """Choose the GPUs the engine will run on; returns what the manifest records.
+    def build_targets(self, ccs: list[str] | None) -> "BuildTargets":
+        """Choose the GPUs the engine will run on: what the manifest records, and how Polygraphy sets it.
 
         TensorRT-RTX builds on the CPU for a list of compute capabilities (default: its portable
-        set; 'current' means the GPU present, and turns CPU-only AOT off). Full TensorRT builds for
-        the GPU it runs on; 'ampere+' asks for its hardware-compatible (Ampere and later) engines.
+        set, left unset on the config; 'current' means the GPU present, and turns CPU-only AOT off).
+        Full TensorRT builds for the GPU it runs on; 'ampere+' asks for its hardware-compatible
+        (Ampere and later) engines.
         """
         if self.is_rtx:
-            if not ccs:
-                return list(RTX_DEFAULT_CCS)
-            wanted = [normalize_cc(cc) for cc in ccs]
-            if "current" in wanted and len(wanted) > 1:
-                raise InputError("compute capability 'current' cannot be combined with others")
-            unknown = [cc for cc in wanted if cc != "current" and cc not in _RTX_CC_NAMES]
-            if unknown:
-                raise InputError(
-                    f"TensorRT-RTX {self.version} cannot target compute capability {', '.join(unknown)} "
-                    f"(it supports {', '.join(_RTX_CC_NAMES)}, or 'current')"
-                )
-            rtx_config: Any = config
-            rtx_config.num_compute_capabilities = len(wanted)
-            for i, cc in enumerate(wanted):
-                enum = self.module.ComputeCapability.CURRENT if cc == "current" else getattr(
-                    self.module.ComputeCapability, _RTX_CC_NAMES[cc])
-                if not rtx_config.set_compute_capability(enum, i):
-                    raise BackendError(f"TensorRT-RTX refused compute capability {cc}")
-            return wanted
+            return self._rtx_targets(ccs)
         if not ccs:
-            return ["current"]
+            return BuildTargets(["current"])
         if [c.lower() for c in ccs] == ["ampere+"]:
-            config.hardware_compatibility_level = self.module.HardwareCompatibilityLevel.AMPERE_PLUS
-            return ["ampere+"]
+            level = self.module.HardwareCompatibilityLevel.AMPERE_PLUS
+            return BuildTargets(["ampere+"], {"hardware_compatibility_level": level})
         raise InputError(
             "full TensorRT builds for the GPU it runs on: leave compute capabilities unset, or ask "
             "for 'ampere+' (hardware-compatible engines for Ampere and later)"
         )
 
-    def mark_attention_decomposable(self, network: "trt.INetworkDefinition") -> int:
-        """Let the builder fall back to MatMul/Softmax for IAttention it has no fused kernel for.
+    def _rtx_targets(self, ccs: list[str] | None) -> "BuildTargets":
+        if not ccs:
+            return BuildTargets(list(RTX_DEFAULT_CCS))
+        wanted = [normalize_cc(cc) for cc in ccs]
+        if wanted == ["current"]:
+            return BuildTargets(wanted, {"use_gpu": True})
+        if "current" in wanted:
+            raise InputError("compute capability 'current' cannot be combined with others")
+        unknown = [cc for cc in wanted if cc not in _RTX_CC_NAMES]
+        if unknown:
+            raise InputError(
+                f"TensorRT-RTX {self.version} cannot target compute capability {', '.join(unknown)} "
+                f"(it supports {', '.join(_RTX_CC_NAMES)}, or 'current')"
+            )
+        pairs = [(int(major), int(minor)) for major, minor in (cc.split(".") for cc in wanted)]
+        return BuildTargets(wanted, {"compute_capabilities": pairs})
 
-        The ONNX parser maps opset-23 `Attention` to IAttention; TensorRT-RTX refuses to build one
-        that has no dedicated kernel (fp32, or head sizes/masks outside its kernels) unless it is
-        marked decomposable. Returns how many were marked (0 where the flavour has no IAttention).
-        """
-        layer_type = getattr(self.module.LayerType, "ATTENTION_OUTPUT", None)
-        output_layer = getattr(self.module, "IAttentionOutputLayer", None)
-        if layer_type is None or output_layer is None:
+    @property
+    def has_attention(self) -> bool:
+        """Whether the flavour has IAttention (TensorRT-RTX, TensorRT 10.14+): the ONNX parser maps
+        opset-23 `Attention` to it, and Polygraphy's SetDecomposableAttentions marks it."""
+        return hasattr(self.module.LayerType, "ATTENTION_INPUT") and hasattr(self.module, "IAttentionInputLayer")
+
+    def decomposable_attentions(self, network: "trt.INetworkDefinition") -> int:
+        """How many IAttention layers of `network` may fall back to MatMul/Softmax when the builder
+        has no fused kernel for them (TensorRT-RTX refuses fp32 attention otherwise)."""
+        if not self.has_attention:
             return 0
-        marked = 0
+        count = 0
         for i in range(network.num_layers):
             layer: Any = network.get_layer(i)
-            if layer.type == layer_type:
-                layer.__class__ = output_layer  # the bindings return the ILayer base class
-                layer.attention.decomposable = True
-                marked += 1
-        return marked
+            if layer.type == self.module.LayerType.ATTENTION_INPUT:
+                layer.__class__ = self.module.IAttentionInputLayer  # the bindings return the ILayer base
+                count += int(bool(layer.attention.decomposable))
+        return count
+
+    # -- Polygraphy, bound to this flavour -------------------------------------------------------
+
+    def polygraphy(self) -> "PolygraphyTrt":
+        """Polygraphy's TensorRT loaders, driving this flavour's module.
+
+        Polygraphy picks its TensorRT module once per process, when `polygraphy.backend.trt` is
+        first imported: `tensorrt`, or `tensorrt_rtx` when `polygraphy.config.USE_TENSORRT_RTX`
+        is set (`polygraphy.mod.trt_importer.lazy_import_trt`). So the flag is set before that
+        import, and the installed module is registered under the name Polygraphy imports. A
+        process whose Polygraphy was already bound to the other flavour is refused.
+        """
+        try:
+            config: Any = importlib.import_module("polygraphy.config")
+        except ImportError:
+            raise BackendError("Polygraphy is not installed here (pip install polygraphy)") from None
+        if "polygraphy.backend.trt" not in sys.modules:
+            config.USE_TENSORRT_RTX = self.is_rtx
+        sys.modules.setdefault(_POLYGRAPHY_MODULES[self.builder], self.module)
+        backend = importlib.import_module("polygraphy.backend.trt")
+        bound = importlib.import_module("polygraphy.backend.trt.loader").trt
+        if bool(config.USE_TENSORRT_RTX) != self.is_rtx or bound.Builder is not self.module.Builder:
+            raise BackendError(
+                f"Polygraphy is already bound to another TensorRT flavour in this process: build "
+                f"{self.builder} engines in a process of their own"
+            )
+        create_config = backend.CreateConfig
+        if self.is_rtx:
+            create_config = importlib.import_module("polygraphy.backend.tensorrt_rtx").CreateConfigRTX
+        return PolygraphyTrt(loaders=backend, create_config=create_config)
 
     # -- run-time differences --------------------------------------------------------------------
 
@@ -255,6 +279,18 @@ class TrtApi:
     @property
     def captures_cuda_graphs_itself(self) -> bool:
         return self.is_rtx
+
+
+@dataclass(frozen=True)
+class BuildTargets:
+    recorded: list[str]  # the manifest's compute_capabilities
+    config_args: dict[str, Any] = field(default_factory=dict)  # Polygraphy CreateConfig(RTX) keywords
+
+
+@dataclass(frozen=True)
+class PolygraphyTrt:
+    loaders: Any  # polygraphy.backend.trt (untyped): network_from_onnx_path, engine_bytes_from_network, Profile...
+    create_config: Any  # CreateConfig, or CreateConfigRTX (polygraphy.backend.tensorrt_rtx) for TensorRT-RTX
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Prepare `.cache/mypy/` (mypy.ini's mypy_path) so mypy can check treespec against tensorrt-stubs.
 
-`python tests/mypy_env.py` does it by hand; tests/test_typing_tensorrt.py does it before mypy runs.
+`python tests/support/mypy_env.py` does it by hand; tests/test_typing_tensorrt.py does it before mypy runs.
 
 1. The package: treespec is installed with a package-dir mapping (exporter/ -> treespec.exporter,
    ...) through an editable-install import hook that mypy cannot follow, so `.cache/mypy/treespec/`
