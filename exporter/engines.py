@@ -8,8 +8,9 @@
 builds one engine per graph in `manifest["graphs"]` (or just `graphs`), writes
 `<graph>.<builder>.engine` plus its JSON sidecar into `artifact_dir`, replaces that builder's record
 in `graphs.<name>.engines` and returns the manifest (changed in place; writing manifest.json is the
-caller's job). `build_artifact_engines(artifact_dir, builder, ...)` reads and writes manifest.json
-itself: one call for tests and scripts.
+caller's job). `build_artifact_engines(artifact_dir, builder, ...)` loads manifest.json and writes
+it back through treespec.artifacts (load_manifest / write_manifest) and returns the typed Manifest:
+one call for tests and scripts.
 
 One engine is four steps: `parse_graph` (Polygraphy's NetworkFromOnnxPath, strongly typed, and
 SetDecomposableAttentions), `configure` (CreateConfig / CreateConfigRTX: profiles, timing cache,
@@ -34,7 +35,6 @@ needs a GPU the flavour supports (none for RTX here), so the bytes are written a
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -44,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from treespec.artifacts import Manifest, load_manifest, write_manifest
 from treespec.engine_record import sha256_of, validate_record, write_sidecar
 from treespec.errors import ArtifactError, InputError
 from treespec.exporter.engine_profiles import EngineProfile, input_shapes, profiles_for_graph
+from treespec.files import write_atomic
 from treespec.trt_api import BUILDERS, BuildTargets, PolygraphyTrt, TrtApi
 
 if TYPE_CHECKING:
@@ -86,18 +88,15 @@ def build_engines(artifact_dir: Path, manifest: dict[str, Any], builder: str, pr
 
 def build_artifact_engines(artifact_dir: Path, builder: str = "tensorrt-rtx", precision: str | None = None,
                            compute_capabilities: list[str] | None = None, progress: Progress | None = None,
-                           graphs: Sequence[str] | None = None) -> dict[str, Any]:
-    """Read manifest.json, build the engines, write manifest.json back; returns the manifest."""
-    path = Path(artifact_dir) / "manifest.json"
-    try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from None
-    build_engines(Path(artifact_dir), manifest, builder, precision, compute_capabilities, progress, graphs)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
-    return manifest
+                           graphs: Sequence[str] | None = None) -> Manifest:
+    """Build the engines of an artifact directory and record them in its manifest.json (read and
+    written through treespec.artifacts, so the records are validated as the runtime reads them)."""
+    manifest = load_manifest(artifact_dir)
+    raw = manifest.to_dict()
+    build_engines(manifest.root, raw, builder, precision, compute_capabilities, progress, graphs)
+    built = Manifest.from_dict(raw, manifest.root)
+    write_manifest(manifest.root, built)
+    return built
 
 
 @dataclass
@@ -211,10 +210,7 @@ def record_engine(api: TrtApi, artifact_dir: Path, graph: str, entry: dict[str, 
                   profiles: list[EngineProfile], targets: BuildTargets, built: BuiltPlan) -> dict[str, Any]:
     """Record step: the engine file (written atomically), its record and its sidecar."""
     engine_name = engine_file_name(graph, api.builder)
-    engine_path = artifact_dir / engine_name
-    tmp = engine_path.with_name(engine_name + ".tmp")
-    tmp.write_bytes(built.plan)
-    tmp.replace(engine_path)
+    engine_path = write_atomic(artifact_dir / engine_name, built.plan)
     record: dict[str, Any] = {
         "file": engine_name,
         "builder": api.builder,

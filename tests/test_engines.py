@@ -19,6 +19,7 @@ from support.tiny_tree_graphs import write_tiny_artifacts  # noqa: E402
 
 from treespec.exporter.engine_profiles import (  # noqa: E402
     EngineProfile, input_shapes, profiles_for_graph, tree_profile)
+from treespec.artifacts import Manifest, load_manifest  # noqa: E402
 from treespec.exporter.engines import build_artifact_engines, build_engines  # noqa: E402
 from treespec.errors import BackendError  # noqa: E402
 from treespec.engine_record import (  # noqa: E402
@@ -40,30 +41,33 @@ def stage(src: Path, dst: Path) -> Path:
     return dst
 
 
-def report(manifest: dict, label: str) -> None:
-    for name, entry in manifest["graphs"].items():
-        for rec in entry["engines"]:
-            print(f"[engines] {label} {name}: {rec['builder']} {rec['builder_version']} {rec['precision']} "
-                  f"built in {rec['build_seconds']:.2f} s, {rec['size_bytes'] / 1e6:.1f} MB")
+def report(manifest: Manifest, label: str) -> None:
+    for name, entry in manifest.graphs.items():
+        for rec in entry.engines:
+            print(f"[engines] {label} {name}: {rec.builder} {rec.builder_version} {rec.precision} "
+                  f"built in {rec.build_seconds:.2f} s, {rec.size_bytes / 1e6:.1f} MB")
 
 
-def check_records(root: Path, manifest: dict, precision: str) -> None:
+def check_records(root: Path, manifest: Manifest, precision: str, graphs: list[str] | None = None) -> None:
+    """The records of `manifest` (as built) are those on disk (manifest.json, sidecars) and describe
+    the engine files: builder, version, precision, profiles from the graph's, size and SHA-256."""
     version = TrtApi.load(RTX).version
-    on_disk = json.loads((root / "manifest.json").read_text())
-    for name, entry in manifest["graphs"].items():
-        (rec,) = [r for r in entry["engines"] if r["builder"] == RTX]
-        assert set(RECORD_KEYS) <= set(rec)
-        assert rec["builder_version"] == version and rec["precision"] == precision
-        assert rec["precision_source"] == "onnx"
-        assert rec["compute_capabilities"] == RTX_DEFAULT_CCS
-        assert rec["profiles"][0]["batch"] == entry["profile"]["batch"]
-        assert rec["profiles"][0]["tree_tokens"] == entry["profile"]["tree_tokens"]
-        path = root / rec["file"]
+    on_disk = load_manifest(root)
+    for name in graphs or list(manifest.graphs):
+        entry = manifest.graphs[name]
+        rec = entry.engine(RTX)
+        assert rec is not None and rec.to_dict() == on_disk.graphs[name].engine(RTX).to_dict()
+        record = rec.to_dict()
+        assert set(RECORD_KEYS) <= set(record)
+        assert rec.builder_version == version and rec.precision == precision
+        assert record["precision_source"] == "onnx"
+        assert rec.compute_capabilities == RTX_DEFAULT_CCS
+        assert (rec.profiles[0].batch, rec.profiles[0].tree_tokens) == (entry.profile.batch, entry.profile.tree_tokens)
+        path = root / rec.file
         blob = path.read_bytes()
-        assert rec["size_bytes"] == len(blob) > 0 and rec["sha256"] == sha256_of(blob)
-        assert read_sidecar(path) == rec
-        assert on_disk["graphs"][name]["engines"] == entry["engines"]
-        assert check_engine(path, rec) == blob
+        assert rec.size_bytes == len(blob) > 0 and rec.sha256 == sha256_of(blob)
+        assert read_sidecar(path) == record
+        assert check_engine(path, record) == blob
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +81,11 @@ def tiny_fp16(tmp_path_factory) -> Path:
 
 
 def test_rtx_engines_for_target_draft_and_medusa(tiny_fp16):
-    manifest = json.loads((tiny_fp16 / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {"target", "draft", "medusa"}
+    manifest = load_manifest(tiny_fp16)
+    assert set(manifest.graphs) == {"target", "draft", "medusa"}
     check_records(tiny_fp16, manifest, "fp16")
-    assert "past" not in manifest["graphs"]["medusa"]["engines"][0]["profiles"][0]
-    assert manifest["graphs"]["target"]["engines"][0]["runtime_cache"] == "target.tensorrt-rtx.runtime-cache"
+    assert manifest.graphs["medusa"].engines[0].profiles[0].past is None
+    assert manifest.graphs["target"].engines[0].runtime_cache == "target.tensorrt-rtx.runtime-cache"
 
 
 def test_rebuild_replaces_the_builders_record(tiny_fp16, tmp_path):
@@ -98,7 +102,7 @@ def test_lead_pipeline_fp32_graph(tiny_artifacts, tmp_path):
     root = stage(tiny_artifacts, tmp_path / "tiny")
     manifest = build_artifact_engines(root, RTX, "fp32", graphs=["target"])
     report(manifest, "tiny-random fp32 decomposed")
-    check_records(root, {"graphs": {"target": manifest["graphs"]["target"]}}, "fp32")
+    check_records(root, manifest, "fp32", graphs=["target"])
 
 
 def test_opset23_attention_is_marked_decomposable(tiny_artifacts_onnx_attention, tmp_path):
@@ -106,8 +110,8 @@ def test_opset23_attention_is_marked_decomposable(tiny_artifacts_onnx_attention,
     root = stage(tiny_artifacts_onnx_attention, tmp_path / "tiny-onnx")
     manifest = build_artifact_engines(root, RTX, graphs=["target"])
     report(manifest, "tiny-random fp32 opset-23 Attention")
-    record = manifest["graphs"]["target"]["engines"][0]
-    assert record["attention_decomposable"] == manifest["model"]["num_layers"]
+    record = manifest.graphs["target"].engine(RTX)
+    assert record is not None and record.extras["attention_decomposable"] == manifest.dims.num_layers
 
 
 def test_precision_must_match_the_onnx(tiny_fp16, tmp_path):
@@ -283,7 +287,7 @@ def test_profiles_from_tree_and_context():
 def test_smollm2_engines(smollm2_artifacts, tmp_path):
     """Every graph the SmolLM2 export has (target, and draft/medusa when exported) gets an engine."""
     root = stage(smollm2_artifacts, tmp_path / "smollm2")
-    precision = json.loads((root / "manifest.json").read_text())["graphs"]["target"]["precision"]
+    precision = load_manifest(root).graphs["target"].precision
     manifest = build_artifact_engines(root, RTX, precision, progress=print)
     report(manifest, "SmolLM2-135M")
     check_records(root, manifest, precision)

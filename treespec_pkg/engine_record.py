@@ -14,13 +14,12 @@ refusal. With `deserialize=True` (needs a GPU) it also asks TensorRT to load the
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from treespec.errors import BackendError
+from treespec.errors import ArtifactError, BackendError
+from treespec.files import read_json_object, write_json
 from treespec.trt_api import TrtApi
-from treespec.errors import ArtifactError
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -38,9 +37,7 @@ def sidecar_path(engine_path: Path) -> Path:
 
 
 def write_sidecar(engine_path: Path, record: Mapping[str, Any]) -> Path:
-    path = sidecar_path(engine_path)
-    path.write_text(json.dumps(dict(record), indent=2) + "\n")
-    return path
+    return write_json(sidecar_path(engine_path), dict(record))
 
 
 def read_sidecar(engine_path: Path) -> dict[str, Any]:
@@ -50,13 +47,7 @@ def read_sidecar(engine_path: Path) -> dict[str, Any]:
             f"engine {engine_path.name} has no record (neither a manifest entry nor {path.name}), so "
             "nothing says which TensorRT built it: rebuild it with treespec-export --engines ..."
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path.name} is corrupt (not valid JSON: {exc})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path.name} is corrupt (not a JSON object)")
-    return data
+    return read_json_object(path, path.name)
 
 
 def made_by(record: Mapping[str, Any]) -> str:

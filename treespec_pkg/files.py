@@ -14,8 +14,10 @@ from typing import Any
 from treespec.errors import ArtifactError
 
 
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write `data` to `path` through `<name>.tmp` and a rename (atomic on one filesystem)."""
+def write_atomic(path: Path, data: bytes | memoryview | str) -> Path:
+    """Write `data` to `path` through `<name>.tmp` and a rename (atomic on one filesystem).
+
+    A memoryview (of a TensorRT engine's IHostMemory, say) is written without a copy."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if isinstance(data, str):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from treespec.errors import ArtifactError, BackendError, InputError
+from treespec.files import write_atomic
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -300,7 +301,4 @@ class RuntimeCache:
     loaded: bool
 
     def save(self) -> None:
-        blob = memoryview(self.cache.serialize())
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(blob)
-        tmp.replace(self.path)
+        write_atomic(self.path, memoryview(self.cache.serialize()))
