@@ -308,3 +308,86 @@ def test_exported_manifest_paths_are_relative_and_inside(tiny_artifacts):
     for rel in named:
         assert not Path(rel).is_absolute() and ".." not in Path(rel).parts, rel
         assert manifest.require_file(rel).is_relative_to(tiny_artifacts.resolve())
+
+
+# -- inconsistent manifests: one ArtifactError line each, never a traceback ---------------------------
+
+INCONSISTENT = {
+    "graphs not an object": (lambda m: m.update(graphs=[]), r"'graphs' \(graph name -> entry\) must be an object"),
+    "drafters a list": (lambda m: m.update(drafters=["lookup"]), r"'drafters' \(kind -> entry\) must be an object"),
+    "unknown lookup option": (lambda m: m.update(drafters={"lookup": {"options": {"max_gram": 3}}}),
+                              r"drafter 'lookup' has unknown options \['max_gram'\]"),
+    "lookup option not an integer": (lambda m: m.update(drafters={"lookup": {"options": {"top_k": "4"}}}),
+                                     r"drafter 'lookup' option 'top_k' must be an integer"),
+    "unknown drafter field": (lambda m: m.update(drafters={"lookup": {"heads": 4}}),
+                              r"drafter 'lookup' has unknown fields \['heads'\]"),
+    "drafter names an absent graph": (lambda m: m.update(drafters={"draft": {"graph": "draft"}}),
+                                      r"drafter 'draft' names graph 'draft', which the 'graphs' section lacks"),
+    "draft deeper than the target": (lambda m: m["graphs"].update(draft={"onnx": "target.onnx", "dims": {"num_layers": 5}}),
+                                     r"graph 'draft' has 5 layers, more than the target's 1"),
+    "drafter and graph disagree": (lambda m: (m["graphs"].update(medusa={"onnx": "target.onnx", "num_heads": 4}),
+                                              m.update(drafters={"medusa": {"graph": "medusa", "num_heads": 3}})),
+                                   r"drafter 'medusa' says num_heads 3 but its graph 'medusa' says 4"),
+    "default drafter absent": (lambda m: m.update(default_drafter="medusa"),
+                               r"'default_drafter' names 'medusa', which 'drafters' lacks"),
+    "default trees a list": (lambda m: m.update(default_trees=[]), r"'default_trees' .* must be an object"),
+    "default tree not an object": (lambda m: m.update(default_trees={"lookup": "opt"}),
+                                   r"'default_trees' entry 'lookup' must be an object"),
+    "heads not a multiple of kv heads": (lambda m: m["model"].update(num_heads=3, num_kv_heads=2),
+                                         r"num_heads 3 is not a multiple of num_kv_heads 2"),
+    "profile range reversed": (lambda m: m["graphs"]["target"]["profile"].update(tree_tokens=[4, 1, 2]),
+                               r"graph 'target' 'profile' 'tree_tokens' must be \[min, opt, max\]"),
+    "engines not a list": (lambda m: m["graphs"]["target"].update(engines={}), r"graph 'target' 'engines' must be a list"),
+    "engine record without file": (lambda m: m["graphs"]["target"].update(engines=[{"builder": "tensorrt"}]),
+                                   r"engine record 'file' must be a non-empty string"),
+    "another KV layout": (lambda m: m.update(kv_cache={"layout": "growing"}),
+                          r"'kv_cache' layout 'growing' is not the fixed-capacity layout"),
+    "torch weights without path": (lambda m: m.update(torch_weights={}), r"'torch_weights' 'path' must be a non-empty"),
+    "model section a list": (lambda m: m.update(model=[1, 2]), r"'model' section is incomplete or invalid"),
+    "schema_version a boolean": (lambda m: m.update(schema_version=True), r"has no schema_version"),
+    "older schema": (lambda m: m.update(schema_version=1),
+                     r"uses manifest schema 1, older than this treespec reads \(2\): re-export the artifacts with "
+                     r"treespec-export"),
+}
+
+
+@pytest.mark.parametrize("case", list(INCONSISTENT))
+def test_inconsistent_manifests_are_refused_in_one_line(tmp_path, case):
+    from treespec.artifacts import load_manifest
+
+    change, pattern = INCONSISTENT[case]
+    root = _artifact_dir(tmp_path / "art")
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=pattern) as err:
+        load_manifest(root)
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(root / "manifest.json"))
+
+
+def test_manifest_round_trips_through_the_dataclasses(tiny_artifacts):
+    from treespec.artifacts import Manifest, load_manifest
+
+    manifest = load_manifest(tiny_artifacts)
+    on_disk = json.loads((tiny_artifacts / "manifest.json").read_text())
+    assert manifest.to_dict() == on_disk
+    assert Manifest.from_dict(on_disk, tiny_artifacts) == manifest
+    assert manifest.default_tree("medusa") == on_disk["default_trees"]["medusa"]  # the exporter's key
+    assert manifest.default_tree(None) == {"policy": "none"}
+
+
+def test_graph_with_another_layer_count_is_refused(tiny_artifacts, tmp_path):
+    """The manifest says 3 layers, the ONNX graph has 2 (KV inputs): refused before any step."""
+    import shutil
+
+    from treespec.runtime.api import SpeculativeGenerator
+
+    root = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, root, ignore=shutil.ignore_patterns("torch", "draft.onnx*", "medusa.onnx*"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["model"]["num_layers"] = 3
+    manifest["graphs"] = {"target": manifest["graphs"]["target"]}
+    manifest.update(drafters={"lookup": manifest["drafters"]["lookup"]}, default_drafter="lookup")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"the 'target' graph has 2 layers of KV cache but the manifest says 3"):
+        SpeculativeGenerator.from_artifacts(root, threads=1)

@@ -42,6 +42,12 @@ def _opt(data: Mapping[str, Any], key: str, check, what: str):
     return None if data.get(key) is None else check(data[key], f"{what} '{key}'")
 
 
+def _get(data: Mapping[str, Any], key: str, default: Any) -> Any:
+    """data[key], or `default` when absent or null (a present [] or {} stays, to be type-checked)."""
+    value = data.get(key)
+    return default if value is None else value
+
+
 def _range(value: Any, what: str) -> Range:
     ok = (isinstance(value, (list, tuple)) and len(value) == 3
           and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
@@ -102,7 +108,7 @@ class EngineRecord:
     def from_dict(cls, data: Any, what: str) -> "EngineRecord":
         data = _obj(data, what)
         known = {f.name for f in fields(cls)} - {"extras"}
-        profiles = data.get("profiles") or []
+        profiles = _get(data, "profiles", [])
         _require(isinstance(profiles, list), f"{what} 'profiles' must be a list")
         return cls(file=_str(data.get("file"), f"{what} 'file'"), builder=_str(data.get("builder"), f"{what} 'builder'"),
                    profiles=[Profile.from_dict(p, f"{what} profile") for p in profiles],
@@ -146,9 +152,9 @@ class GraphEntry:
         profile = Profile.from_dict(data["profile"], f"{what} 'profile'") if data.get("profile") is not None else None
         _require(profile is not None or name != "target",
                  f"{what} needs a 'profile' with 'batch' and 'tree_tokens' as [min, opt, max] positive integers")
-        engines = data.get("engines") or []
+        engines = _get(data, "engines", [])
         _require(isinstance(engines, list), f"{what} 'engines' must be a list")
-        dims = _obj(data.get("dims") or {}, f"{what} 'dims'")
+        dims = _obj(_get(data, "dims", {}), f"{what} 'dims'")
         known = {f.name for f in fields(cls)} | {"dims"}
         return cls(onnx=data["onnx"], profile=profile, precision=str(data.get("precision", "fp32")),
                    attention=data.get("attention"), external_data=bool(data.get("external_data", False)),
@@ -189,13 +195,13 @@ class DrafterEntry:
         data = _obj(data, what)
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         _require(not unknown, f"{what} has unknown fields {unknown}: re-export the artifacts with treespec-export")
-        options = dict(_obj(data.get("options") or {}, f"{what} 'options'"))
+        options = dict(_obj(_get(data, "options", {}), f"{what} 'options'"))
         if kind == "lookup":
             bad = sorted(set(options) - set(LOOKUP_OPTIONS))
             _require(not bad, f"{what} has unknown options {bad} (known: {', '.join(LOOKUP_OPTIONS)})")
             for key, value in options.items():
                 _int(value, f"{what} option '{key}'")
-        training = _obj(data.get("training") or {}, f"{what} 'training'")
+        training = _obj(_get(data, "training", {}), f"{what} 'training'")
         return cls(graph=_opt(data, "graph", _str, what), top_k=_opt(data, "top_k", _int, what),
                    num_heads=_opt(data, "num_heads", _int, what), num_layers=_opt(data, "num_layers", _int, what),
                    weights=_opt(data, "weights", _str, what), trained=bool(data.get("trained", False)),
@@ -241,7 +247,7 @@ class ModelSection:
         dims = ModelDims.from_dict(data if isinstance(data, Mapping) else {})
         _require(dims.num_heads % dims.num_kv_heads == 0 if dims.num_kv_heads > 0 else False,
                  f"'model': num_heads {dims.num_heads} is not a multiple of num_kv_heads {dims.num_kv_heads}")
-        eos = data.get("eos_token_ids") or []
+        eos = _get(data, "eos_token_ids", [])
         _require(isinstance(eos, list) and all(isinstance(t, int) for t in eos), "'model' 'eos_token_ids' must be a list of integers")
         return cls(dims, str(data.get("name", "?")), str(data.get("source", "?")), data.get("architecture"),
                    bool(data.get("tie_word_embeddings", False)), list(eos), data.get("bos_token_id"))

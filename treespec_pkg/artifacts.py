@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 from treespec import __version__
 from treespec.artifact_entries import (DrafterEntry, EngineRecord, GraphEntry, KvCacheContract, ModelDims,
-                                       ModelSection, Profile, TokenizerEntry, TorchWeights, _drop_none, _obj,
-                                       _opt, _require, _str)
+                                       ModelSection, Profile, TokenizerEntry, TorchWeights, _drop_none, _get,
+                                       _obj, _opt, _require, _str)
 from treespec.errors import ArtifactError
 from treespec.files import read_json_object, write_json
 
@@ -130,7 +130,7 @@ class Manifest:
             _require(key in data, f"is missing its '{key}' section")
         graphs = _obj(data["graphs"], "'graphs' (graph name -> entry)")
         drafters = _obj(data.get("drafters", {"lookup": {}}), "'drafters' (kind -> entry)")
-        trees = _obj(data.get("default_trees") or {}, "'default_trees' (drafter kind -> tree config)")
+        trees = _obj(_get(data, "default_trees", {}), "'default_trees' (drafter kind -> tree config)")
         for kind, tree in trees.items():
             _obj(tree, f"'default_trees' entry '{kind}'")
         manifest = cls(
@@ -139,9 +139,9 @@ class Manifest:
             drafters={kind: DrafterEntry.from_dict(kind, entry) for kind, entry in drafters.items()},
             default_drafter=_opt(data, "default_drafter", _str, "'default_drafter'"),
             default_trees={k: dict(v) for k, v in trees.items()},
-            kv_cache=KvCacheContract.from_dict(data.get("kv_cache") or {}),
-            torch_weights=TorchWeights.from_dict(data["torch_weights"]) if data.get("torch_weights") else None,
-            treespec_version=data.get("treespec_version"), export=dict(_obj(data.get("export") or {}, "'export'")),
+            kv_cache=KvCacheContract.from_dict(_get(data, "kv_cache", {})),
+            torch_weights=TorchWeights.from_dict(data["torch_weights"]) if data.get("torch_weights") is not None else None,
+            treespec_version=data.get("treespec_version"), export=dict(_obj(_get(data, "export", {}), "'export'")),
             root=root)
         _check_consistent(manifest)
         return manifest
