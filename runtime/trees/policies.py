@@ -21,6 +21,14 @@ A tree config is a dict (a YAML preset under configs/trees/ or inline JSON):
                                                    that maximises expected accepted tokens per
                                                    second on a measured verify-latency curve
                                                    (runtime/trees/auto.py)
+  {policy: eagle2, depth: 6, top_k: 8, budget: 63} EAGLE-2's dynamic tree: per level the top_k
+                                                   children of each of the top_k best frontier
+                                                   nodes (by cumulative draft log-probability) are
+                                                   drafted; after `depth` levels every drafted node
+                                                   is reranked and the best `budget` are kept.
+                                                   A drafter that grows such trees itself (EAGLE on
+                                                   the GPU: runtime/drafters/eagle_torch.py) does,
+                                                   through Drafter.draft_whole
 Every policy honours `max_depth` and `budget` (total drafted nodes), and `sample_children`:
 with temperature > 0 and a drafter that gives full distributions q (Medusa, draft LM), the
 children of a node are drawn i.i.d. from q (tempered like the target) instead of being its top-k,
@@ -80,6 +88,7 @@ class _Seq:
         self.frontier = [0] if active else []  # record ids to expand next
         self.proposals: dict[int, np.ndarray] = {}  # record id -> q
         self.ranks = {0: ()}
+        self.pool: list[int] = []  # eagle2: every drafted record, reranked at the end
 
     def add(self, parent: int, token: int, logprob: float, rank: int) -> int:
         lp = _clean_logprob(logprob)
@@ -138,6 +147,10 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
     seqs = [_Seq(r, a) for r, a in zip(roots, active)]
     sample = rng is not None and cfg.sample_children
     chosen = None
+    whole = drafter.draft_whole(cfg, roots, active) if drafter is not None and not sample else None
+    if whole is not None:
+        expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in whole]
+        return DraftedTrees(whole, [{} for _ in whole], time.perf_counter() - t0, None, expected)
     if cfg.policy != "none" and drafter is not None:
         budget = cfg.budget
         if cfg.policy == "auto" and planner is not None and sample:
@@ -151,6 +164,9 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
                 chosen = planner.choose([s.drafted_values() for s in seqs], draft_s)
                 for s in seqs:
                     s.rebuild(sorted(s.selected[1:], key=lambda i: _rank_key(s.records[i]))[:chosen])
+        if cfg.policy == "eagle2" and not sample:  # rerank every drafted node, keep the best budget
+            for s in seqs:
+                s.rebuild(heapq.nsmallest(budget, s.pool, key=lambda i: _rank_key(s.records[i])))
     proposals = [{s.node_of[r]: q for r, q in s.proposals.items() if r in s.node_of} for s in seqs]
     expected = [float(sum(math.exp(v) for v in s.drafted_values())) for s in seqs]
     return DraftedTrees([s.tree for s in seqs], proposals, time.perf_counter() - t0, chosen, expected)
@@ -162,6 +178,7 @@ def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
     if drafter.max_depth is not None:
         levels = min(levels, drafter.max_depth)
     global_opt = cfg.policy in ("opt", "auto") and rng is None
+    eagle2 = cfg.policy == "eagle2" and rng is None
     for level in range(levels):
         if not any(s.frontier for s in seqs):
             break
@@ -174,6 +191,8 @@ def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
             cands = list(cands) + [Candidates.empty()] * (len(s.frontier) - len(cands))
             if global_opt:
                 _opt_level(cfg, s, cands, budget)
+            elif eagle2:
+                _eagle2_level(cfg, s, cands, expand_next=level + 1 < levels)
             else:
                 picked = _select(cfg, level, s, cands, budget)
                 _place(s, picked, cands, rng, temperature)
@@ -209,6 +228,8 @@ def _select(cfg: TreeConfig, level: int, s: _Seq, cands: list[Candidates], budge
         picked = [o for o in options if o[2] < cfg.branching]
     elif cfg.policy == "widths":
         picked = heapq.nsmallest(cfg.widths[level], options, key=best_first)
+    elif cfg.policy == "eagle2":  # sampled children: the top_k best per level, never pruned
+        picked = heapq.nsmallest(cfg.top_k, options, key=best_first)
     elif cfg.policy == "adaptive":
         width = adaptive_width(cfg, s, cands)
         picked = heapq.nsmallest(width, options, key=best_first)
@@ -311,6 +332,31 @@ def _opt_level(cfg: TreeConfig, s: _Seq, cands: list[Candidates], budget: int) -
         return
     s.rebuild(keep)
     s.frontier = sorted(new, key=lambda i: (s.node_of[s.records[i].parent], s.records[i].rank))
+
+
+def _eagle2_level(cfg: TreeConfig, s: _Seq, cands: list[Candidates], expand_next: bool) -> None:
+    """EAGLE-2, one level: the top_k children of every frontier node join the pool of drafted
+    records; the top_k best of them by cumulative log-probability join the tree (the drafter needs
+    them there to expand them) and form the next frontier."""
+    mark = len(s.records)
+    for _, parent, rank, token, lp in _options(s, cands):
+        if rank < cfg.top_k:
+            s.add(parent, token, lp, rank)
+    new = list(range(mark, len(s.records)))
+    s.pool += new
+    best = heapq.nsmallest(cfg.top_k, new, key=lambda i: _rank_key(s.records[i])) if expand_next else []
+    best.sort(key=lambda i: (s.node_of[s.records[i].parent], s.records[i].rank))
+    for rid in best:
+        s.attach(rid)
+    s.frontier = best
+
+
+def path_values(tree: Tree) -> list[float]:
+    """Each node's cumulative log-probability from the root (root 0): its `value`."""
+    values = [0.0] * len(tree)
+    for node in range(1, len(tree)):
+        values[node] = values[tree.parents[node]] + tree.logprobs[node]
+    return values
 
 
 def expected_accepted(values: list[float]) -> float:
