@@ -1,11 +1,25 @@
-"""treespec-export MODEL --out DIR: write an artifact directory for tree speculative decoding."""
+"""treespec-export MODEL --out DIR: write an artifact directory for tree speculative decoding.
+
+Every argument, --out included (exporter/output_dir.py), is checked before the checkpoint is
+loaded. The default context is DEFAULT_MAX_CONTEXT (2048 tokens), the same as `treespec demo`'s
+export, so the README's command and the demo make the same artifacts. The progress bar's clock
+keeps moving during the one long step (exporting SmolLM2's target graph takes ~2 min on 2 cores).
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from treespec.cli_util import run_cli
+from treespec.errors import InputError
+from treespec.exporter.output_dir import check_output_dir
+from treespec.exporter.pipeline import ExportOptions, run_export
+from treespec.progress import heartbeat
+
+DEFAULT_MAX_CONTEXT = 2048
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--attention", default="decomposed", choices=["decomposed", "onnx", "ort-mha", "plugin"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--drafter", action="append", choices=["lookup", "medusa", "draft"],
+    p.add_argument("--drafter", action="append", choices=["lookup", "medusa", "draft", "eagle"],
                    help="drafter(s) to include (repeatable; the first is the default). Default: lookup")
     p.add_argument("--drafter-weights", action="append", default=[], metavar="KIND=PATH",
                    help="trained weights (safetensors) for a drafter, e.g. medusa=heads.safetensors")
@@ -25,21 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-capability", action="append", dest="compute_capabilities",
                    help="TensorRT-RTX target compute capability (repeatable); default: its portable set")
     p.add_argument("--triton-repo", type=Path, help="also write a Triton model repository here")
-    p.add_argument("--max-context", type=int, help="cache capacity limit (default: the model's)")
+    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
+                   help=f"KV cache capacity in tokens (default {DEFAULT_MAX_CONTEXT}, or the model's limit if "
+                        "smaller); the context a prompt plus its answer must fit in")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-tree-tokens", type=int, default=128)
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if an earlier treespec-export wrote it (anything else is refused)")
     return p
 
 
 def _weights(items: list[str]) -> dict[str, Path]:
-    from treespec.errors import InputError
-
     out = {}
     for item in items:
         kind, sep, path = item.partition("=")
-        if not sep or kind not in ("medusa", "draft"):
-            raise InputError(f"--drafter-weights expects medusa=PATH or draft=PATH, got '{item}'")
+        if not sep or kind not in ("medusa", "draft", "eagle"):
+            raise InputError(f"--drafter-weights expects medusa=PATH, draft=PATH or eagle=PATH, got '{item}'")
         if not Path(path).is_file():
             raise InputError(f"--drafter-weights: {path} does not exist")
         out[kind] = Path(path)
@@ -47,10 +62,6 @@ def _weights(items: list[str]) -> dict[str, Path]:
 
 
 def _main(argv: list[str] | None) -> int:
-    from treespec.exporter.pipeline import ExportOptions, run_export
-    from treespec.errors import InputError
-    from tqdm import tqdm
-
     args = build_parser().parse_args(argv)
     for name in ("max_context", "max_batch", "max_tree_tokens"):
         value = getattr(args, name)
@@ -62,16 +73,25 @@ def _main(argv: list[str] | None) -> int:
         engines=args.engines, compute_capabilities=args.compute_capabilities,
         triton_repo=args.triton_repo, max_context=args.max_context, max_batch=args.max_batch,
         max_tree_tokens=args.max_tree_tokens, force=args.force)
+    check_output_dir(opts.out, opts.force)
+    if opts.triton_repo is not None and opts.triton_repo.resolve() == opts.out.resolve():
+        raise InputError("--triton-repo must be another folder than --out")
     steps = 3 + len(opts.drafters) + (opts.engines != "none") + (opts.triton_repo is not None)
-    bar = tqdm(total=steps, bar_format="{n_fmt}/{total_fmt} {desc} [{elapsed}]", file=sys.stderr)
+    # On a terminal only, and erased at the end: a user error stays one line on stderr.
+    bar = tqdm(total=steps, bar_format="{n_fmt}/{total_fmt} {desc} [{elapsed}]", file=sys.stderr,
+               disable=not sys.stderr.isatty(), leave=False)
+
+    started: list[str] = []
 
     def progress(message: str) -> None:
-        if bar.n or bar.desc:
+        if started:
             bar.update(1)
+        started.append(message)
         bar.set_description_str(message)
 
     try:
-        manifest = run_export(opts, progress)
+        with heartbeat(None if bar.disable else lambda elapsed: bar.refresh()):
+            manifest = run_export(opts, progress)
         bar.set_description_str("done")
         bar.update(bar.total - bar.n)
     finally:

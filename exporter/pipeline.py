@@ -14,6 +14,7 @@ from typing import Callable
 
 from treespec.errors import InputError
 from treespec.artifacts import KV_CACHE_CONTRACT, write_manifest
+from treespec.exporter.output_dir import check_output_dir
 
 DRAFTERS = ("lookup", "medusa", "draft")
 
@@ -33,13 +34,6 @@ class ExportOptions:
     max_batch: int = 8
     max_tree_tokens: int = 128
     force: bool = False
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise InputError(f"--out {out} is not empty: choose another directory or pass --force to replace it")
 
 
 def model_section(model, name: str, source: str, max_context: int | None) -> dict:

@@ -1,22 +1,30 @@
-"""The Python API: SpeculativeGenerator.from_artifacts(dir).generate(...) / .stream(...)."""
+"""The Python API: SpeculativeGenerator.from_artifacts(dir).generate(...) / .stream(...).
+
+One generator runs one request at a time (it owns one KV cache): a second concurrent or
+interleaved request is refused at once with "this generator is busy" instead of corrupting the
+cache. check_request validates a request's numbers without a model, so the CLI can refuse bad
+arguments before the 5-20 s model load.
+"""
 from __future__ import annotations
 
-import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from treespec.runtime.trees.auto import LatencyCache
-from treespec.errors import InputError
+from treespec.errors import InputError, TreespecError
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_target, load_tokenizer
 from treespec.artifacts import Manifest, load_manifest
-from treespec.runtime.trees.policies import TreeConfig, parse_tree_config
-from treespec.runtime.trees.presets import load_tree_preset
+from treespec.runtime.trees.config import TreeConfig, show_value
+from treespec.runtime.prompts import PromptEncoder
+from treespec.runtime.trees.presets import read_tree_config
 from treespec.runtime.verify import SamplingParams
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass
@@ -45,15 +53,67 @@ def _validate_sampling(temperature: float, top_p: float, top_k: int) -> Sampling
     return SamplingParams(float(temperature), float(top_p), int(top_k))
 
 
+def check_request(max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                  seed: int | None = None, acceptance: str = "exact", posterior_threshold: float = 0.09,
+                  posterior_alpha: float = 0.3) -> SamplingParams:
+    """A request's numbers, validated without any model; problems are InputErrors."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise InputError(f"max_new_tokens {max_new_tokens} is over the limit {MAX_NEW_TOKENS_LIMIT}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer in [0, 2^63), got {show_value(seed)}")
+    return _validate_sampling(temperature, top_p, top_k).with_acceptance(
+        acceptance, posterior_threshold, posterior_alpha)
+
+
+def check_tree_fits(manifest: Manifest, cfg: TreeConfig) -> None:
+    """The tree fits the target graph's profile (a manifest check: no model needed)."""
+    profile_max = manifest.profile("target").tree_tokens[2]
+    if cfg.max_nodes > profile_max:
+        raise InputError(
+            f"tree has up to {cfg.max_nodes} nodes but the target graph's profile allows "
+            f"{profile_max} tree tokens: re-export with a larger --max-tree-tokens or shrink the tree"
+        )
+
+
+def encode_prompt(encoder: PromptEncoder, manifest: Manifest, prompt: str | Sequence[int] | Sequence[dict],
+                  raw: bool = False) -> list[int]:
+    """Token ids for a prompt, refused if empty, outside the vocabulary or over the context."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        if not any(str(m.get("content", "")).strip() for m in prompt):
+            raise InputError("the prompt is empty")
+        prompt = encoder.encode_messages(list(prompt))
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("the prompt is empty")
+        ids = encoder.encode_text(prompt, raw)
+    else:
+        ids = list(prompt)
+        vocab = manifest.dims.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise InputError(f"token ids must be integers in [0, {vocab})")
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise InputError("the prompt is empty")
+    if len(ids) >= manifest.dims.max_context:
+        raise InputError(
+            f"the prompt has {len(ids)} tokens; the context limit is {manifest.dims.max_context} "
+            "(at least one token must be left to generate)")
+    return ids
+
+
 class SpeculativeGenerator:
     def __init__(self, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu",
                  tree: Any = None, threads: int | None = None, drafter: str | None = None):
         self.manifest = manifest
         self.tokenizer = load_tokenizer(manifest)
+        self.prompts = PromptEncoder(self.tokenizer)
+        self._busy = threading.Lock()
         self.target = load_target(manifest, backend, device, threads)
         self.drafter = load_drafter(manifest, backend, device, threads, drafter)
         if tree is None:
-            tree = manifest.data.get("default_trees", {}).get(self.drafter.kind if self.drafter else "none")
+            tree = manifest.default_tree(self.drafter.kind if self.drafter else None)
         self.default_tree = self.resolve_tree(tree)
         self.engine = TreeGenerator(self.target, self.drafter, manifest.eos_token_ids,
                                     manifest.dims.max_context,
@@ -71,62 +131,20 @@ class SpeculativeGenerator:
 
     def resolve_tree(self, tree: Any) -> TreeConfig:
         """A TreeConfig from: None/'none', a preset name, a YAML/JSON file path, JSON text or a dict."""
-        if isinstance(tree, TreeConfig):
-            return tree
-        if isinstance(tree, str) and tree != "none":
-            text = tree.strip()
-            if text.startswith("{"):
-                try:
-                    tree = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"tree: invalid JSON: {exc}") from None
-            else:
-                tree = load_tree_preset(text)
-        cfg = parse_tree_config(tree)
-        profile_max = self.manifest.graph("target")["profile"]["tree_tokens"][2]
-        if cfg.max_nodes > profile_max:
-            raise InputError(
-                f"tree has up to {cfg.max_nodes} nodes but the target graph's profile allows "
-                f"{profile_max} tree tokens: re-export with a larger --max-tree-tokens or shrink the tree"
-            )
+        cfg = read_tree_config(tree)
+        check_tree_fits(self.manifest, cfg)
         if self.drafter is None and cfg.policy != "none":
             raise InputError("these artifacts have no drafter: only --tree none is possible")
-        max_depth = getattr(self.drafter, "max_depth", None)
+        max_depth = self.drafter.max_depth if self.drafter is not None else None
         if cfg.policy == "choices" and max_depth is not None and cfg.levels > max_depth:
             raise InputError(f"tree needs {cfg.levels} Medusa heads but the graph has {max_depth}")
         return cfg
 
     def encode(self, prompt: str | Sequence[int] | Sequence[dict], raw: bool = False) -> list[int]:
         """Token ids for a prompt: text (chat template applied unless raw), chat messages
-        ([{"role": ..., "content": ...}]) or token ids."""
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            if not any(str(m.get("content", "")).strip() for m in prompt):
-                raise InputError("the prompt is empty")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise InputError("the prompt is empty")
-            if not raw and getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-                if hasattr(ids, "keys"):
-                    ids = ids["input_ids"]
-            else:
-                ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.manifest.dims.vocab_size
-            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-                raise InputError(f"token ids must be integers in [0, {vocab})")
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise InputError("the prompt is empty")
-        if len(ids) >= self.max_context:
-            raise InputError(
-                f"the prompt has {len(ids)} tokens; the context limit is {self.max_context} "
-                "(at least one token must be left to generate)")
-        return ids
+        ([{"role": ..., "content": ...}]) or token ids. Control tokens typed in text or message
+        contents stay plain text unless raw (runtime/prompts.py PromptEncoder)."""
+        return encode_prompt(self.prompts, self.manifest, prompt, raw)
 
     def stream_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
                      temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -135,20 +153,23 @@ class SpeculativeGenerator:
                      posterior_alpha: float = 0.3):
         """Yield, per step, a list of per-sequence (new token ids, tokens this step, finished).
         acceptance="typical" is Medusa's typical acceptance: LOSSY (see runtime/verify.py)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
-            raise InputError(f"max_new_tokens {max_new_tokens} is over the limit {MAX_NEW_TOKENS_LIMIT}")
+        sampling = check_request(max_new_tokens, temperature, top_p, top_k, seed, acceptance,
+                                 posterior_threshold, posterior_alpha)
         if not prompts:
             raise InputError("no prompts given")
-        sampling = _validate_sampling(temperature, top_p, top_k).with_acceptance(
-            acceptance, posterior_threshold, posterior_alpha)
         cfg = self.default_tree if tree is None else self.resolve_tree(tree)
         ids = [self.encode(p, raw) for p in prompts]
-        profile = self.manifest.graph("target")["profile"]["batch"]
+        profile = self.manifest.profile("target").batch
         if len(ids) > profile[2]:
             raise InputError(f"batch of {len(ids)} is over the graph profile's maximum {profile[2]}")
-        yield from self.engine.run(ids, max_new_tokens, cfg, sampling, seed)
+        if not self._busy.acquire(blocking=False):
+            raise TreespecError("this generator is busy: it runs one request at a time (another thread or an "
+                                "unfinished stream is using it); finish or close that one, or use one generator "
+                                "per thread")
+        try:
+            yield from self.engine.run(ids, max_new_tokens, cfg, sampling, seed)
+        finally:
+            self._busy.release()
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[StreamChunk]:
         tokens: list[int] = []
