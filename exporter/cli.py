@@ -61,6 +61,27 @@ def _weights(items: list[str]) -> dict[str, Path]:
     return out
 
 
+def export_with_progress(opts: ExportOptions):
+    """run_export with a progress bar on a terminal whose clock keeps moving during long steps."""
+    steps = 3 + len(opts.drafters) + (opts.engines != "none") + (opts.triton_repo is not None)
+    # On a terminal only, and erased at the end: a user error stays one line on stderr.
+    bar = tqdm(total=steps, bar_format="{n_fmt}/{total_fmt} {desc} [{elapsed}]", file=sys.stderr,
+               disable=not sys.stderr.isatty(), leave=False)
+    started: list[str] = []
+
+    def progress(message: str) -> None:
+        if started:
+            bar.update(1)
+        started.append(message)
+        bar.set_description_str(message)
+
+    try:
+        with heartbeat(None if bar.disable else lambda elapsed: bar.refresh()):
+            return run_export(opts, progress)
+    finally:
+        bar.close()
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("max_context", "max_batch", "max_tree_tokens"):
@@ -76,26 +97,7 @@ def _main(argv: list[str] | None) -> int:
     check_output_dir(opts.out, opts.force)
     if opts.triton_repo is not None and opts.triton_repo.resolve() == opts.out.resolve():
         raise InputError("--triton-repo must be another folder than --out")
-    steps = 3 + len(opts.drafters) + (opts.engines != "none") + (opts.triton_repo is not None)
-    # On a terminal only, and erased at the end: a user error stays one line on stderr.
-    bar = tqdm(total=steps, bar_format="{n_fmt}/{total_fmt} {desc} [{elapsed}]", file=sys.stderr,
-               disable=not sys.stderr.isatty(), leave=False)
-
-    started: list[str] = []
-
-    def progress(message: str) -> None:
-        if started:
-            bar.update(1)
-        started.append(message)
-        bar.set_description_str(message)
-
-    try:
-        with heartbeat(None if bar.disable else lambda elapsed: bar.refresh()):
-            manifest = run_export(opts, progress)
-        bar.set_description_str("done")
-        bar.update(bar.total - bar.n)
-    finally:
-        bar.close()
+    manifest = export_with_progress(opts)
     sizes = manifest["export"]["sizes_bytes"]
     print(f"wrote {opts.out} ({sum(sizes.values()) / 1e6:.1f} MB): "
           + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["export"]["timings_s"].items()))

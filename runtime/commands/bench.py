@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, default=BUNDLED_BENCH, help="JSONL prompts")
     p.add_argument("--num-prompts", type=int, default=10)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--backends", default="torch", help="comma list: torch, onnxruntime, ...")
+    p.add_argument("--backends", default=None,
+                   help="comma list: torch, onnxruntime, ... (default: torch on CUDA, onnxruntime on the CPU)")
     p.add_argument("--drafters", default=None, help="comma list (default: every drafter in the artifacts)")
     p.add_argument("--trees", action="append", default=None,
                    help="'default' (the drafter's tree), preset names or inline JSON; comma list or repeated")
@@ -375,6 +376,7 @@ def _start(args, device: str) -> tuple[BenchRun, SpeculativeGenerator]:
 
 def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.backends = args.backends or ("torch" if device == "cuda" else "onnxruntime")
     backends = _split([args.backends])
     bench, first = _start(args, device)
     manifest = first.manifest
