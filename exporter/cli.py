@@ -98,9 +98,9 @@ def _main(argv: list[str] | None) -> int:
     if opts.triton_repo is not None and opts.triton_repo.resolve() == opts.out.resolve():
         raise InputError("--triton-repo must be another folder than --out")
     manifest = export_with_progress(opts)
-    sizes = manifest["export"]["sizes_bytes"]
+    sizes = manifest.export["sizes_bytes"]
     print(f"wrote {opts.out} ({sum(sizes.values()) / 1e6:.1f} MB): "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["export"]["timings_s"].items()))
+          + ", ".join(f"{k} {v:.1f}s" for k, v in manifest.export["timings_s"].items()))
     return 0
 
 
