@@ -13,6 +13,8 @@ Examples are few (CPU budget) but derandomized, so CI always runs the same ones.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from treespec.runtime.drafters.lookup import LookupDrafter
 from treespec.errors import InputError
+from treespec.runtime.trees.config import MAX_DEPTH, MAX_NODES
 from treespec.runtime.trees.policies import POLICIES, TreeConfig, build_trees, parse_tree_config
 from treespec.runtime.trees.tree import Tree
 from support.tree_checks import assert_batch_inputs, assert_tree_structure
@@ -72,6 +75,8 @@ def valid_configs(draw, max_depth: int = 6):
         raw["choices"] = [list(p) for p in draw(st.permutations(sorted(closed)))]
     elif policy == "opt":
         raw["delta"] = draw(st.sampled_from([0.0, 0.01, 0.05, 0.3]))
+    elif policy == "eagle2":
+        raw.update(depth=draw(st.integers(1, min(5, max_depth))), top_k=draw(st.integers(1, 5)))
     if policy != "none" and draw(st.booleans()):
         raw["budget"] = draw(st.integers(1, 60))
     if policy != "none" and draw(st.booleans()):
@@ -171,6 +176,25 @@ def test_fuzz_arbitrary_configs_parse_and_build(raw, ctxs):
 def test_fuzz_valid_configs_build_valid_trees(raw, ctxs):
     assert parse_tree_config(raw) is not None
     build_and_check(raw, ctxs)
+
+
+huge = st.one_of(st.integers(-10 ** 18, 10 ** 18), st.integers(0, 1 << 200), st.integers(1, 70))
+SIZE_FIELDS = ("depth", "branching", "budget", "max_depth", "max_width", "min_width", "top_k")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(raw=st.fixed_dictionaries({"policy": st.sampled_from(POLICIES)},
+                                 optional={**{k: huge for k in SIZE_FIELDS},
+                                           "widths": st.lists(huge, max_size=200),
+                                           "choices": st.lists(st.lists(huge, max_size=100), max_size=50)}))
+def test_fuzz_huge_sizes_are_bounded_and_fast(raw):
+    """Issue 14: any size, however large, is parsed or refused in milliseconds, and what parses is
+    within the hard caps (so building it is bounded too)."""
+    start = time.perf_counter()
+    cfg = parse_or_none(raw)
+    if cfg is not None:
+        assert cfg.levels <= MAX_DEPTH and cfg.max_nodes <= MAX_NODES + 1 and cfg.budget <= MAX_NODES
+    assert time.perf_counter() - start < 0.25
 
 
 def test_known_invalid_configs_are_input_errors():

@@ -99,6 +99,8 @@ def tree_configs(draw):
         raw.update(unsure=lo, confident=draw(st.floats(lo + 0.05, 1.0)),
                    max_width=draw(st.integers(1, 10)), min_path_prob=draw(st.sampled_from([0.0, 0.01, 0.1])))
         raw["min_width"] = draw(st.integers(1, raw["max_width"]))
+    elif policy == "eagle2":
+        raw.update(depth=draw(st.integers(1, 5)), top_k=draw(st.integers(1, 6)))
     if policy != "none" and draw(st.booleans()):
         raw["budget"] = draw(st.integers(1, 70))
     if policy != "none" and draw(st.booleans()):
