@@ -8,6 +8,7 @@ disk never leaves a half-written manifest, sidecar or engine that a later load w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,20 @@ from treespec.errors import ArtifactError
 
 
 def write_atomic(path: Path, data: bytes | memoryview | str) -> Path:
-    """Write `data` to `path` through `<name>.tmp` and a rename (atomic on one filesystem).
+    """Write `data` to `path` through a hidden per-process temporary and a rename (atomic on one
+    filesystem; concurrent writers never share a temporary, the last rename wins).
 
     A memoryview (of a TensorRT engine's IHostMemory, say) is written without a copy."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no temporary behind
     return path
 
 
