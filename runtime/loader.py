@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import warnings
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -160,10 +161,7 @@ def load_hf_model(manifest: Manifest, device: str) -> torch.nn.Module:
     """The target as an HF model from `torch_weights` (once per process), fp16 on CUDA, fp32 on CPU."""
     from transformers import AutoModelForCausalLM
 
-    if manifest.torch_weights is None:
-        raise ArtifactError(f"{manifest.root}: the manifest names no torch_weights: re-export the artifacts "
-                            "with treespec-export")
-    folder = manifest.require_file(manifest.torch_weights.path)
+    folder = _torch_weights_dir(manifest)
     key = (str(folder), device)
     if key not in _HF_MODELS:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -176,7 +174,14 @@ def load_hf_model(manifest: Manifest, device: str) -> torch.nn.Module:
     return _HF_MODELS[key]
 
 
-def _drafter_weights(manifest: Manifest, spec: DrafterEntry):
+def _torch_weights_dir(manifest: Manifest) -> Path:
+    if manifest.torch_weights is None:
+        raise ArtifactError(f"{manifest.root}: the manifest names no torch_weights: re-export the artifacts "
+                            "with treespec-export")
+    return manifest.require_file(manifest.torch_weights.path)
+
+
+def _drafter_weights(manifest: Manifest, spec: DrafterEntry) -> Path | None:
     return manifest.require_file(spec.weights) if spec.weights else None
 
 
@@ -185,7 +190,7 @@ def load_hf_draft(manifest: Manifest, device: str) -> torch.nn.Module:
     spec = manifest.drafter("draft")
     path = _drafter_weights(manifest, spec)
     target = load_hf_model(manifest, device)
-    key = (str(manifest.require_file(manifest.torch_weights.path)), str(path), device)
+    key = (str(_torch_weights_dir(manifest)), str(path), device)
     if key not in _HF_DRAFTS:
         layers = manifest.graph("draft").num_layers or spec.num_layers
         draft = draft_from_weights(target, path, layers)

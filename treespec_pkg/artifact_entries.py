@@ -9,12 +9,13 @@ an engine build that records something new does not lose it on the next manifest
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from treespec.errors import ArtifactError
 
 Range = tuple[int, int, int]
 LOOKUP_OPTIONS = ("max_ngram", "min_ngram", "top_k")
+T = TypeVar("T")
 
 
 def _require(cond: bool, what: str) -> None:
@@ -23,22 +24,25 @@ def _require(cond: bool, what: str) -> None:
 
 
 def _obj(value: Any, what: str) -> Mapping[str, Any]:
-    _require(isinstance(value, Mapping), f"{what} must be an object")
+    if not isinstance(value, Mapping):
+        raise ArtifactError(f"manifest {what} must be an object")
     return value
 
 
 def _int(value: Any, what: str, minimum: int = 1) -> int:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-             f"{what} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ArtifactError(f"manifest {what} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _str(value: Any, what: str) -> str:
-    _require(isinstance(value, str) and bool(value), f"{what} must be a non-empty string, got {value!r}")
+    if not isinstance(value, str) or not value:
+        raise ArtifactError(f"manifest {what} must be a non-empty string, got {value!r}")
     return value
 
 
-def _opt(data: Mapping[str, Any], key: str, check, what: str):
+def _opt(data: Mapping[str, Any], key: str, check: Callable[[Any, str], T], what: str) -> T | None:
+    """data[key] checked by `check`, or None when absent or null."""
     return None if data.get(key) is None else check(data[key], f"{what} '{key}'")
 
 
