@@ -177,7 +177,7 @@ def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dic
     backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
     curve = {}
     for t in sizes:
-        if t > getattr(backend, "capacity", 0) - past:
+        if t > backend.capacity - past:
             break
         tree = chain_tree(rng.integers(10, 1000, t).tolist())
         inputs = StepInputs(*batch_tree_inputs([tree], backend.lengths))
@@ -203,7 +203,7 @@ def _curves(result, backend_name, target, manifest, device, args) -> None:
     graphs = device == "cuda" and (getattr(target, "use_graphs", False) or getattr(target, "cuda_graphs", False))
     curves[f"{backend_name}-cuda-graphs" if graphs else backend_name] = verify_curve(
         target, sizes, args.curve_reps, device)
-    if device != "cuda" or getattr(target, "min_bucket", 1) == 1:
+    if device != "cuda" or target.min_bucket == 1:
         return
     padded, target.min_bucket = target.min_bucket, 1
     curves[f"{backend_name}{'-cuda-graphs' if graphs else ''}-exact-buckets"] = verify_curve(
@@ -263,7 +263,7 @@ def _bench_plain(bench: BenchRun, backend_name: str, gen) -> tuple[dict, list[li
     base = _summarise(f"{backend_name} --tree none", runs, reference)
     base.update(backend=backend_name, drafter="none", tree="none")
     bench.add("configs", base)
-    if bench.device == "cuda" and getattr(target, "min_bucket", 1) > 1 and not bench.over_budget():
+    if bench.device == "cuda" and target.min_bucket > 1 and not bench.over_budget():
         padded, target.min_bucket = target.min_bucket, 1
         row = _summarise(f"{backend_name} --tree none, 1-token steps", bench.timed(engine, none_tree), reference)
         row.update(backend=backend_name, drafter="none", tree="none-1-token-steps")
