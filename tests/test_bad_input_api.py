@@ -20,6 +20,7 @@ import pytest
 
 from support.bad_input import assert_one_line_error, one_error_line, run_in_process, run_subprocess
 from treespec.errors import InputError, TreespecError
+from treespec.runtime.api import SpeculativeGenerator
 
 CONTEXT = 256  # the tiny artifacts' max_context
 PROFILE_TREE_TOKENS = 128  # their graphs' profile maximum
@@ -34,8 +35,6 @@ ALIAS_BOMB = "".join(f"{name}: &{name} [{', '.join([prev] * 9)}]\n" for name, pr
 
 @pytest.fixture(scope="module")
 def medusa_gen(tiny_artifacts):
-    from treespec.runtime.api import SpeculativeGenerator
-
     gen = SpeculativeGenerator.from_artifacts(tiny_artifacts, drafter="medusa", threads=1)
     yield gen
     gen.close()

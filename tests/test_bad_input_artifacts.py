@@ -8,7 +8,6 @@ even through a symbolic link.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +17,9 @@ import pytest
 from support.bad_input import (assert_one_line_error, clone_artifacts, edit_manifest, fake_engine,
                                fake_logits_graph, run_subprocess, truncate)
 from treespec.errors import ArtifactError, InputError, ModelLoadError, TreespecError
+from treespec.artifacts import load_manifest
+from treespec.engine_record import check_engine, write_sidecar
+from treespec.runtime.api import SpeculativeGenerator
 
 
 # -- API: broken artifact directories --------------------------------------------------------------
@@ -83,8 +85,6 @@ ARTIFACT_CASES = {
 
 @pytest.mark.parametrize("case", list(ARTIFACT_CASES))
 def test_api_broken_artifacts(tiny_artifacts, tmp_path, case):
-    from treespec.runtime.api import SpeculativeGenerator
-
     corrupt, drafter, backend, pattern = ARTIFACT_CASES[case]
     root = clone_artifacts(tiny_artifacts, tmp_path / "artifacts")
     corrupt(root)
@@ -95,8 +95,6 @@ def test_api_broken_artifacts(tiny_artifacts, tmp_path, case):
 
 def test_engine_check_refuses_truncated_file(tmp_path):
     """engine_record.check_engine, directly: a truncated engine never reaches a deserializer."""
-    from treespec.engine_record import check_engine, write_sidecar
-
     record = fake_engine_record(tmp_path)
     path = tmp_path / record["file"]
     blob = path.read_bytes()
@@ -118,8 +116,6 @@ def fake_engine_record(root: Path) -> dict:
 
 
 def test_api_missing_or_non_directory_artifacts(tmp_path):
-    from treespec.runtime.api import SpeculativeGenerator
-
     with pytest.raises(ArtifactError, match=r"artifact directory .*nope does not exist"):
         SpeculativeGenerator.from_artifacts(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
@@ -149,8 +145,6 @@ LINK_CASES = {
 
 @pytest.mark.parametrize("case", list(LINK_CASES))
 def test_api_symlink_out_of_the_artifacts(tiny_artifacts, tmp_path, case):
-    from treespec.runtime.api import SpeculativeGenerator
-
     name, pattern = LINK_CASES[case]
     root = clone_artifacts(tiny_artifacts, tmp_path / "artifacts")
     _link_out(name)(root)
@@ -159,8 +153,6 @@ def test_api_symlink_out_of_the_artifacts(tiny_artifacts, tmp_path, case):
 
 
 def test_symlink_inside_the_artifacts_is_fine(tiny_artifacts, tmp_path):
-    from treespec.artifacts import load_manifest
-
     root = clone_artifacts(tiny_artifacts, tmp_path / "artifacts")
     (root / "tokenizer" / "copy.json").write_text("{}")
     (root / "tokenizer" / "alias.json").symlink_to(root / "tokenizer" / "copy.json")

@@ -12,17 +12,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from torch import nn
 
 from support.bad_input import (assert_one_line_error, clone_artifacts, one_error_line, run_in_process,
                                run_subprocess, save_safetensors)
 from treespec.errors import InputError, ModelLoadError
+from treespec.exporter.output_dir import check_output_dir
+from treespec.exporter.pipeline import ExportOptions, run_export
+from treespec.models.checkpoint import load_checkpoint
+from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
 
 
 # -- exporter: output folder, model, drafter weights -----------------------------------------------
 
 def test_export_out_not_empty_or_a_file(tmp_path):
-    from treespec.exporter.pipeline import ExportOptions, run_export
-
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
@@ -36,8 +39,6 @@ def test_export_out_not_empty_or_a_file(tmp_path):
 
 
 def test_export_unknown_model(tmp_path):
-    from treespec.models.checkpoint import load_checkpoint
-
     with pytest.raises(ModelLoadError, match=r"unknown model 'no-such-model': no such file, folder or preset"):
         load_checkpoint("no-such-model")
     (tmp_path / "weights.pt").write_bytes(b"\x80\x04")
@@ -46,15 +47,11 @@ def test_export_unknown_model(tmp_path):
 
 
 def _fake_target(vocab: int = 49152, hidden: int = 64):
-    from torch import nn
-
     config = SimpleNamespace(vocab_size=vocab, hidden_size=hidden)
     return SimpleNamespace(config=config, lm_head=nn.Linear(hidden, vocab, bias=False))
 
 
 def test_drafter_weights_for_another_vocabulary(tmp_path):
-    from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
-
     other = save_safetensors(tmp_path / "other.safetensors", {"blocks.0.weight": (64, 64), "blocks.0.bias": (64,)},
                              {"vocab_size": "32000", "hidden_size": "64", "num_heads": "1"})
     with pytest.raises(InputError, match=r"drafter was trained for vocab_size=32000, the target has 49152"):
@@ -65,8 +62,6 @@ def test_drafter_weights_for_another_vocabulary(tmp_path):
 
 def test_drafter_weights_for_another_width_without_metadata(tmp_path):
     """No metadata to compare: the tensor shapes still refuse it, with a message, not a traceback."""
-    from treespec.models.drafter_models import medusa_from_weights
-
     narrow = save_safetensors(tmp_path / "narrow.safetensors", {"blocks.0.weight": (32, 32), "blocks.0.bias": (32,)}, {})
     with pytest.raises(InputError, match=r"drafter weights do not fit the target \(.*size mismatch"):
         medusa_from_weights(_fake_target(), narrow)
@@ -82,8 +77,8 @@ def test_drafter_weights_for_another_width_without_metadata(tmp_path):
 def test_cli_export_bad_options(tmp_path, capsys):
     cases = [
         (["tiny-random", "--out", str(tmp_path / "o1"), "--max-tree-tokens", "0"], r"--max-tree-tokens must be positive"),
-        (["tiny-random", "--out", str(tmp_path / "o2"), "--drafter-weights", "eagle=x"],
-         r"--drafter-weights expects medusa=PATH or draft=PATH, got 'eagle=x'"),
+        (["tiny-random", "--out", str(tmp_path / "o2"), "--drafter-weights", "bushy=x"],
+         r"--drafter-weights expects medusa=PATH, draft=PATH or eagle=PATH, got 'bushy=x'"),
         (["tiny-random", "--out", str(tmp_path / "o3"), "--drafter-weights", "medusa=/nonexistent.safetensors"],
          r"--drafter-weights: /nonexistent.safetensors does not exist"),
     ]
@@ -97,8 +92,6 @@ def test_cli_export_bad_options(tmp_path, capsys):
 # -- --force and where --out may be ------------------------------------------------------------------
 
 def test_force_replaces_only_an_earlier_export_or_an_empty_folder(tiny_artifacts, tmp_path):
-    from treespec.exporter.output_dir import check_output_dir
-
     check_output_dir(clone_artifacts(tiny_artifacts, tmp_path / "earlier"), force=True)  # an earlier export
     (tmp_path / "empty").mkdir()
     check_output_dir(tmp_path / "empty", force=True)
@@ -113,8 +106,6 @@ def test_force_replaces_only_an_earlier_export_or_an_empty_folder(tiny_artifacts
 
 
 def test_force_export_over_a_non_artifact_folder_touches_nothing(tmp_path):
-    from treespec.exporter.pipeline import ExportOptions, run_export
-
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "sub" / "notes.txt").write_text("keep me")
@@ -125,8 +116,6 @@ def test_force_export_over_a_non_artifact_folder_touches_nothing(tmp_path):
 
 
 def test_out_that_can_never_be_the_artifact_directory(tmp_path, monkeypatch):
-    from treespec.exporter.output_dir import check_output_dir
-
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(InputError, match=r"cannot be a directory: .*a_file is a file"):
         check_output_dir(tmp_path / "a_file" / "sub" / "out", force=False)

@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import onnx
+import torch
+from onnx import TensorProto, helper
+from safetensors.torch import save_file
+
+from treespec.exporter.cli import main as export_main
+from treespec.runtime.cli import main as runtime_main
+
 
 def clone_artifacts(src: Path, dst: Path) -> Path:
     """A private copy of an artifact directory: *.data hard-linked (read-only use), rest copied."""
@@ -45,9 +53,6 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 
 def fake_logits_graph(path: Path, vocab: int) -> Path:
     """A minimal ONNX graph whose `logits` output is [batch, tree_tokens, vocab] (zeros)."""
-    import onnx
-    from onnx import TensorProto, helper
-
     nodes = [
         helper.make_node("Shape", ["input_ids"], ["bt"]),
         helper.make_node("Constant", [], ["v"], value=helper.make_tensor("v", TensorProto.INT64, [1], [vocab])),
@@ -79,9 +84,6 @@ def fake_engine(root: Path, keep: float) -> dict:
 
 
 def save_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path), metadata=metadata)
     return path
 
@@ -110,10 +112,7 @@ def run_subprocess(tool: str, *args: str, cwd: Path | None = None, timeout: floa
 
 
 def run_in_process(tool: str, argv: list[str], capsys) -> tuple[int, str]:
-    if tool == "treespec":
-        from treespec.runtime.cli import main
-    else:
-        from treespec.exporter.cli import main
+    main = runtime_main if tool == "treespec" else export_main
     capsys.readouterr()
     code = main(argv)
     return code, capsys.readouterr().err
