@@ -1,0 +1,228 @@
+"""The EAGLE drafter on the CPU: lossless for every tree policy, eagle.onnx parity, the device
+EAGLE-2 draft equal to the eagle2 policy, and speculative sampling with it still follows the target.
+
+Real parts throughout: a tiny random Llama exported with `--drafter eagle` (an untrained head from
+the target: a real drafter, mostly rejected, sometimes accepted), ONNX Runtime and torch (CPU, no
+graph capture) backends, the real policies and verifier. The GPU half is tests/test_eagle_gpu.py.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_sampling_distribution import GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution
+from treespec.artifacts import load_manifest
+from treespec.exporter.eagle_export import INPUT_NAMES, OUTPUT_NAMES
+from treespec.exporter.pipeline import ExportOptions, run_export
+from treespec.models.eagle import eagle_from_weights, make_eagle_head
+from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend, open_session
+from treespec.runtime.drafters.base import Features
+from treespec.runtime.drafters.eagle import EagleDrafter
+from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleHead
+from treespec.runtime.generator import TreeGenerator
+from treespec.runtime.loader import load_graph, load_hf_model
+from treespec.runtime.trees.policies import draft_trees, parse_tree_config
+from treespec.runtime.trees.tree import Tree
+from treespec.runtime.verify import SamplingParams
+
+NEW_TOKENS = 12
+POLICY_TREES = {
+    "eagle2": "eagle2-d4-k4-n16",
+    "eagle2-wide": {"policy": "eagle2", "depth": 3, "top_k": 6, "budget": 24},
+    "widths": {"policy": "widths", "widths": [3, 3, 2, 2]},
+    "depth_branching": "binary3",
+    "choices": "medusa-default",
+    "opt": {"policy": "opt", "budget": 16, "delta": 0.0, "max_depth": 6},
+    "adaptive": {"policy": "adaptive", "budget": 16, "max_width": 4, "max_depth": 6, "min_path_prob": 0.0},
+    "auto": {"policy": "auto", "budget": 16, "max_depth": 6},
+}
+
+
+@pytest.fixture(scope="module")
+def eagle_artifacts(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eagle") / "tiny"
+    run_export(ExportOptions(model="tiny-random", out=out, max_context=256, drafters=["eagle"]), progress=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_gen(eagle_artifacts):
+    gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, "onnxruntime", "cpu", drafter="eagle", threads=1)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="module")
+def bench_ids(ort_gen, bench_prompts):
+    """20 bench prompts as ids, and each decoded alone with --tree none."""
+    ids = [ort_gen.encode(p) for p in bench_prompts[:20]]
+    assert len(ids) == 20 and len({len(i) for i in ids}) > 5
+    alone = [ort_gen.generate(i, max_new_tokens=NEW_TOKENS, tree="none").token_ids for i in ids]
+    return ids, alone
+
+
+def _batched(gen, ids, tree, batch: int = 8) -> tuple[list[list[int]], list[float]]:
+    out, accepted = [], []
+    for i in range(0, len(ids), batch):
+        out += [r.token_ids for r in gen.generate_batch(ids[i:i + batch], max_new_tokens=NEW_TOKENS, tree=tree)]
+        accepted += gen.engine.stats.accepted
+    return out, accepted
+
+
+@pytest.mark.parametrize("policy", list(POLICY_TREES))
+def test_eagle_lossless_every_policy_20_prompts_batched(ort_gen, bench_ids, policy):
+    ids, alone = bench_ids
+    tree = POLICY_TREES[policy]
+    got, accepted = _batched(ort_gen, ids, tree)
+    assert got == alone, policy
+    stats = ort_gen.engine.stats.as_dict()
+    assert stats["lossless"] and stats["tree_policy"] == ort_gen.resolve_tree(tree).policy
+    assert max(stats["mean_tree_size"], 0) <= ort_gen.resolve_tree(tree).max_nodes
+
+
+def test_eagle_drafts_are_sometimes_accepted(ort_gen, bench_ids):
+    """The acceptance path (several rows committed, the head fed several features) is exercised."""
+    ids, alone = bench_ids
+    got, accepted = _batched(ort_gen, ids, "eagle2-d4-k4-n16")
+    assert got == alone
+    assert max(accepted) >= 2, "no drafted token was ever accepted: the test would not test acceptance"
+
+
+@pytest.mark.parametrize("tree", ["eagle2-d4-k4-n16", "opt32"])
+def test_eagle_torch_cpu_lossless(eagle_artifacts, bench_ids, tree):
+    """The torch drafter: eagle2 through the device draft (eager on the CPU), opt through expand."""
+    ids, alone = bench_ids
+    gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, "torch", "cpu", drafter="eagle")
+    assert isinstance(gen.drafter, TorchEagleDrafter)
+    got = [r.token_ids for r in gen.generate_batch(ids[:3], max_new_tokens=NEW_TOKENS, tree=tree)]
+    assert got == alone[:3]
+
+
+def test_eagle_onnx_parity(eagle_artifacts):
+    """eagle.onnx (ONNX Runtime) against the PyTorch head from the shipped weights: within 1e-3."""
+    manifest = load_manifest(eagle_artifacts)
+    head = eagle_from_weights(load_hf_model(manifest, "cpu"), manifest.require_file(manifest.drafter("eagle").weights))
+    session = open_session(manifest.require_file(manifest.graph("eagle").onnx))
+    assert [i.name for i in session.get_inputs()] == INPUT_NAMES
+    dims, gen = manifest.dims, torch.Generator().manual_seed(0)
+    batch, tokens, capacity = 2, 5, 9
+    feed = {
+        "hidden_states": torch.randn(batch, tokens, dims.hidden_size, generator=gen),
+        "input_ids": torch.randint(0, dims.vocab_size, (batch, tokens), generator=gen),
+        "position_ids": torch.tensor([[4, 5, 5, 6, 7], [2, 3, 4, 4, 5]]),
+        "tree_mask": torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0],
+                                   [1, 1, 0, 1, 1]], dtype=torch.bool).repeat(batch, 1, 1),
+        "past_lengths": torch.tensor([4, 2]),
+        "past_key_0": torch.randn(batch, dims.num_kv_heads, capacity, dims.head_dim, generator=gen),
+        "past_value_0": torch.randn(batch, dims.num_kv_heads, capacity, dims.head_dim, generator=gen),
+    }
+    with torch.no_grad():
+        want = [t.float().numpy() for t in head(*feed.values())]
+    got = session.run(OUTPUT_NAMES, {k: v.numpy() for k, v in feed.items()})
+    for name, w, g in zip(OUTPUT_NAMES, want, got):
+        np.testing.assert_allclose(g, w, atol=1e-3, rtol=0, err_msg=name)
+
+
+def test_device_eagle2_draft_equals_the_eagle2_policy(eagle_artifacts, bench_ids):
+    """The static-shape EAGLE-2 draft (one graph on CUDA) grows the same trees as the eagle2
+    policy driving the same head level by level through `expand`, for a ragged batch."""
+    manifest = load_manifest(eagle_artifacts)
+    target = load_graph(manifest, "target", "torch", "cpu")
+    drafter = SpeculativeGenerator.from_artifacts(eagle_artifacts, "torch", "cpu", drafter="eagle").drafter
+    reference = EagleDrafter(drafter.torch_head, drafter.hidden_size, drafter.top_k)  # no draft_whole
+    prompts = bench_ids[0][:3]
+    out = _prefill(target, prompts)
+    cfg = parse_tree_config({"policy": "eagle2", "depth": 4, "top_k": 3, "budget": 12})
+    trees = {}
+    for name, d in (("device", drafter), ("policy", reference)):
+        d.reset([p + [7] for p in prompts], 128)
+        for b, p in enumerate(prompts):
+            d.accept(b, [], Features(out.hidden_states, b, list(range(len(p)))))
+        trees[name] = draft_trees(cfg, d, [7, 7, 7]).trees
+    for dev, ref in zip(trees["device"], trees["policy"]):
+        assert len(dev) == len(ref) == 13
+        assert _paths(dev) == _paths(ref)
+        np.testing.assert_allclose(sorted(dev.logprobs), sorted(ref.logprobs), atol=1e-4)
+
+
+def _prefill(target, prompts):
+    from treespec.runtime.backends.base import StepInputs
+    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
+
+    target.reset(len(prompts), 128)
+    return target.step(StepInputs(*batch_tree_inputs([chain_tree(p) for p in prompts], target.lengths)))
+
+
+def _paths(tree: Tree) -> set[tuple[int, ...]]:
+    return {tuple(tree.tokens[n] for n in tree.path_to(i)[1:]) for i in range(1, len(tree))}
+
+
+# -- sampling: the chi-square harness of tests/test_sampling_distribution.py with a real head ---------
+
+@pytest.fixture(scope="module")
+def vocab8(tmp_path_factory):
+    """(ONNX Runtime target, the torch EAGLE head) of a random 8-token Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from treespec.exporter.onnx_export import export_tree_graph
+    from treespec.models.tree_model import TreeDecoder
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=7)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # the same target as test_sampling_distribution's
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.25)
+    path = export_tree_graph(TreeDecoder(model), tmp_path_factory.mktemp("vocab8-eagle") / "target.onnx")
+    backend = OnnxRuntimeBackend(open_session(path, threads=1), num_layers=2, num_kv_heads=1, head_dim=16)
+    torch.manual_seed(4)
+    head = make_eagle_head(model).eval()
+    yield backend, head
+    backend.close()
+
+
+def _target_logits(backend) -> dict[tuple[int, ...], np.ndarray]:
+    from test_sampling_distribution import full_tree
+
+    from treespec.runtime.backends.base import StepInputs
+    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
+
+    backend.reset(1, 64)
+    ids, pos, mask = batch_tree_inputs([chain_tree(PROMPT[:-1])], backend.lengths)
+    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(len(PROMPT) - 1))])
+    tree, prefixes = full_tree(PROMPT[-1], GENERATED)
+    logits = backend.step(StepInputs(*batch_tree_inputs([tree], backend.lengths))).logits[0].astype(np.float64)
+    return {s: logits[i] for i, s in enumerate(prefixes)}
+
+
+@pytest.mark.parametrize("tree", [{"policy": "eagle2", "depth": 2, "top_k": 3, "budget": 6},
+                                  {"policy": "widths", "widths": [3, 2], "sample_children": True}],
+                         ids=["eagle2-topk", "widths-sampled-children"])
+def test_eagle_sampling_follows_the_target(vocab8, tree):
+    """Batch of 8 identical prompts x 400 seeds, temperature 0.8: the first 3 tokens' histogram
+    matches the target's exact distribution (chi-square p > 0.01), with drafts accepted."""
+    backend, head = vocab8
+    exact = exact_distribution(_target_logits(backend), SamplingParams(temperature=0.8))
+    drafter = TorchEagleDrafter(TorchEagleHead(head, 1, 16, "cpu"), hidden_size=32, top_k=4)
+    gen = TreeGenerator(backend, drafter, eos_token_ids=[], max_context=64)
+    cfg, params = parse_tree_config(tree), SamplingParams(temperature=0.8)
+    counts: Counter = Counter()
+    batch, runs, accepted = 8, 400, []
+    for seed in range(runs):
+        out = [[] for _ in range(batch)]
+        for event in gen.run([list(PROMPT)] * batch, GENERATED, cfg, params, seed=seed):
+            for b, new in enumerate(event.new_tokens):
+                out[b] += new
+        counts.update(tuple(o) for o in out)
+        accepted += gen.stats.accepted
+    assert gen.stats.lossless and max(accepted) >= 2
+    assert gen.stats.sampled_children == bool(tree.get("sample_children"))
+    assert chi_square_p(counts, exact, batch * runs) > 0.01
