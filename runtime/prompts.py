@@ -24,6 +24,8 @@ def read_prompts(path: Path, limit: int | None = None) -> list[Any]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{number}: JSON nested too deeply") from None
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
             prompts.append(row["messages"])
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):

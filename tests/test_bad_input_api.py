@@ -167,12 +167,17 @@ CLI_GENERATE_CASES = {
     "tree depth 10^9": (["--prompt", "Hi", "--tree", json.dumps(DEEP_TREE)], r"'depth' is 1000000000, over the cap"),
     "tree JSON nested 5000 deep": (["--prompt", "Hi", "--tree", DEEP_JSON], r"JSON nested deeper than 32 levels"),
     "threads 0": (["--prompt", "Hi", "--threads", "0"], r"--threads must be positive, got 0"),
+    "prompts file nested 100000 deep": (["--prompts-file", "DEEP_PROMPTS"], r"deep.jsonl:1: JSON nested too deeply"),
 }
 
 
 @pytest.mark.parametrize("case", list(CLI_GENERATE_CASES))
-def test_cli_generate_bad_input(tiny_artifacts, capsys, case):
+def test_cli_generate_bad_input(tiny_artifacts, tmp_path, capsys, case):
     extra, pattern = CLI_GENERATE_CASES[case]
+    if "DEEP_PROMPTS" in extra:
+        deep = tmp_path / "deep.jsonl"
+        deep.write_text("[" * 100_000 + "\n")
+        extra = [str(deep) if a == "DEEP_PROMPTS" else a for a in extra]
     code, err = run_in_process("treespec", ["generate", "--artifacts", str(tiny_artifacts), "--threads", "1",
                                             "--max-new-tokens", "4", *extra], capsys)
     assert code == 2

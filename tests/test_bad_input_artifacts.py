@@ -60,6 +60,9 @@ ARTIFACT_CASES = {
     "manifest from an older schema": (lambda r: edit_manifest(r, lambda m: m.update(schema_version=1)), None,
                                       "onnxruntime", r"uses manifest schema 1, older than this treespec reads \(2\): "
                                       r"re-export the artifacts with treespec-export"),
+    "manifest nested 100000 deep": (lambda r: ((r / "manifest.json").unlink(),
+                                               (r / "manifest.json").write_text("[" * 100_000)),
+                                    None, "onnxruntime", r"manifest.json is corrupt \(JSON nested too deeply\)"),
     "manifest without schema": (lambda r: edit_manifest(r, lambda m: m.pop("schema_version")), None,
                                 "onnxruntime", r"has no schema_version"),
     "manifest not JSON": (lambda r: ((r / "manifest.json").unlink(), (r / "manifest.json").write_text("{oops")),

@@ -45,6 +45,8 @@ def read_json_object(path: Path, name: str | None = None) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{shown} is corrupt (not valid JSON: {exc})") from None
+    except RecursionError:
+        raise ArtifactError(f"{shown} is corrupt (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{shown} is corrupt (not a JSON object)")
     return data
