@@ -17,10 +17,13 @@ from torch import nn
 from support.bad_input import (assert_one_line_error, clone_artifacts, one_error_line, run_in_process,
                                run_subprocess, save_safetensors)
 from treespec.errors import InputError, ModelLoadError
+from treespec.exporter.cli import DEFAULT_MAX_CONTEXT
+from treespec.exporter.cli import build_parser as export_parser
 from treespec.exporter.output_dir import check_output_dir
 from treespec.exporter.pipeline import ExportOptions, run_export
 from treespec.models.checkpoint import load_checkpoint
 from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
+from treespec.runtime.commands.demo import DEMO_ARTIFACTS
 
 
 # -- exporter: output folder, model, drafter weights -----------------------------------------------
@@ -176,3 +179,9 @@ def test_cli_subprocess(cli_dirs, case):
     assert (cli_dirs["here"] / "keep.txt").read_text() == "mine too"
     assert not (cli_dirs["base"] / "out1").exists() and not (cli_dirs["base"] / "out2").exists()
     assert not [p for p in cli_dirs["base"].rglob("*") if ".tmp-" in p.name]  # no leftover work dir
+
+
+def test_export_and_demo_share_one_default():
+    """The README's export command and `treespec demo` write the same folder with the same context."""
+    args = export_parser().parse_args(["smollm2-135m", "--out", str(DEMO_ARTIFACTS)])
+    assert args.max_context == DEFAULT_MAX_CONTEXT == 2048 and DEMO_ARTIFACTS == Path("artifacts/smollm2")
