@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from treespec.cli_util import run_cli
 from treespec.errors import InputError
-from treespec.exporter.output_dir import check_output_dir
+from treespec.exporter.output_dir import check_output_dir, check_triton_repo_dir
 from treespec.exporter.pipeline import ExportOptions, run_export
 from treespec.progress import heartbeat
 
@@ -95,8 +95,10 @@ def _main(argv: list[str] | None) -> int:
         triton_repo=args.triton_repo, max_context=args.max_context, max_batch=args.max_batch,
         max_tree_tokens=args.max_tree_tokens, force=args.force)
     check_output_dir(opts.out, opts.force)
-    if opts.triton_repo is not None and opts.triton_repo.resolve() == opts.out.resolve():
-        raise InputError("--triton-repo must be another folder than --out")
+    if opts.triton_repo is not None:
+        if opts.triton_repo.resolve() == opts.out.resolve():
+            raise InputError("--triton-repo must be another folder than --out")
+        check_triton_repo_dir(opts.triton_repo, opts.force)
     manifest = export_with_progress(opts)
     sizes = manifest.export["sizes_bytes"]
     print(f"wrote {opts.out} ({sum(sizes.values()) / 1e6:.1f} MB): "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from treespec.artifacts import MANIFEST_NAME
 from treespec.errors import InputError
+from treespec.exporter.triton_repo import STAMP
 
 MAX_MANIFEST_BYTES = 16 << 20
 
@@ -49,17 +50,31 @@ def check_output_dir(out: Path, force: bool) -> None:
                          "choose another directory")
 
 
-def _check_location(out: Path) -> None:
-    """--out is a new or replaceable folder: not the current one, not under a file, writable."""
+def check_triton_repo_dir(repo: Path, force: bool) -> None:
+    """--triton-repo with --force may replace only a Triton model repository that treespec wrote (its
+    stamp file is there) or an empty folder; checked before the export starts."""
+    _check_location(repo, "--triton-repo")
+    if repo.is_symlink() or (repo.exists() and not repo.is_dir()):
+        raise InputError(f"--triton-repo {repo} is not a directory")
+    if not force or not repo.is_dir() or not any(repo.iterdir()):
+        return
+    if not (repo / STAMP).is_file():
+        raise InputError(f"--triton-repo {repo} holds files that treespec did not write (no {STAMP}): --force "
+                         "replaces only a model repository treespec wrote or an empty folder; choose another "
+                         "directory")
+
+
+def _check_location(out: Path, option: str = "--out") -> None:
+    """`out` is a new or replaceable folder: not the current one, not under a file, writable."""
     here = Path.cwd().resolve()
     resolved = out.resolve()
     if resolved == here or resolved in here.parents:
-        raise InputError(f"--out {out} is the current folder or holds it: name a new folder for the artifacts")
+        raise InputError(f"{option} {out} is the current folder or holds it: name a new folder")
     parent = _nearest_existing(out.absolute().parent)
     if not parent.is_dir():
-        raise InputError(f"--out {out} cannot be a directory: {parent} is a file")
+        raise InputError(f"{option} {out} cannot be a directory: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: no permission to write in {parent}")
+        raise InputError(f"{option} {out}: no permission to write in {parent}")
 
 
 def _nearest_existing(path: Path) -> Path:

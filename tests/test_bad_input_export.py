@@ -19,8 +19,9 @@ from support.bad_input import (assert_one_line_error, clone_artifacts, one_error
 from treespec.errors import InputError, ModelLoadError
 from treespec.exporter.cli import DEFAULT_MAX_CONTEXT
 from treespec.exporter.cli import build_parser as export_parser
-from treespec.exporter.output_dir import check_output_dir
+from treespec.exporter.output_dir import check_output_dir, check_triton_repo_dir
 from treespec.exporter.pipeline import ExportOptions, run_export
+from treespec.exporter.triton_repo import STAMP
 from treespec.models.checkpoint import load_checkpoint
 from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
 from treespec.runtime.commands.demo import DEMO_ARTIFACTS
@@ -130,6 +131,18 @@ def test_out_that_can_never_be_the_artifact_directory(tmp_path, monkeypatch):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with pytest.raises(InputError, match=r"is a symbolic link"):
         check_output_dir(tmp_path / "link", force=True)
+
+
+def test_force_replaces_only_a_triton_repository(tmp_path):
+    """`treespec-export --triton-repo DIR --force` would replace DIR too: the same rule holds."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match=r"--triton-repo .* holds files that treespec did not write"):
+        check_triton_repo_dir(repo, force=True)
+    assert (repo / "notes.txt").read_text() == "keep me"
+    (repo / STAMP).write_text("{}")  # a repository treespec wrote (tests/test_triton_repo.py writes real ones)
+    check_triton_repo_dir(repo, force=True)
 
 
 # -- CLI, real subprocesses ------------------------------------------------------------------------
