@@ -50,16 +50,16 @@ def check_output_dir(out: Path, force: bool) -> None:
                          "choose another directory")
 
 
-def check_triton_repo_dir(repo: Path, force: bool) -> None:
+def check_triton_repo_dir(repo: Path, force: bool, option: str = "--triton-repo") -> None:
     """--triton-repo with --force may replace only a Triton model repository that treespec wrote (its
     stamp file is there) or an empty folder; checked before the export starts."""
-    _check_location(repo, "--triton-repo")
+    _check_location(repo, option)
     if repo.is_symlink() or (repo.exists() and not repo.is_dir()):
-        raise InputError(f"--triton-repo {repo} is not a directory")
+        raise InputError(f"{option} {repo} is not a directory")
     if not force or not repo.is_dir() or not any(repo.iterdir()):
         return
     if not (repo / STAMP).is_file():
-        raise InputError(f"--triton-repo {repo} holds files that treespec did not write (no {STAMP}): --force "
+        raise InputError(f"{option} {repo} holds files that treespec did not write (no {STAMP}): --force "
                          "replaces only a model repository treespec wrote or an empty folder; choose another "
                          "directory")
 
