@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from treespec.errors import BackendError
+from treespec.models.eagle import EagleHead
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import LazyHost
 from treespec.runtime.drafters.base import Features
@@ -60,9 +61,16 @@ class TorchEagleHead(TreeBackend):
         self._lengths = np.zeros(batch_size, np.int64)
         self._capacity = capacity
 
-    def forward(self, hidden, ids, pos, mask, lengths):
-        """The head on device tensors against the whole cache (rows < lengths[b] visible)."""
-        return self.module(hidden, ids, pos, mask, lengths, self.key, self.value)
+    def forward(self, hidden, ids, pos, mask, lengths, first_logits_row: int = 0):
+        """The head on device tensors against the whole cache (rows < lengths[b] visible); logits
+        only for rows >= first_logits_row (an EagleHead skips the lm_head on the others)."""
+        head = self.module
+        if isinstance(head, EagleHead):
+            predicted, (key, value) = head.core.decode_layers(head.fuse(hidden, ids), pos, mask, lengths,
+                                                              (self.key, self.value))
+            return head.logits(predicted[:, first_logits_row:]), predicted, key, value
+        logits, predicted, key, value = head(hidden, ids, pos, mask, lengths, self.key, self.value)
+        return logits[:, first_logits_row:], predicted, key, value
 
     def step(self, inputs: StepInputs) -> StepOutputs:
         if self.key is None or not isinstance(inputs, EagleStepInputs):

@@ -45,6 +45,8 @@ class Eagle2Buffers:
         self.host = torch.zeros(b * p + 2 * b + 2 * b * p, dtype=torch.int64, pin_memory=cuda)
         self.ints = torch.zeros_like(self.host, device=device)
         self.feats = torch.zeros(b, p, hidden, dtype=dtype, device=device)
+        # each candidate's depth (made here: a host-to-device copy cannot be captured)
+        self.depths = torch.as_tensor(_candidate_depths(shape), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple | None = None
         self.generation = -1
@@ -89,7 +91,7 @@ def eagle2_draft(head, buf: Eagle2Buffers):
     cands = _Candidates([tok], [lp], [torch.full_like(tok, -1)])
     for level in range(1, shape.depth):
         _next_level(head, shape, exp, cands, ctx, level)
-    return _rerank(shape, cands)
+    return _rerank(shape, cands, buf.depths)
 
 
 def _feed_pending(head, buf: Eagle2Buffers):
@@ -131,8 +133,8 @@ def _next_level(head, shape: Eagle2Shape, exp: _Expanded, cands: _Candidates, ct
     hi = level * k
     lo = hi - k
     logits, feat, _, _ = head.forward(exp.feats[:, :hi], exp.tokens[:, :hi], exp.positions[:, :hi],
-                                      exp.ancestors[:, :hi, :hi], ctx)
-    child_lp, child_tok = torch.topk(torch.log_softmax(logits[:, lo:hi].float(), -1), k, dim=-1)  # [B,K,K]
+                                      exp.ancestors[:, :hi, :hi], ctx, first_logits_row=lo)
+    child_lp, child_tok = torch.topk(torch.log_softmax(logits.float(), -1), k, dim=-1)  # [B,K,K]
     batch = child_tok.shape[0]
     cum = (exp.scores[:, lo:hi, None] + child_lp).reshape(batch, k * k)
     flat_tok = child_tok.reshape(batch, k * k)
@@ -154,13 +156,12 @@ def _next_level(head, shape: Eagle2Shape, exp: _Expanded, cands: _Candidates, ct
     exp.ancestors[:, new, new] |= torch.eye(k, dtype=torch.bool, device=pick.device)
 
 
-def _rerank(shape: Eagle2Shape, cands: _Candidates):
+def _rerank(shape: Eagle2Shape, cands: _Candidates, depth_of: torch.Tensor):
     """The best N candidates (stable: ties keep the parent first), parents first, as a tree."""
     scores = torch.cat(cands.scores, 1)
     tokens = torch.cat(cands.tokens, 1)
     parents = torch.cat(cands.parents, 1)
     batch, n, device = scores.shape[0], shape.kept, scores.device
-    depth_of = torch.as_tensor(_candidate_depths(shape), device=device)
     best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
     picked = torch.sort(best, dim=1).values  # candidate ids ascending: parents before children
     node_of = torch.zeros_like(scores, dtype=torch.int64)
