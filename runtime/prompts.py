@@ -22,8 +22,8 @@ def read_prompts(path: Path, limit: int | None = None) -> list[Any]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer over Python's 4300-digit limit
+            raise InputError(f"{path}:{number}: not valid JSON ({str(exc)[:120]})") from None
         except RecursionError:
             raise InputError(f"{path}:{number}: JSON nested too deeply") from None
         if isinstance(row, dict) and isinstance(row.get("messages"), list):

@@ -115,6 +115,10 @@ API_CASES = {
     "tree with 10^5 choices": ("Hi", {"tree": {"policy": "choices", "choices": [[0]] * 100_000}},
                                r"'choices' has 100000 entries, over the cap of 4096"),
     "tree JSON nested 5000 deep": ("Hi", {"tree": DEEP_JSON}, r"tree: JSON nested deeper than 32 levels"),
+    "tree JSON integer of 5000 digits": ("Hi", {"tree": '{"policy": "opt", "budget": ' + "9" * 5000 + "}"},
+                                         r"tree: invalid JSON: Exceeds the limit \(4300 digits\)"),
+    "tree integer of 5000 digits": ("Hi", {"tree": {"policy": "opt", "budget": 10 ** 5000}},
+                                    r"'budget' is an integer too large to show, over the cap of 4096"),
     "tree inline JSON over 64 KB": ("Hi", {"tree": '{"policy": "opt", "name": "' + "x" * 70_000 + '"}'},
                                     r"tree: 70\d+ bytes is over the 64 KB limit"),
 }

@@ -43,8 +43,8 @@ def read_json_object(path: Path, name: str | None = None) -> dict[str, Any]:
     shown = name or str(path)
     try:
         data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{shown} is corrupt (not valid JSON: {exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
+        raise ArtifactError(f"{shown} is corrupt (not valid JSON: {str(exc)[:200]})") from None
     except RecursionError:
         raise ArtifactError(f"{shown} is corrupt (JSON nested too deeply)") from None
     if not isinstance(data, dict):

@@ -30,7 +30,10 @@ _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 
 
 def show_value(value: Any) -> str:
     """A short repr for error messages: bounded in depth, items and characters."""
-    text = _REPR.repr(value)
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer over Python's 4300-digit str() limit
+        return "an integer too large to show"
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 

@@ -57,6 +57,8 @@ def read_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
     except _Refused as exc:
         raise InputError(f"{where}: {exc}") from None
+    except ValueError as exc:  # an integer over Python's 4300-digit limit
+        raise InputError(f"{where}: {show_text(str(exc))}") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{where}: malformed YAML: {show_text(first)}") from None
@@ -69,8 +71,8 @@ def read_json(text: str, where: str) -> Any:
         raise InputError(f"{where}: JSON nested deeper than {MAX_NESTING} levels")
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: invalid JSON: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer over Python's 4300-digit limit
+        raise InputError(f"{where}: invalid JSON: {show_text(str(exc))}") from None
 
 
 def json_nesting(text: str) -> int:
