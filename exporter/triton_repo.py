@@ -2,8 +2,8 @@
 
     <repo>/treespec_repo.json         what wrote the repository (compared on reuse)
     <repo>/treespec/config.pbtxt      the orchestrator: python backend, decoupled (streaming)
-    <repo>/treespec/1/model.py        puts this environment on the stub's sys.path, then runs
-                                      treespec.runtime.triton.model
+    <repo>/treespec/1/model.py        runtime/triton/repo_model.py, copied: puts this environment on
+                                      the stub's sys.path, then runs treespec.runtime.triton.model
     <repo>/target|draft|medusa/       one model per graph: platform onnxruntime_onnx, or
                                       tensorrt_plan when the manifest records full-TensorRT engines,
                                       files linked (or copied) from the artifact directory, for
@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ ORCHESTRATOR_INPUTS = [
     ("stream", "TYPE_BOOL", [1], True),
     ("tree", "TYPE_STRING", [1], True),
     ("raw", "TYPE_BOOL", [1], True),
+    ("timeout", "TYPE_FP32", [1], True),  # seconds the request may hold the model
 ]
 ORCHESTRATOR_OUTPUTS = [
     ("text_output", "TYPE_STRING", [-1]),
@@ -60,52 +62,14 @@ ORCHESTRATOR_OUTPUTS = [
 ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
                   7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
 
-MODEL_PY = '''"""treespec's orchestrator for Triton's python backend (written by treespec triton-repo).
-
-The python backend stub runs its own embedded Python, which does not see the environment treespec
-is installed in (PYTHONPATH is ignored). The parameter `python_path` in config.pbtxt records that
-environment's package folders; they are put on sys.path (with their .pth files, so editable
-installs work) before treespec.runtime.triton.model takes over.
-"""
-import json
-import os
-import site
-import sys
+# The model.py that Triton loads is a real module of the runtime, shipped in the package and copied
+# into the repository as a data file (read here, never imported: the exporter stays off the runtime).
+MODEL_PY_PACKAGE, MODEL_PY_FILE = "treespec.runtime.triton", "repo_model.py"
 
 
-def _use_environment(config):
-    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    wanted = [p for p in json.loads(params.get("python_path", "[]")) if os.path.isdir(p)]
-    # Like a venv without system site-packages: drop the stub interpreter's own package folders.
-    keep = [p for p in sys.path if p not in wanted and not p.rstrip("/").endswith(("site-packages", "dist-packages"))]
-    sys.path[:] = keep[:1] + wanted + keep[1:]
-    for folder in wanted:
-        site.addsitedir(folder)  # runs .pth files (editable installs); folders already listed stay put
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        _use_environment(config)
-        try:
-            from treespec.runtime.triton.model import TreespecModel
-        except ImportError as exc:
-            where = config.get("parameters", {}).get("python_path", {}).get("string_value")
-            raise RuntimeError(f"treespec cannot be imported from {where} ({exc}): install it in that "
-                               "environment (pip install -e <treespec checkout>) or rewrite the repository "
-                               "with treespec triton-repo from the environment it is installed in") from exc
-
-        self._impl = TreespecModel()
-        self._impl.initialize(args)
-
-    def execute(self, requests):
-        return self._impl.execute(requests)
-
-    def finalize(self):
-        impl = getattr(self, "_impl", None)
-        if impl is not None:
-            impl.finalize()
-'''
+def model_py() -> str:
+    """The text of <repo>/treespec/1/model.py (runtime/triton/repo_model.py)."""
+    return resources.files(MODEL_PY_PACKAGE).joinpath(MODEL_PY_FILE).read_text()
 
 
 def _pb():
@@ -271,7 +235,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
                             f"{', '.join(manifest.drafters) or 'none'})")
     cfg = orchestrator_config(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree)
     plan[f"{ORCHESTRATOR}/config.pbtxt"] = config_text(cfg)
-    plan[f"{ORCHESTRATOR}/1/model.py"] = MODEL_PY
+    plan[f"{ORCHESTRATOR}/1/model.py"] = model_py()
     if graphs:
         for name in GRAPHS:
             if name not in manifest.graphs:

@@ -3,7 +3,7 @@
 What Triton 2.51 does when the stub of a *decoupled* python model dies: the in-flight request
 gets the error "Stub process 'treespec_0_0' is not healthy." at once (no hang), and so does every
 later request -- Triton restarts dead stubs of non-decoupled models only, and the model stays
-"ready". TritonServer's supervisor (on in `treespec serve`) notices the dead stub and reloads the
+"ready". The service's supervisor (runtime/triton/supervisor.py) notices the dead stub and reloads the
 model (a load with a config override: a new stub, swapped in when ready); until then requests get
 that same error at once (never a hang); afterwards they succeed.
 
@@ -47,17 +47,22 @@ def repo(smollm2_artifacts, tmp_path_factory):
 
 
 @pytest.fixture
-def server(repo, expected, request):
-    from treespec.runtime.triton.server import TritonServer
+def supervised(repo, expected, request):
+    from treespec.runtime.triton.service import TritonService
 
     exit_timeout = getattr(request, "param", 30)
-    with TritonServer(repo, None, None, None, startup_timeout=600, supervise_interval=0.5,
-                      exit_timeout=exit_timeout) as srv:
-        yield srv
+    with TritonService(repo, None, None, None, startup_timeout=600, supervise_interval=0.5,
+                       exit_timeout=exit_timeout) as service:
+        yield service.server, service.supervisor
 
 
-@pytest.mark.parametrize("server", [3], indirect=True)  # exit timeout: see the last step
-def test_killed_stub_mid_stream_gives_an_error_then_the_model_comes_back(server, expected):
+@pytest.fixture
+def server(supervised):
+    return supervised[0]
+
+
+@pytest.mark.parametrize("supervised", [3], indirect=True)  # exit timeout: see the last step
+def test_killed_stub_mid_stream_gives_an_error_then_the_model_comes_back(supervised, server, expected):
     killed = []
 
     def kill_after_two(progress) -> None:
@@ -87,12 +92,14 @@ def test_killed_stub_mid_stream_gives_an_error_then_the_model_comes_back(server,
     assert out.ok, errors[-3:]
     assert out.ids == expected[PROMPTS[1]]
     assert server.reloads == 1 and killed[0][0] not in server.stub_pids()
-    assert any("died; reloading" in e for e in server.events), server.events
+    supervisor = supervised[1]
+    assert any("died; reloading" in e for e in supervisor.events), supervisor.events
     print(f"model back {time.perf_counter() - t0:.1f} s after the failed stream "
           f"({len(errors)} requests refused meanwhile: {sorted(set(errors))})")
 
     # Triton 2.51 never releases the request that was in flight when the stub died: SIGTERM waits
     # the whole exit timeout for it, then exits 1. (If this starts failing, Triton fixed it.)
+    supervisor.stop()  # this SIGTERM is ours: no restart
     t0 = time.perf_counter()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(server.exit_timeout + 60)
@@ -100,7 +107,7 @@ def test_killed_stub_mid_stream_gives_an_error_then_the_model_comes_back(server,
     assert time.perf_counter() - t0 >= server.exit_timeout - 1
 
 
-def test_sigterm_with_requests_in_flight_stops_cleanly(server, expected):
+def test_sigterm_with_requests_in_flight_stops_cleanly(supervised, server, expected):
     results = {}
     streaming = threading.Event()
 
@@ -111,6 +118,7 @@ def test_sigterm_with_requests_in_flight_stops_cleanly(server, expected):
     for t in threads:
         t.start()
     assert streaming.wait(60), "no stream started"
+    supervised[1].stop()  # this SIGTERM is ours: no restart
     t0 = time.perf_counter()
     server.proc.send_signal(signal.SIGTERM)
     code = server.proc.wait(server.exit_timeout + 60)

@@ -113,7 +113,8 @@ def test_tensorrt_engines_give_tensorrt_plan_models_on_gpus(tiny_artifacts, tmp_
     manifest = json.loads((arts / "manifest.json").read_text())
     manifest["graphs"]["target"]["engines"] = [{"file": "target.tensorrt.engine", "builder": "tensorrt",
                                                 "builder_version": "10.13.0",
-                                                "profiles": [{"name": "tree"}, {"name": "prefill"}]}]
+                                                "profiles": [{"name": name, "batch": [1, 1, 1], "tree_tokens": [1, 8, 64]}
+                                                             for name in ("tree", "prefill")]}]
     (arts / "manifest.json").write_text(json.dumps(manifest))
     repo = write_triton_repo(arts, tmp_path / "repo", backend="tensorrt", device="cuda", link="copy")
     from tritonclient.grpc import model_config_pb2 as pb

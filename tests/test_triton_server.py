@@ -1,10 +1,11 @@
-"""The real Triton server (nvidia-pytriton's tritonserver 2.51, CPU) serving the SmolLM2 artifacts.
+"""The real Triton server (nvidia-pytriton's tritonserver 2.51, CPU) serving the SmolLM2 artifacts,
+behind the HTTP front and with its supervisor (runtime/triton/service.py), as `treespec serve` runs it.
 
-One server for the module. Greedy outputs over HTTP generate, HTTP generate_stream (SSE) and gRPC
+One service for the module. Greedy outputs over HTTP generate, HTTP generate_stream (SSE) and gRPC
 streaming equal the Python API's and plain decoding's (tree "none"); 8 concurrent streaming clients
 x 3 requests all complete correctly with no errors in the server log; bad requests get clear
 errors and the server goes on serving; metrics appear; `serve()` restarts on the unchanged
-repository (this last test stops the module's server).
+repository (this last test stops the module's service).
 """
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ def repo(smollm2_artifacts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo, expected):  # expected first: the references are computed before the server loads
-    from treespec.runtime.triton.server import TritonServer
+    from treespec.runtime.triton.service import TritonService
 
-    with TritonServer(repo, None, None, None, startup_timeout=600) as srv:
-        print(f"\ntritonserver ready in {srv.startup_s:.1f} s")
+    with TritonService(repo, None, None, None, startup_timeout=600) as srv:
+        print(f"\ntritonserver ready in {srv.server.startup_s:.1f} s")
         yield srv
 
 
@@ -117,16 +118,16 @@ def test_eight_concurrent_streaming_clients(server, api, expected):
         assert out.ok, f"client {c} request {r}: {out.error}"
         assert out.text == want[prompt][0] and out.ids == want[prompt][1], (c, r)
     print(f"\n24 streaming requests from 8 clients in {elapsed:.1f} s")
-    assert server.error_lines() == []
+    assert server.server.error_lines() == []
 
 
 BAD_REQUESTS = [
     ({"max_tokens": 8}, 400, "missing input: give text_input"),
-    ({"text_input": "Hi", "max_tokens": -3}, 400, "max_tokens must be a positive integer"),
-    ({"text_input": "Hi", "max_tokens": 0}, 400, "max_tokens must be a positive integer"),
-    ({"text_input": "Hi", "max_tokens": 2 ** 31 - 1}, 400, "max_tokens 2147483647 is over the limit"),
+    ({"text_input": "Hi", "max_tokens": -3}, 400, "max_tokens must be an integer in [1, 1048576], got -3"),
+    ({"text_input": "Hi", "max_tokens": 0}, 400, "max_tokens must be an integer in [1, 1048576], got 0"),
+    ({"text_input": "Hi", "max_tokens": 2 ** 31 - 1}, 400, "max_tokens must be an integer in [1, 1048576], got 2147483647"),
     ({"text_input": "OVER_CONTEXT", "max_tokens": 8}, 400, "the context limit is"),
-    ({"text_input": "Hi", "max_tokens": "eight"}, None, "Unable to parse"),  # Triton's own type check
+    ({"text_input": "Hi", "max_tokens": "eight"}, 400, "max_tokens must be an integer"),
     ({"text_input": "Hi", "temperature": -1.0}, 400, "temperature must be >= 0"),
     ({"text_input": "Hi", "top_p": 0.0}, 400, "top_p must be in (0, 1]"),
     ({"text_input": "Hi", "tree": "{not json"}, 400, "tree: invalid JSON"),
@@ -162,13 +163,13 @@ def test_bad_grpc_requests_then_a_good_one(server, expected):
     out = grpc_stream(server.grpc_url, max_tokens=4)
     assert out.error and "missing input" in out.error
     out = grpc_stream(server.grpc_url, "Hi", max_tokens=-1)
-    assert out.error and "max_tokens must be a positive integer" in out.error
+    assert out.error and "max_tokens must be an integer in [1, 1048576], got -1" in out.error
     prompt = PROMPTS[2]
     out = grpc_stream(server.grpc_url, prompt)
     assert out.ok and out.ids == expected[prompt][1]
     code, body = http_generate(server, {"text_input": prompt, "max_tokens": MAX_TOKENS})
     assert code == 200 and ids_of(body["output_ids"]) == expected[prompt][1]
-    assert server.error_lines() == []  # bad requests are answered, not logged as server errors
+    assert server.server.error_lines() == []  # bad requests are answered, not logged as server errors
 
 
 def test_a_cancelled_stream_stops_generating(server, expected):
@@ -206,18 +207,19 @@ def test_acceptance_metrics_on_the_metrics_endpoint(server):
 
 
 def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm2_artifacts, expected, tmp_path):
-    """Runs last: stops the module's server, then restarts with `serve()` (what `treespec serve` runs)."""
+    """Runs last: stops the module's service, then runs `treespec serve` on the same repository."""
     from treespec.runtime.triton.server import free_port
 
     t0 = time.perf_counter()
-    assert server.stop() == 0, server.log_tail()  # every request of this module was released
+    assert server.stop() == 0, server.server.log_tail()  # every request of this module was released
     print(f"\nthe module's server stopped in {time.perf_counter() - t0:.1f} s")
     before = repo_snapshot(repo)
     for _ in range(1):
         port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-        code = (f"import sys; from treespec.runtime.triton.server import serve; sys.exit(serve({str(smollm2_artifacts)!r}, "
-                f"{port}, {grpc_port}, {metrics_port}, repo_dir={str(repo)!r}))")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command = [sys.executable, "-m", "treespec.runtime.cli", "serve", "--artifacts", str(smollm2_artifacts),
+                   "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                   "--repo", str(repo)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env={**os.environ, "TREESPEC_CACHE": str(tmp_path)})
         lines = []
         try:
@@ -238,7 +240,7 @@ def test_restart_with_serve_reuses_the_repository_unchanged(server, repo, smollm
             t0 = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
             rest, _ = proc.communicate(timeout=120)
-            print(f"\nserve() stopped {time.perf_counter() - t0:.1f} s after SIGTERM")
+            print(f"\ntreespec serve stopped {time.perf_counter() - t0:.1f} s after SIGTERM")
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)

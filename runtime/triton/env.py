@@ -11,7 +11,7 @@ Found by trying it (Triton 2.51 from nvidia-pytriton 0.7.0):
 - the stub embeds libpython3.X: this interpreter's own `libpython3.X.so` goes first on
   LD_LIBRARY_PATH, so the stub runs the same CPython build and standard library as the venv.
 - the stub embeds Python in isolated mode: PYTHONPATH is ignored, so it does not see this venv.
-  The generated model.py adds the venv's package folders itself (treespec.exporter.triton_repo).
+  The model.py that Triton loads adds the venv's package folders itself (runtime/triton/repo_model.py).
 - the stub's pybind11 predates numpy 2: with numpy 2 it misreads every array's item size, so
   tensors arrive garbled (BYTES inputs crash it). It imports numpy before any model code runs,
   from the first entry of its sys.path, its working directory (inherited from tritonserver): so
@@ -35,6 +35,9 @@ class ServerError(TreespecError):
 
 
 STUB_NUMPY = "numpy==1.26.4"
+# The folder where model instances write the deadline of the request they work on (runtime/triton/
+# model.py), for the supervisor (runtime/triton/supervisor.py); tritonserver passes it to its stubs.
+WATCH_ENV = "TREESPEC_TRITON_WATCH"
 
 
 def numpy_major() -> int:

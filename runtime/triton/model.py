@@ -1,17 +1,21 @@
 """The `treespec` orchestrator inside Triton's python backend (decoupled: one request, 1..n responses).
 
-The generated model.py imports this module after putting treespec's environment on sys.path.
-One instance holds one SpeculativeGenerator (one KV cache) and serves its requests one after the
-other; more instances (instance_group count) serve in parallel, each in its own stub process.
+The model.py that Triton loads (runtime/triton/repo_model.py, copied into the repository) imports
+this module after putting treespec's environment on sys.path. One instance holds one
+SpeculativeGenerator (one KV cache) and serves its requests one after the other; more instances
+(instance_group count) serve in parallel, each in its own stub process.
 
 Requests follow Triton's LLM conventions (so /v2/models/treespec/generate and /generate_stream
-work): text_input (or input_ids for clients that tokenize themselves), optional max_tokens,
-temperature, top_p, top_k, seed, stream, tree (a preset name, "none" for plain autoregressive
-decoding, or inline JSON) and raw (no chat template). Each response carries text_output (the
-new text: the delta when streaming), output_ids, accepted_tokens (tokens this response adds) and
-steps (decoding steps it covers). With stream=true there is one response per decoding step.
+work); their fields and limits are runtime/triton/schema.py's, checked before any work (tokenizing
+included): a bad request costs microseconds, not the model's time. Each response carries
+text_output (the new text: the delta when streaming), output_ids, accepted_tokens (tokens this
+response adds) and steps (decoding steps it covers). With stream=true there is one response per step.
 
-Bad requests get an error response (INVALID_ARG) with a message and the model keeps serving.
+Deadlines: a request holds the model at most its `timeout` (schema.py). The loop checks it at every
+step and answers "deadline exceeded"; and while it works the instance writes its deadline to
+$TREESPEC_TRITON_WATCH/<pid>.json, so the supervisor (runtime/triton/supervisor.py) can kill a stub
+that is stuck inside one step past it, and the model is reloaded for the next request.
+
 Custom metrics on Triton's metrics endpoint: treespec_requests_total{outcome}, treespec_tokens_total,
 treespec_steps_total, treespec_accepted_tokens_per_step (histogram over verification steps) and
 treespec_mean_accepted_tokens (tokens per verification step since the instance started).
@@ -19,7 +23,6 @@ treespec_mean_accepted_tokens (tokens per verification step since the instance s
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import traceback
@@ -27,8 +30,11 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from treespec.runtime.api import MAX_NEW_TOKENS_LIMIT
 from treespec.errors import InputError, TreespecError
+from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.triton.env import WATCH_ENV
+from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, GenerateRequest, check_request
+from treespec.runtime.trees.config import show_value
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ACCEPTED_BUCKETS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32]
@@ -38,34 +44,32 @@ class _Cancelled(Exception):
     pass
 
 
+class _DeadlineExceeded(Exception):
+    pass
+
+
 def _error(message: str, code=None):
     code = pb_utils.TritonError.INVALID_ARG if code is None else code
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
-def _scalar(request, name: str, kind: type, default):
+def _value(request, name: str):
+    """One input as a plain Python value (None when absent): a string, a list of ids or a scalar."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        return default
+        return None
     values = tensor.as_numpy().reshape(-1)
+    if name == "input_ids":
+        return [int(v) for v in values]
     if values.size != 1:
         raise InputError(f"{name} must be a single value, got {values.size} values")
     value = values[0]
-    if kind is str:
-        if not isinstance(value, (bytes, np.bytes_)):
-            raise InputError(f"{name} must be a string")
+    if isinstance(value, (bytes, np.bytes_)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             raise InputError(f"{name} is not valid UTF-8") from None
-    if kind is bool:
-        return bool(value)
-    if kind is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise InputError(f"{name} must be a finite number, got {value}")
-        return value
-    return int(value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 class TreespecModel:
@@ -84,17 +88,17 @@ class TreespecModel:
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
         self.backend = params.get("backend", "onnxruntime")
         self._check_treespec(params.get("treespec_root"))
-        from treespec.runtime.api import SpeculativeGenerator
-
         t0 = time.perf_counter()
         self.gen = SpeculativeGenerator.from_artifacts(artifact_dir, backend=self.backend, device=device,
                                                        threads=threads, tree=params.get("tree") or None,
                                                        drafter=params.get("drafter") or None)
         self.max_context = self.gen.max_context
-        from treespec.runtime.trees.presets import preset_names
-
-        self.presets = preset_names()
         self.vocab = self.gen.manifest.dims.vocab_size
+        # More characters than this cannot fit the context whatever they are: refused untokenized.
+        longest = max((len(t) for t in self.gen.tokenizer.get_vocab()), default=64)
+        self.max_text_chars = 2 * longest * self.max_context
+        watch = os.environ.get(WATCH_ENV)
+        self.watch_file = os.path.join(watch, f"{os.getpid()}.json") if watch and os.path.isdir(watch) else None
         pb_utils.Logger.log_info(
             f"treespec: loaded {artifact_dir} ({self.backend} on {device}) in {time.perf_counter() - t0:.1f} s")
         self._metrics()
@@ -107,7 +111,6 @@ class TreespecModel:
         if expected and os.path.realpath(expected) != here:
             pb_utils.Logger.log_warn(f"treespec: the repository was written by treespec at {expected}, "
                                      f"but the stub imported it from {here}")
-
     def _metrics(self) -> None:
         label = {"model": self.model_name}
         counter, gauge, hist = (pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE,
@@ -134,45 +137,17 @@ class TreespecModel:
         self.total_steps = 0
 
     # requests -----------------------------------------------------------------------------------
-    def _parse(self, request) -> dict:
-        text = _scalar(request, "text_input", str, None)
-        ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
-        if text is not None and ids_tensor is not None:
-            raise InputError("give either text_input or input_ids, not both")
-        if ids_tensor is not None:
-            ids = ids_tensor.as_numpy().reshape(-1)
-            if ids.size == 0:
-                raise InputError("input_ids is empty")
-            if ids.min() < 0 or ids.max() >= self.vocab:
-                raise InputError(f"input_ids must lie in [0, {self.vocab})")
-            prompt = [int(t) for t in ids]
-        elif text is not None:
-            prompt = text
-        else:
-            raise InputError("missing input: give text_input (text) or input_ids (token ids)")
-        max_tokens = _scalar(request, "max_tokens", int, self.default_max_tokens)
-        if max_tokens <= 0:
-            raise InputError(f"max_tokens must be a positive integer, got {max_tokens}")
-        if max_tokens > MAX_NEW_TOKENS_LIMIT:
-            raise InputError(f"max_tokens {max_tokens} is over the limit {MAX_NEW_TOKENS_LIMIT} (generation "
-                             f"stops at the context limit, {self.max_context} tokens, anyway)")
-        temperature = _scalar(request, "temperature", float, 0.0)
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {temperature}")
-        top_p = _scalar(request, "top_p", float, 1.0)
-        if not 0.0 < top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
-        top_k = _scalar(request, "top_k", int, 0)
-        if top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {top_k}")
-        tree = _scalar(request, "tree", str, None)
-        if tree and tree != "none" and not tree.lstrip().startswith("{") and tree not in self.presets:
-            # never a file path: a request must not make the server read files
-            raise InputError(f"unknown tree '{tree}': use none, inline JSON or a preset "
-                             f"({', '.join(self.presets)})")
-        return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                    top_k=top_k, seed=_scalar(request, "seed", int, None), tree=tree or None,
-                    raw=_scalar(request, "raw", bool, False), stream=_scalar(request, "stream", bool, False))
+    def _parse(self, request) -> GenerateRequest:
+        """Every check before any work: fields (schema.py), then what needs the model's sizes."""
+        req = check_request({name: value for name in FIELDS if (value := _value(request, name)) is not None})
+        if req.input_ids is not None and max(req.input_ids) >= self.vocab:
+            raise InputError(f"input_ids must lie in [0, {self.vocab})")
+        if req.text_input is not None and len(req.text_input) > self.max_text_chars:
+            raise InputError(f"text_input has {len(req.text_input)} characters: far more than the context "
+                             f"limit of {self.max_context} tokens can hold")
+        if req.max_tokens is None:
+            req.max_tokens = self.default_max_tokens
+        return req
 
     @staticmethod
     def _response(text: str, ids: list[int], accepted: int, steps: int):
@@ -188,35 +163,60 @@ class TreespecModel:
             self._serve(request)
         return None
 
+    def _watch(self, deadline: float | None) -> None:
+        """Tell the supervisor until when this instance may work on the current request (None: idle)."""
+        if self.watch_file is None:
+            return
+        tmp = f"{self.watch_file}.tmp"
+        try:
+            with open(tmp, "w") as handle:
+                json.dump({"pid": os.getpid(), "instance": self.instance, "deadline": deadline}, handle)
+            os.replace(tmp, self.watch_file)
+        except OSError:
+            pass
+
     def _serve(self, request) -> None:
         sender = request.get_response_sender()
+        started = time.monotonic()
         try:
-            args = self._parse(request)
-            outcome = self._generate(request, sender, args)
+            req = self._parse(request)
+            self._watch(started + req.timeout)
+            outcome = self._generate(request, sender, req, started + req.timeout)
         except InputError as exc:
             sender.send(_error(str(exc)), flags=FINAL)
             outcome = "invalid"
         except _Cancelled:
             sender.send(_error("the request was cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
             outcome = "cancelled"
+        except _DeadlineExceeded as exc:
+            sender.send(_error(f"{DEADLINE_MESSAGE}: {exc}", pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+            outcome = "cancelled"
         except TreespecError as exc:
             sender.send(_error(str(exc)), flags=FINAL)
             outcome = "invalid"
         except Exception as exc:  # a bug or a backend failure: report it, keep serving
             pb_utils.Logger.log_error(f"treespec: request failed: {traceback.format_exc()}")
-            sender.send(_error(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL),
-                        flags=FINAL)
+            sender.send(_error(f"internal error: {type(exc).__name__}: {show_value(str(exc))}",
+                               pb_utils.TritonError.INTERNAL), flags=FINAL)
             outcome = "failed"
+        finally:
+            self._watch(None)
         self.m_requests[outcome].increment(1)
 
-    def _generate(self, request, sender, args: dict) -> str:
-        stream = args.pop("stream")
-        prompt = args.pop("prompt")
+    def _generate(self, request, sender, req: GenerateRequest, deadline: float) -> str:
+        prompt = req.input_ids if req.input_ids is not None else req.text_input
+        chunks = self.gen.stream(prompt, max_new_tokens=req.max_tokens, temperature=req.temperature,
+                                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, tree=req.tree, raw=req.raw)
         text, ids, steps, first = [], [], 0, True
         sent_final = False
-        for chunk in self.gen.stream(prompt, **args):
+        for chunk in chunks:
             if request.is_cancelled():
+                chunks.close()  # releases the generator at once
                 raise _Cancelled
+            if time.monotonic() > deadline and not chunk.finished:
+                chunks.close()
+                raise _DeadlineExceeded(f"the request's timeout of {req.timeout:g} s ran out after "
+                                        f"{len(ids) + len(chunk.token_ids)} tokens")
             if not first:  # the first chunk is the prefill's token; the rest are verification steps
                 steps += 1
                 self.m_accepted.observe(chunk.accepted)
@@ -225,7 +225,7 @@ class TreespecModel:
                 self.total_accepted += chunk.accepted
             first = False
             self.m_tokens.increment(len(chunk.token_ids))
-            if stream:
+            if req.stream:
                 sender.send(self._response(chunk.text, chunk.token_ids, chunk.accepted, 1),
                             flags=FINAL if chunk.finished else 0)
                 sent_final = chunk.finished
@@ -234,7 +234,7 @@ class TreespecModel:
                 ids += chunk.token_ids
         if self.total_steps:
             self.m_mean.set(self.total_accepted / self.total_steps)
-        if not stream:
+        if not req.stream:
             sender.send(self._response("".join(text), ids, len(ids), steps), flags=FINAL)
         elif not sent_final:
             sender.send(flags=FINAL)
@@ -244,3 +244,8 @@ class TreespecModel:
         gen = getattr(self, "gen", None)
         if gen is not None:
             gen.close()
+        if getattr(self, "watch_file", None):
+            try:
+                os.unlink(self.watch_file)
+            except OSError:
+                pass

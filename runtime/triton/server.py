@@ -1,17 +1,22 @@
 """Run a real Triton Inference Server (the `tritonserver` bundled in the `nvidia-pytriton` wheel).
 
-`TritonServer(repo_dir)` is a context manager for programs and tests; `serve(artifact_dir)` is what
-`treespec serve` runs: it writes (or reuses) the model repository, starts the server on 127.0.0.1,
-prints the endpoints and blocks until Ctrl-C / SIGTERM, then stops the server cleanly.
+`TritonServer(repo_dir)` is the process: start, wait until ready, restart, stop, logs, the python
+backend stubs under it, a model reload. What keeps it serving (restarts with back-off, reloads,
+killing a stub stuck past a request's deadline) is runtime/triton/supervisor.py; what stands in
+front of its HTTP port is runtime/triton/front.py; runtime/triton/service.py puts the three
+together, and `treespec serve` (runtime/commands/serve.py) runs that.
 
 Only the `treespec` model is loaded (`--model-control-mode explicit`): the per-graph models in the
-repository need Triton's onnxruntime/tensorrt backends, which the wheel does not ship. How the
+repository need Triton's onnxruntime/tensorrt backends, which the wheel does not ship. The model
+repository, shared-memory, logging and trace APIs need a header with a key only this process knows
+(--http-restricted-api / --grpc-restricted-protocol): no client can unload the model. How the
 bundled server is made to run our python model: treespec.runtime.triton.env.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,9 +29,11 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from treespec.runtime.triton.env import ServerError, TritonInstall, stage_stub_numpy
+from treespec.runtime.triton.env import WATCH_ENV, ServerError, TritonInstall, stage_stub_numpy
 
 HOST = "127.0.0.1"
+ADMIN_HEADER = "treespec-admin"
+RESTRICTED = "model-repository,shared-memory,logging,trace"
 
 
 def _die_with_parent() -> None:
@@ -64,8 +71,7 @@ class TritonServer:
     def __init__(self, repo_dir: str | Path, http_port: int | None = 8000, grpc_port: int | None = 8001,
                  metrics_port: int | None = 8002, models: Sequence[str] = ("treespec",),
                  log_file: str | Path | None = None, startup_timeout: float = 600.0,
-                 exit_timeout: int = 30, log_verbose: int = 0, extra_args: Sequence[str] = (),
-                 supervise: bool = True, supervise_interval: float = 1.0, on_event=None):
+                 exit_timeout: int = 30, log_verbose: int = 0, extra_args: Sequence[str] = ()):
         self.repo_dir = Path(repo_dir).resolve()
         if not self.repo_dir.is_dir():
             raise ServerError(f"model repository {self.repo_dir} does not exist (write it with treespec triton-repo)")
@@ -81,12 +87,10 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
-        self.supervise, self.supervise_interval = supervise, supervise_interval
-        self.on_event = on_event
-        self.events: list[str] = []  # what the supervisor did (stub deaths, model reloads)
         self.reloads = 0
-        self._stopping = threading.Event()
-        self._watch: threading.Thread | None = None
+        self.restarts = 0
+        self.stopping = threading.Event()  # set by stop()/kill(): a supervisor must not restart then
+        self._admin_key = secrets.token_hex(16)
 
     # endpoints -----------------------------------------------------------------------------
     @property
@@ -115,72 +119,75 @@ class TritonServer:
                "--model-control-mode=explicit", "--strict-readiness=true",
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}",
                f"--log-file={self.log_file}",  # written unbuffered, unlike a redirected stdout
-               "--pinned-memory-pool-byte-size=0"]  # our python model does not use it; CPU hosts have none
+               "--pinned-memory-pool-byte-size=0",  # our python model does not use it; CPU hosts have none
+               f"--http-restricted-api={RESTRICTED}:{ADMIN_HEADER}={self._admin_key}",
+               f"--grpc-restricted-protocol={RESTRICTED}:{ADMIN_HEADER}={self._admin_key}"]
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd + self.extra_args
 
     # lifecycle -----------------------------------------------------------------------------
+    @property
+    def watch_dir(self) -> Path | None:
+        return self._workdir / "watch" if self._workdir else None
+
     def start(self) -> "TritonServer":
         self.install = TritonInstall()
+        self.stopping.clear()
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if _port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {', '.join(map(str, busy))} on {HOST} are already in use: "
                               "choose others (--port/--grpc-port/--metrics-port) or stop what uses them")
         self._workdir = Path(tempfile.mkdtemp(prefix="treespec-triton-"))
-        backend_dir = self.install.backend_dir(self._workdir / "backends")
+        self._backend_dir = self.install.backend_dir(self._workdir / "backends")
         stage_stub_numpy(self._workdir)
+        self.watch_dir.mkdir()
         if self.log_file is None:
             self.log_file = self._workdir / "tritonserver.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.console_file = self._workdir / "console.log"  # stdout/stderr: stub crashes, fatal errors
-        log = open(self.console_file, "ab")
-        t0 = time.perf_counter()
-        # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
-        self.proc = subprocess.Popen(self.command(backend_dir), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.install.environment(),
-                                     cwd=self._workdir, start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
         try:
-            self.wait_ready(self.startup_timeout)
+            self._launch()
         except BaseException:
             self.stop()
             self.cleanup(keep_logs=True)  # the error names the log; everything else goes
             raise
-        self.startup_s = time.perf_counter() - t0
-        if self.supervise:
-            self._stopping.clear()
-            self._watch = threading.Thread(target=self._supervisor, name="triton-supervisor", daemon=True)
-            self._watch.start()
         return self
 
-    # Triton 2.51 does not restart the dead python-backend stub of a decoupled model (ours; checked):
-    # the model stays "ready" and answers "Stub process ... is not healthy" forever. The supervisor
-    # watches the stub processes and reloads the model (see reload) when one dies.
-    def _event(self, message: str) -> None:
-        self.events.append(message)
-        if self.on_event is not None:
-            self.on_event(message)
+    def _launch(self) -> None:
+        """Start the process and wait until it is ready (start, restart)."""
+        log = open(self.console_file, "ab")
+        env = {**self.install.environment(), WATCH_ENV: str(self.watch_dir)}
+        t0 = time.perf_counter()
+        # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
+        self.proc = subprocess.Popen(self.command(self._backend_dir), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env, cwd=self._workdir,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        log.close()
+        self.wait_ready(self.startup_timeout)
+        self.startup_s = time.perf_counter() - t0
 
-    def _supervisor(self) -> None:
-        known = set(self.stub_pids())
-        while not self._stopping.wait(self.supervise_interval):
-            if self.proc is None or self.proc.poll() is not None:
-                return
-            current = set(self.stub_pids())
-            if known - current and not self._stopping.is_set():
-                self._event(f"python backend stub(s) {sorted(known - current)} died; reloading "
-                            f"{', '.join(self.models)}")
-                try:
-                    for model in self.models:
-                        self.reload(model)
-                    self._event(f"reloaded {', '.join(self.models)}")
-                except ServerError as exc:
-                    self._event(f"reload failed: {exc}")
-                current = set(self.stub_pids())
-            known = current
+    def restart(self) -> None:
+        """Start the process again after it died, on the same ports and repository. The previous
+        log is kept as <log>.<n> (Triton truncates its log file at start). Raises ServerError."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.restarts += 1
+        if self.log_file is not None and self.log_file.exists():
+            self.log_file.replace(self.log_file.with_name(f"{self.log_file.name}.{self.restarts}"))
+        for entry in self.watch_dir.iterdir():  # the dead stubs' deadlines
+            entry.unlink(missing_ok=True)
+        try:
+            self._launch()
+        except ServerError:
+            if self.alive():
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            raise
 
     def _post(self, path: str, timeout: float, body: bytes = b"{}") -> tuple[int, str]:
-        req = urllib.request.Request(self.http_url + path, data=body, method="POST")
+        req = urllib.request.Request(self.http_url + path, data=body, method="POST",
+                                     headers={ADMIN_HEADER: self._admin_key})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, r.read().decode(errors="replace")
@@ -189,6 +196,9 @@ class TritonServer:
         except (urllib.error.URLError, OSError) as exc:
             return 0, str(exc)
 
+    # Triton 2.51 does not restart the dead python-backend stub of a decoupled model (ours; checked):
+    # the model stays "ready" and answers "Stub process ... is not healthy" forever; so a supervisor
+    # reloads it.
     def reload(self, model: str = "treespec") -> None:
         """Load the model again: new stub processes. A plain load of an unchanged model is a no-op, so
         the model's own config goes along with one more parameter (`reload`); Triton then loads the
@@ -213,6 +223,9 @@ class TritonServer:
             return exc.code
         except (urllib.error.URLError, OSError):
             return 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def is_ready(self) -> bool:
         return self._get("/v2/health/ready") == 200 and all(
@@ -271,9 +284,7 @@ class TritonServer:
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton waits for in-flight requests up to exit_timeout), then SIGKILL."""
         code = None
-        self._stopping.set()
-        if self._watch is not None and self._watch is not threading.current_thread():
-            self._watch.join(5)
+        self.stopping.set()
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -287,7 +298,7 @@ class TritonServer:
 
     def kill(self) -> int | None:
         """SIGKILL the server and its stubs at once."""
-        self._stopping.set()
+        self.stopping.set()
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
@@ -311,80 +322,3 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.cleanup()
-
-
-# `treespec serve` --------------------------------------------------------------------------------
-def serve(artifact_dir: str | Path, port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-          repo_dir: str | Path | None = None, backend: str = "onnxruntime", device: str = "cpu",
-          instances: int = 1, threads: int | None = None, drafter: str | None = None, tree: str | None = None,
-          startup_timeout: float = 600.0,
-          log_file: str | Path | None = None) -> int:
-    """Write or reuse the model repository, run the server until Ctrl-C / SIGTERM. Returns 0."""
-    from treespec.exporter.triton_repo import cache_root, default_repo_dir, ensure_triton_repo
-
-    repo = Path(repo_dir) if repo_dir else default_repo_dir(artifact_dir, backend, device)
-    reused = ensure_triton_repo(artifact_dir, repo, backend=backend, device=device, instances=instances,
-                                threads=threads, drafter=drafter, tree=tree)
-    print(f"model repository: {repo} ({'reused' if reused else 'written'})", flush=True)
-    if log_file is None:  # kept after the server stops, unlike its temporary working directory
-        log_file = cache_root() / "logs" / f"tritonserver-{port}.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.unlink(missing_ok=True)
-    server = TritonServer(repo, port, grpc_port, metrics_port, log_file=log_file, startup_timeout=startup_timeout,
-                          on_event=lambda message: print(f"[supervisor] {message}", flush=True))
-
-    def on_signal(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        print("starting tritonserver (loading the model)...", flush=True)
-        server.start()
-        print(f"ready in {server.startup_s:.1f} s\n"
-              f"  HTTP     {server.http_url}   (POST /v2/models/treespec/generate, /generate_stream)\n"
-              f"  gRPC     {server.grpc_url}\n"
-              f"  metrics  {server.metrics_url}\n"
-              f"  log      {server.log_file}\n"
-              "Ctrl-C stops the server.", flush=True)
-        while server.proc is not None and server.proc.poll() is None:
-            time.sleep(0.5)
-        raise ServerError(f"tritonserver exited unexpectedly (code {server.proc.returncode}); "
-                          f"log {server.log_file}:\n{server.log_tail()}")
-    except KeyboardInterrupt:
-        print("stopping tritonserver (waiting for in-flight requests; Ctrl-C again to force)...", flush=True)
-        try:
-            code = server.stop()
-        except KeyboardInterrupt:
-            code = server.kill()
-            print("forced", flush=True)
-        print(f"stopped (exit code {code})", flush=True)
-        if code and server.reloads:
-            print("(a model's stub died with a request in flight earlier: Triton 2.51 never releases such a "
-                  "request, so it waited --exit-timeout-secs for it)", flush=True)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if server.proc is not None and server.proc.poll() is None:
-            server.kill()
-        server.cleanup()
-
-
-def add_arguments(p) -> None:
-    """Arguments of `treespec serve` (the CLI's command module can re-export this and `run`)."""
-    p.add_argument("--artifacts", required=True, type=Path, help="artifact directory from treespec-export")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--repo", type=Path, help="model repository to write or reuse (default: a cache folder)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "tensorrt-rtx"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--instances", type=int, default=1, help="model instances (processes) serving requests")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads per instance")
-    p.add_argument("--drafter", help="lookup, medusa, draft or none (default: the manifest's)")
-    p.add_argument("--tree", help="default tree: none, a preset name or inline JSON (requests may override)")
-    p.add_argument("--log-file", type=Path, help="tritonserver log (default: ~/.cache/treespec/logs/)")
-
-
-def run(args) -> int:
-    return serve(args.artifacts, args.port, args.grpc_port, args.metrics_port, args.repo, args.backend,
-                 args.device, args.instances, args.threads, args.drafter, args.tree, log_file=args.log_file)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from hypothesis import strategies as st
 
 # Short chat prompts; the server applies the chat template as the Python API does.
 PROMPTS = [
@@ -43,7 +44,8 @@ class StreamResult:
         return self.error is None and self.final
 
 
-def _inputs(tg, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, tree=None, **scalars):
+def _inputs(tg, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, tree=None, request_timeout=None,
+            **scalars):
     items = []
 
     def add(name, dtype, value):
@@ -60,13 +62,16 @@ def _inputs(tg, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, t
     add("stream", "BOOL", np.array([stream]))
     if tree is not None:
         add("tree", "BYTES", np.array([tree.encode()], dtype=np.object_))
+    if request_timeout is not None:  # the request's own deadline, seconds (not the client's wait)
+        add("timeout", "FP32", np.array([request_timeout], dtype=np.float32))
     for name, (dtype, value) in scalars.items():  # e.g. temperature=("FP32", 0.5)
         add(name, dtype, np.array([value], dtype=NUMPY[dtype]))
     return items
 
 
 def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stream=True, tree=None,
-                timeout: float = TIMEOUT, on_response=None, raw_inputs=None, **scalars) -> StreamResult:
+                timeout: float = TIMEOUT, on_response=None, raw_inputs=None, request_timeout=None,
+                **scalars) -> StreamResult:
     """One request on a gRPC bidirectional stream; collects responses until the final one.
     on_response(progress) sees each response; returning False makes the client leave (cancel)."""
     import tritonclient.grpc as tg
@@ -80,7 +85,8 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
     cancel = False
     t0 = time.perf_counter()
     try:
-        inputs = raw_inputs(tg) if raw_inputs else _inputs(tg, text, input_ids, max_tokens, stream, tree, **scalars)
+        inputs = raw_inputs(tg) if raw_inputs else _inputs(tg, text, input_ids, max_tokens, stream, tree,
+                                                           request_timeout, **scalars)
         client.async_stream_infer("treespec", inputs, enable_empty_final_response=True)
         while True:
             try:
@@ -184,3 +190,38 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+# Fuzz strategies (tests/test_triton_hostile.py): request bodies and tree configs, valid and hostile.
+FIELD_NAMES = ["text_input", "input_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream",
+               "tree", "raw", "timeout"]
+POLICY_NAMES = ["none", "widths", "depth_branching", "choices", "opt", "adaptive", "auto", "eagle2", "nope"]
+_BIG = st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+_ANY = st.recursive(st.none() | st.booleans() | _BIG | st.floats(allow_nan=True) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+_GOOD = {  # values the service takes, kept small so that an accepted request finishes fast
+    "text_input": st.text(min_size=1, max_size=40), "input_ids": st.lists(st.integers(0, 100), min_size=1, max_size=8),
+    "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(0, 50), "seed": st.integers(0, 2 ** 63 - 1), "stream": st.just(False),
+    "tree": st.sampled_from(["none", "chain4"]), "raw": st.booleans(), "timeout": st.floats(0.2, 10),
+}
+
+
+def tree_configs():
+    """Tree configs around the caps: every policy, sizes from 0 to 10^12, odd types."""
+    size = st.one_of(st.integers(-2, 70), st.integers(0, 10 ** 12), st.sampled_from([64, 65, 1024, 1025, 4096, 4097]))
+    return st.fixed_dictionaries({"policy": st.sampled_from(POLICY_NAMES)}, optional={
+        "depth": size, "branching": size, "budget": size, "max_depth": size,
+        "widths": st.lists(size, max_size=70), "choices": st.lists(st.lists(size, max_size=6), max_size=20),
+        "delta": st.floats(allow_nan=True), "max_width": size, "extra": _ANY})
+
+
+def hostile_bodies():
+    """Request bodies: raw bytes, JSON of any shape, and objects mixing good and hostile field values."""
+    field = st.sampled_from(FIELD_NAMES + ["colour", ""])
+    mixed = st.dictionaries(field, _ANY, max_size=5)
+    plausible = st.fixed_dictionaries({"text_input": _GOOD["text_input"], "max_tokens": _GOOD["max_tokens"]},
+                                      optional={k: _GOOD[k] | _ANY for k in FIELD_NAMES[3:]})
+    trees = st.fixed_dictionaries({"text_input": st.just("Hi"), "max_tokens": st.just(4), "tree": tree_configs()})
+    return st.one_of(st.binary(max_size=200), _ANY.map(lambda v: json.dumps(v).encode()), mixed, plausible, trees)
