@@ -78,6 +78,10 @@ def test_a_10_mb_body_is_refused_and_the_same_server_serves_the_next_request(ser
     # under the size limit, the nesting that killed tritonserver (signal 11 at 4 MB) is refused too
     code, out, _ = generate(service, b"[" * (512 << 10))
     assert code == 400 and "nested too deeply" in out["error"], out
+    t0 = time.perf_counter()  # gRPC has no front: the model refuses 10 MB of text before tokenizing it
+    stream = grpc_stream(service.grpc_url, "a" * (10 << 20), max_tokens=MAX_TOKENS, timeout=60)
+    assert stream.error and "over the limit" in stream.error and len(stream.error) < 300, stream.error[:300]
+    print(f"10 MB text over gRPC: refused in {(time.perf_counter() - t0) * 1000:.0f} ms")
     took = served_correctly(service, expected)
     print(f"next request served correctly in {took * 1000:.0f} ms")
     assert service.server.pid == pid and service.server.restarts == 0

@@ -141,6 +141,8 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     # routes ------------------------------------------------------------------------------------
     def do_GET(self) -> None:
+        if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a body on a GET is not read: the connection cannot be reused
         if not READABLE.fullmatch(self.path.split("?", 1)[0]):
             self.reply(error_reply(403 if self.path.startswith("/v2") else 404,
                                    f"{self.path[:80]} is not available on this port"), close=True)

@@ -33,7 +33,7 @@ import triton_python_backend_utils as pb_utils
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.triton.env import WATCH_ENV
-from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, GenerateRequest, check_request
+from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, MAX_INPUT_IDS, GenerateRequest, check_request
 from treespec.runtime.trees.config import show_value
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -60,6 +60,8 @@ def _value(request, name: str):
         return None
     values = tensor.as_numpy().reshape(-1)
     if name == "input_ids":
+        if values.size > MAX_INPUT_IDS:  # refused before a list of millions is built
+            raise InputError(f"input_ids has {values.size} ids, over the limit of {MAX_INPUT_IDS}")
         return [int(v) for v in values]
     if values.size != 1:
         raise InputError(f"{name} must be a single value, got {values.size} values")

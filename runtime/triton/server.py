@@ -91,6 +91,7 @@ class TritonServer:
         self.restarts = 0
         self.stopping = threading.Event()  # set by stop()/kill(): a supervisor must not restart then
         self._admin_key = secrets.token_hex(16)
+        self._process_lock = threading.Lock()  # no new process once stop()/kill() began
 
     # endpoints -----------------------------------------------------------------------------
     @property
@@ -158,10 +159,14 @@ class TritonServer:
         log = open(self.console_file, "ab")
         env = {**self.install.environment(), WATCH_ENV: str(self.watch_dir)}
         t0 = time.perf_counter()
-        # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
-        self.proc = subprocess.Popen(self.command(self._backend_dir), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, cwd=self._workdir,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        with self._process_lock:
+            if self.stopping.is_set():
+                log.close()
+                raise ServerError("tritonserver is being stopped")
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
+            self.proc = subprocess.Popen(self.command(self._backend_dir), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=self._workdir,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         self.wait_ready(self.startup_timeout)
         self.startup_s = time.perf_counter() - t0
@@ -284,7 +289,8 @@ class TritonServer:
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton waits for in-flight requests up to exit_timeout), then SIGKILL."""
         code = None
-        self.stopping.set()
+        with self._process_lock:
+            self.stopping.set()
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -298,7 +304,8 @@ class TritonServer:
 
     def kill(self) -> int | None:
         """SIGKILL the server and its stubs at once."""
-        self.stopping.set()
+        with self._process_lock:
+            self.stopping.set()
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
