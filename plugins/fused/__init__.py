@@ -1,0 +1,1 @@
+"""Triton kernels of the torch backend's few-kernel decoder step (treespec.models.fused_decoder)."""

@@ -1,0 +1,112 @@
+"""Checks of the fused step's Triton kernels (kernels.py) against PyTorch references, run as a
+subprocess by the tests: `python -m treespec.plugins.fused.check --device cpu|cuda` prints one JSON
+line of worst errors (relative to each reference's peak). On the CPU it needs TRITON_INTERPRET=1,
+set by the caller before Python starts. The tree ancestors must match the torch version exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from treespec.plugins.tree_attention.ordered import tree_ancestors as torch_ancestors
+from treespec.plugins.tree_attention.ordered_check import random_tree
+
+from .kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
+
+
+def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float().cpu() - ref.float().cpu()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+
+
+def rms_reference(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm."""
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * hf.to(h.dtype)
+
+
+def check_add_rmsnorm(device, dtype, gen) -> float:
+    worst = 0.0
+    for rows, width in [(7, 64), (64, 576), (3, 100)]:
+        x = torch.randn(rows, width, generator=gen).to(dtype)
+        res = torch.randn(rows, width, generator=gen).to(dtype)
+        w = (1 + 0.1 * torch.randn(width, generator=gen)).to(dtype)
+        r_dev, n_dev = res.clone().to(device), torch.empty(rows, width, dtype=dtype, device=device)
+        add_rmsnorm(x.to(device), r_dev, n_dev, w.to(device), 1e-5)
+        h = (x.float() + res.float()).to(dtype)
+        worst = max(worst, _err(r_dev, h), _err(n_dev, rms_reference(h, w, 1e-5)))
+        table = torch.randn(50, width, generator=gen).to(dtype)
+        ids = torch.randint(0, 50, (rows,), generator=gen)
+        add_rmsnorm(table.to(device), r_dev, n_dev, w.to(device), 1e-5, ids=ids.to(device))
+        worst = max(worst, _err(r_dev, table[ids]), _err(n_dev, rms_reference(table[ids], w, 1e-5)))
+    return worst
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def check_rope_write(device, dtype, gen) -> float:
+    batch, tokens, heads, kvh, dim, rows = 2, 5, 6, 2, 32, 40
+    qkv = torch.randn(batch * tokens, (heads + 2 * kvh) * dim, generator=gen).to(dtype)
+    pos = torch.randint(0, 30, (batch, tokens), generator=gen)
+    lengths = torch.tensor([3, 20])
+    angles = torch.arange(rows)[:, None].float() * (0.1 ** torch.arange(dim // 2).float())[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    kc = torch.zeros(batch, kvh, rows, dim, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    q_dev, kc_dev, vc_dev = qkv.clone().to(device), kc.clone().to(device), vc.clone().to(device)
+    rope_write(q_dev, pos.to(device), lengths.to(device), cos.to(device), sin.to(device), kc_dev, vc_dev,
+               tokens, heads, kvh)
+    x = qkv.float().view(batch, tokens, heads + 2 * kvh, dim)
+    c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+    q_ref, k_ref = _rotate(x[:, :, :heads], c, s), _rotate(x[:, :, heads:heads + kvh], c, s)
+    for b in range(batch):
+        n = int(lengths[b])
+        kc[b, :, n:n + tokens] = k_ref[b].transpose(0, 1).to(dtype)
+        vc[b, :, n:n + tokens] = x[b, :, heads + kvh:].transpose(0, 1).to(dtype)
+    got_q = q_dev.view(batch, tokens, -1)[..., :heads * dim].reshape(batch, tokens, heads, dim)
+    return max(_err(got_q, q_ref), _err(kc_dev, kc), _err(vc_dev, vc))
+
+
+def check_silu_mul(device, dtype, gen) -> float:
+    gate_up = torch.randn(9, 2 * 1536, generator=gen).to(dtype)
+    got = silu_mul(gate_up.to(device))
+    gate, up = gate_up.chunk(2, -1)
+    return _err(got, F.silu(gate.float()) * up.float())
+
+
+def check_ancestors(device, gen) -> bool:
+    for tokens, real in [(1, 1), (8, 5), (64, 64), (100, 37), (128, 128)]:
+        masks = []
+        for _ in range(2):
+            mask = torch.eye(tokens, dtype=torch.int64)  # padding rows see themselves only
+            mask[:real, :real] = random_tree(real, gen)[1]
+            masks.append(mask)
+        mask = torch.stack(masks)
+        got = tree_ancestors(mask.to(device))
+        ref = torch_ancestors(mask != 0)
+        if not (torch.equal(got[0].cpu(), ref[0].cpu()) and torch.equal(got[1].cpu(), ref[1].cpu())):
+            return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(5)
+    result: dict = {"device": args.device, "ancestors_exact": check_ancestors(args.device, gen)}
+    for name, dtype in [("float32", torch.float32), ("float16", torch.float16)]:
+        result[f"add_rmsnorm_{name}"] = check_add_rmsnorm(args.device, dtype, gen)
+        result[f"rope_write_{name}"] = check_rope_write(args.device, dtype, gen)
+        result[f"silu_mul_{name}"] = check_silu_mul(args.device, dtype, gen)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The torch backend's few-kernel decoder step: a layer is 9 kernels instead of ~40 (issue 16).
+
+Why: on the H200 a SmolLM2 step launched ~1,200 small kernels (2.9-3.6 ms) while its weights need
+0.06 ms. Here, per layer: add+RMSNorm (Triton), QKV GEMM (the three projections concatenated once
+at construction), RoPE + K/V cache write (Triton), position-ordered tree attention (Triton), o_proj
+GEMM, add+RMSNorm, gate/up GEMM (concatenated), SiLU*mul (Triton), down GEMM. Per step, besides:
+the ancestor lists (1 kernel), the final add+RMSNorm, lm_head, the fp32 logits and the argmax:
+275 kernels for 30 layers when cuBLAS runs each GEMM as one kernel (the GPU test counts them).
+
+Same contract as TorchBackend's unfused `_forward`: the new K/V rows go straight to the cache
+rows [L_b, L_b + T) of the fixed-capacity buffer [2*layers, B, KVH, rows, D] and `commit` moves
+the accepted ones. Lossless: every kernel is row-local and the GEMMs' shapes are fixed per bucket,
+so padded plain steps and tree steps run the same kernels and a node verified in a tree is bitwise
+equal to plain decoding (the ordered attention reduces keys in position order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from treespec.models.tree_model import TreeDecoder
+from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
+from treespec.plugins.tree_attention import ordered
+
+FUSED_ANCESTORS_MAX = 128  # the one-kernel ancestor lists hold a [T, T] tile; longer prefills use torch
+
+
+@dataclass
+class FusedLayer:
+    """One decoder layer's weights, concatenated for the fused GEMMs."""
+
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(H + 2 KVH) * D, hidden]
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor  # [hidden, H * D]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * inter, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, inter]
+    down_bias: torch.Tensor | None
+
+
+@dataclass
+class StepContext:
+    """What every layer of one step reads besides its weights."""
+
+    pos: torch.Tensor  # [B, T] int64
+    lengths: torch.Tensor  # [B] int64
+    cos: torch.Tensor  # [positions, D] fp32
+    sin: torch.Tensor
+    ancestors: torch.Tensor  # [B, T, T] int32
+    depths: torch.Tensor  # [B, T] int32
+
+
+@dataclass
+class FusedOutputs:
+    logits: torch.Tensor  # [B, T, V] fp32
+    hidden: torch.Tensor  # [B, T, hidden] (after the final norm)
+    argmax: torch.Tensor  # [B, T] int64
+
+
+def _cat_bias(linears) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+
+
+def _eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def fuse_layer(layer: nn.Module) -> FusedLayer:
+    attn, mlp = layer.self_attn, layer.mlp
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"the fused step needs a SiLU MLP, this layer has {type(act).__name__}")
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    gate_up = (mlp.gate_proj, mlp.up_proj)
+    return FusedLayer(
+        input_norm=layer.input_layernorm.weight.detach(),
+        qkv=torch.cat([m.weight for m in qkv]).detach().contiguous(), qkv_bias=_cat_bias(qkv),
+        o_proj=attn.o_proj.weight.detach(), o_bias=attn.o_proj.bias,
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        gate_up=torch.cat([m.weight for m in gate_up]).detach().contiguous(), gate_up_bias=_cat_bias(gate_up),
+        down=mlp.down_proj.weight.detach(), down_bias=mlp.down_proj.bias)
+
+
+class FusedDecoder:
+    """The step of a TreeDecoder (same weights, same outputs) in few kernels. Triton kernels: on
+    CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, the tests)."""
+
+    def __init__(self, decoder: TreeDecoder):
+        self.decoder = decoder
+        with torch.no_grad():
+            self.layers = [fuse_layer(layer) for layer in decoder.layers]
+        self.eps = _eps(decoder.layers[0].input_layernorm)
+        self.final_norm = decoder.norm.weight.detach()
+        self.heads, self.kv_heads, self.head_dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
+        self.cos = self.sin = None  # [positions, D] fp32, grown to the cache's rows
+
+    def rope_table(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions 0..rows-1 from the HF model's own rotary module (fp32, exact)."""
+        if self.cos is None or self.cos.shape[0] < rows or self.cos.device != device:
+            positions = torch.arange(rows, device=device)[None]
+            probe = torch.zeros(1, dtype=torch.float32, device=device)
+            cos, sin = self.decoder.rotary(probe, positions)
+            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        return self.cos, self.sin
+
+    def __call__(self, ids, pos, tree_mask, lengths, cache) -> FusedOutputs:
+        """ids, pos [B, T] int64; tree_mask [B, T, T] (int or bool, contiguous); lengths [B];
+        cache [2*layers, B, KVH, rows, D]. Writes this step's K/V rows at [L_b, L_b + T)."""
+        batch, tokens = ids.shape
+        if tokens <= FUSED_ANCESTORS_MAX:
+            ancestors, depths = tree_ancestors(tree_mask)
+        else:
+            ancestors, depths = ordered.tree_ancestors(tree_mask != 0)
+        cos, sin = self.rope_table(cache.shape[3], cache.device)
+        ctx = StepContext(pos, lengths, cos, sin, ancestors, depths)
+        dec = self.decoder
+        residual = torch.empty(batch * tokens, dec.embed.weight.shape[1], dtype=cache.dtype, device=cache.device)
+        normed = torch.empty_like(residual)
+        add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            self._layer(layer, residual, normed, nxt, ctx, cache[2 * i], cache[2 * i + 1], batch, tokens)
+        hidden = normed.view(batch, tokens, -1)
+        logits = F.linear(hidden, dec.lm_head.weight, dec.lm_head.bias).float()
+        return FusedOutputs(logits, hidden, logits.argmax(-1))
+
+    def _layer(self, layer: FusedLayer, residual, normed, next_norm, ctx: StepContext, k_cache, v_cache,
+               batch: int, tokens: int) -> None:
+        """residual/normed [M, hidden] updated in place: normed becomes the next layer's input."""
+        heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
+        rope_write(qkv, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
+        q = qkv.view(batch, tokens, -1)[..., :heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
+        out = ordered.ordered_tree_attention(q, k_cache, v_cache, ctx.lengths, ctx.ancestors, ctx.depths,
+                                             self.decoder.scale)
+        attn = F.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias)
+        add_rmsnorm(attn, residual, normed, layer.post_norm, self.eps)
+        act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))  # [M, inter]
+        add_rmsnorm(F.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)
