@@ -17,6 +17,8 @@ SetDecomposableAttentions), `configure` (CreateConfig / CreateConfigRTX: profile
 targets, progress), `build_plan` (EngineBytesFromNetwork) and `record_engine` (file, sidecar,
 record). Polygraphy cannot save the plan: its SaveEngine wants a deserialized ICudaEngine, which
 needs a GPU the flavour supports (none for RTX here), so the bytes are written atomically here.
+Measured against the hand-written build it replaced (2-core CPU, RTX 1.7.1, 3 interleaved runs):
+same sizes and records (SmolLM2 target 564,272,620 bytes), build times within the machine's noise.
 
 - builder: "tensorrt" (needs a GPU; engines for that GPU, or 'ampere+') or "tensorrt-rtx" (builds
   on the CPU, ahead of time, for `compute_capabilities`: default its portable set 8.0/8.6/8.9/12.0,
