@@ -62,7 +62,7 @@ class TorchBackend(TreeBackend):
     name = "torch"
 
     def __init__(self, model, device: str = "cpu", use_graphs: bool | None = None, min_bucket: int | None = None,
-                 host_argmax: bool = True):
+                 host_argmax: bool = True, fused: bool | None = None):
         import torch
 
         self.torch = torch
@@ -75,6 +75,7 @@ class TorchBackend(TreeBackend):
         self.host_argmax = host_argmax  # the draft LM ranks with topk_logprobs: no argmax copy
         self._kernel = _ordered_attention(self.decoder.head_dim) if self.cuda else None
         self.ordered = self._kernel is not None
+        self.fused = _fused_decoder(self.decoder, fused, self.cuda)  # None: the unfused step below
         dec = self.decoder
         self.num_layers = dec.num_layers
         self.groups = dec.num_heads // dec.num_kv_heads
@@ -128,6 +129,9 @@ class TorchBackend(TreeBackend):
         ids = packed[:n_ids].view(batch, tokens)
         pos = packed[n_ids:2 * n_ids].view(batch, tokens)
         lengths = packed[2 * n_ids:2 * n_ids + batch]
+        if self.fused is not None:
+            out = self.fused(ids, pos, packed[2 * n_ids + batch:].view(batch, tokens, tokens), lengths, self._cache)
+            return out.logits, out.hidden, out.argmax
         tree_mask = packed[2 * n_ids + batch:].view(batch, tokens, tokens) != 0
         cache = self._cache
         if self.ordered:
@@ -278,6 +282,20 @@ def _ordered_attention(head_dim: int):
     except ImportError:
         return None
     return ordered
+
+
+def _fused_decoder(decoder, fused: bool | None, cuda: bool):
+    """The few-kernel step (treespec.models.fused_decoder) when asked for: `fused`, or when it is
+    None, TREESPEC_TORCH_FUSED=1 on CUDA. On the CPU it needs Triton's interpreter (the tests)."""
+    import os
+
+    if fused is None:
+        fused = cuda and os.environ.get("TREESPEC_TORCH_FUSED", "0") == "1"
+    if not fused:
+        return None
+    from treespec.models.fused_decoder import FusedDecoder  # Triton: an optional heavy dependency
+
+    return FusedDecoder(decoder)
 
 
 def _rotate_half(x):
