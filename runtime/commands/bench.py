@@ -27,6 +27,8 @@ from tqdm import tqdm
 from treespec.errors import InputError
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.backends.base import StepInputs
+from treespec.runtime.backends.torch_backend import TorchBackend
+from treespec.runtime.commands.bench_kernels import step_profile
 from treespec.runtime.commands.bench_report import plot, print_table, summary
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_hf_draft, load_hf_model
@@ -210,8 +212,7 @@ def _curves(result, backend_name, target, manifest, device, args) -> None:
         target, sizes, args.curve_reps, device)
     target.min_bucket = padded
     if backend_name == "torch":
-        from treespec.runtime.backends.torch_backend import TorchBackend
-
+        result["step_profile"] = step_profile(target.decoder, device)  # kernels and ms per step, fused or not
         eager = TorchBackend(target.decoder, device, min_bucket=1, use_graphs=False)
         curves["torch-eager-exact-buckets"] = verify_curve(eager, sizes, 5, device)
         eager.close()

@@ -1,0 +1,95 @@
+"""`treespec bench`'s step profile: kernels per target step (torch.profiler's count) and ms per step
+for T = 1...128 tree tokens, for the torch backend unfused and fused (issue 16).
+
+Why: a SmolLM2 step on the H200 was ~1,200 small kernels (2.9-3.6 ms) for weights that need
+0.06 ms to read, so the kernel count is the number to watch next to the time. Kernels are counted
+on one eager step (the CUDA graph replays the same launches; memcpy/memset are not kernels); the
+time is the wall time of a whole backend step as the generator sees it (host packing, graph
+replay, the argmax copy), median of `reps`, after a past of `past` committed tokens.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch.autograd import DeviceType
+
+from treespec.runtime.backends.base import StepInputs
+from treespec.runtime.backends.torch_backend import TorchBackend
+from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
+
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def tree_step(rng: np.random.Generator, tokens: int, lengths: np.ndarray) -> StepInputs:
+    """A random tree of `tokens` nodes (each node's parent drawn among the earlier ones)."""
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, tokens)]
+    mask = np.zeros((1, tokens, tokens), dtype=bool)
+    for i in range(tokens):
+        j = i
+        while j >= 0:
+            mask[0, i, j] = True
+            j = parents[j]
+    pos = lengths[:, None] + mask.sum(-1) - 1
+    return StepInputs(rng.integers(10, 1000, (1, tokens)), pos.astype(np.int64), mask)
+
+
+def _prefill(backend: TorchBackend, rng: np.random.Generator, past: int, capacity: int) -> None:
+    backend.reset(1, capacity)
+    ids, pos, mask = batch_tree_inputs([chain_tree(rng.integers(10, 1000, past).tolist())], backend.lengths)
+    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
+
+
+def count_kernels(backend: TorchBackend, inputs: StepInputs) -> int:
+    """CUDA kernels launched by one eager step (no graph), counted by torch.profiler."""
+    graphs, backend.use_graphs = backend.use_graphs, False
+    backend.step(inputs)  # warm-up: Triton compiles, cuBLAS picks its kernels
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        backend.step(inputs)
+        torch.cuda.synchronize()
+    backend.use_graphs = graphs
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def time_step(backend: TorchBackend, inputs: StepInputs, reps: int) -> float:
+    """Median ms of one whole step (host packing, replay, argmax copy)."""
+    times = []
+    for i in range(reps + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        backend.step(inputs)
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e3, 4)
+
+
+def profile_backend(decoder, fused: bool, sizes=SIZES, reps: int = 20, past: int = 256) -> dict:
+    """{"kernels": {T: n}, "ms": {T: ms}} for one torch backend over `decoder` on CUDA."""
+    backend = TorchBackend(decoder, "cuda", fused=fused)
+    rng = np.random.default_rng(0)
+    _prefill(backend, rng, past, past + max(sizes) + 8)
+    row: dict = {"kernels": {}, "ms": {}, "min_bucket": backend.min_bucket}
+    for t in sizes:
+        inputs = tree_step(rng, t, backend.lengths)
+        row["kernels"][str(t)] = count_kernels(backend, inputs)
+        row["ms"][str(t)] = time_step(backend, inputs, reps)
+    backend.close()
+    return row
+
+
+def step_profile(decoder, device: str, reps: int = 20) -> dict:
+    """The profile of the torch backend unfused and fused ({} off CUDA: nothing to count)."""
+    if device != "cuda":
+        return {}
+    out = {}
+    for name, fused in (("torch", False), ("torch-fused", True)):
+        try:
+            out[name] = profile_backend(decoder, fused, reps=reps)
+        except Exception as exc:  # report and keep the rest of the bench
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
