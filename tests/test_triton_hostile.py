@@ -110,6 +110,7 @@ BAD_BODIES = [
     (b'{"text_input": "Hi", "temperature": NaN}', "temperature must be a finite number"),
     ({}, "missing input"),
     ({"text_input": 5}, "text_input must be a string"),
+    (b'{"text_input": "\\ud800 lone"}', "lone surrogate"),  # Triton's own parser said 500
     ({"text_input": "Hi", "max_tokens": "eight"}, "max_tokens must be an integer"),
     ({"text_input": "Hi", "max_tokens": 8.5}, "max_tokens must be an integer"),
     ({"text_input": "Hi", "max_tokens": 10 ** 12}, "got 1000000000000"),

@@ -10,7 +10,7 @@ Why a front and not a tritonserver option: Triton 2.51 has no limit on HTTP inpu
 - parses generate / generate_stream bodies itself and checks every field (runtime/triton/schema.py:
   400 with a one-line message), then forwards only the checked fields, re-serialised, so Triton
   never parses a client's JSON there; `output_ids` always goes back as a list;
-- for infer, checks the JSON part's size and nesting and forwards the body as it is;
+- answers infer itself (400: Triton's HTTP infer cannot serve a decoupled model; it said 501);
 - forwards health and metadata GETs; model control, shared memory, logging and trace are not
   reachable through it (403), so no client can unload the model;
 - answers 503 (Retry-After) while tritonserver restarts, and 408 when a request ran out of its
@@ -86,7 +86,9 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None) -> None:
         # the base class answers an unknown method with 501: a client's mistake is a 4xx here
-        self.reply(error_reply(405 if code == 501 else code, message or "bad request"), close=True)
+        if code in (405, 501):
+            code, message = 405, f"{str(self.command)[:20]} is not allowed here (GET or POST)"
+        self.reply(error_reply(code, message or "bad request"), close=True)
 
     def reply(self, reply: Reply, close: bool = False, headers: dict | None = None) -> None:
         self.send_response(reply.status)
@@ -160,9 +162,9 @@ class FrontHandler(BaseHTTPRequestHandler):
             return
         try:
             if match.group(3) == "infer":
-                self.reply(self.infer(body))
-            else:
-                self.generate(body, match.group(3) == "generate_stream")
+                raise InputError("the HTTP infer endpoint cannot serve a decoupled (streaming) model: use "
+                                 "generate, generate_stream or gRPC")
+            self.generate(body, match.group(3) == "generate_stream")
         except InputError as exc:
             self.reply(error_reply(400, str(exc)))
 
@@ -196,18 +198,6 @@ class FrontHandler(BaseHTTPRequestHandler):
         if isinstance(exc, socket.timeout):
             return error_reply(504, "the model did not answer in time")
         return error_reply(503, "the server is restarting, retry in a moment")
-
-    def infer(self, body: bytes) -> Reply:
-        header = self.headers.get("Inference-Header-Content-Length")
-        if header is not None and (not header.strip().isdigit() or int(header) > len(body)):
-            raise InputError("Inference-Header-Content-Length must be an integer no larger than the body")
-        request = parse_json(body[:int(header)] if header is not None else body, "the request")
-        if not isinstance(request, dict):
-            raise InputError("the request must be a JSON object")
-        headers = {"Content-Type": self.headers.get("Content-Type", "application/json")}
-        if header is not None:
-            headers["Inference-Header-Content-Length"] = header.strip()
-        return self.forward("POST", self.path, body, headers, MAX_TIMEOUT_S + UPSTREAM_SLACK_S)
 
     def generate(self, body: bytes, streaming: bool) -> None:
         values = parse_json(body, "the body")

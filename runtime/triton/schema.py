@@ -73,6 +73,15 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+def _unicode(name: str, text: str) -> str:
+    """Text that UTF-8 can carry: a lone surrogate (JSON lets "\\ud800" through) makes Triton's parser answer 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{name} is not valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InputError(f"{name} must be true or false, got {show_value(value)}")
@@ -88,7 +97,7 @@ def check_prompt(values: dict[str, Any], req: GenerateRequest) -> None:
             raise InputError(f"text_input must be a string, got {show_value(text)}")
         if len(text) > MAX_TEXT_CHARS:
             raise InputError(f"text_input has {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
-        req.text_input = text
+        req.text_input = _unicode("text_input", text)
     elif ids is not None:
         if not isinstance(ids, list) or not ids:
             raise InputError("input_ids must be a non-empty list of token ids")
@@ -112,6 +121,7 @@ def check_tree(tree: Any) -> str | None:
         raise InputError(f"tree must be a preset name, none or a JSON object, got {show_value(tree)}")
     if len(tree) > MAX_CONFIG_BYTES:
         raise InputError(f"tree: {len(tree)} characters is over the {MAX_CONFIG_BYTES // 1024} KB limit")
+    _unicode("tree", tree)
     if tree != "none" and not tree.lstrip().startswith("{") and tree not in preset_names():
         raise InputError(f"unknown tree {show_value(tree)}: use none, inline JSON or a preset "
                          f"({', '.join(preset_names())})")

@@ -197,7 +197,8 @@ FIELD_NAMES = ["text_input", "input_ids", "max_tokens", "temperature", "top_p", 
                "tree", "raw", "timeout"]
 POLICY_NAMES = ["none", "widths", "depth_branching", "choices", "opt", "adaptive", "auto", "eagle2", "nope"]
 _BIG = st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
-_ANY = st.recursive(st.none() | st.booleans() | _BIG | st.floats(allow_nan=True) | st.text(max_size=20),
+_TEXT = st.text(st.characters(exclude_categories=()), max_size=20)  # lone surrogates included
+_ANY = st.recursive(st.none() | st.booleans() | _BIG | st.floats(allow_nan=True) | _TEXT,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
 _GOOD = {  # values the service takes, kept small so that an accepted request finishes fast
