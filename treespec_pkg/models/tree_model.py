@@ -38,20 +38,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class TreeDecoder(nn.Module):
-    """Tree-attention forward over a loaded HF causal LM (Llama, SmolLM, Qwen2, Mistral)."""
+class TreeLayers(nn.Module):
+    """Decoder layers with the tree-attention forward: the part that TreeDecoder and the EAGLE
+    head (treespec.models.eagle, one layer of the target's shape) share."""
 
-    def __init__(self, hf_model: nn.Module, attention: str = "decomposed"):
+    def __init__(self, layers: nn.ModuleList, rotary: nn.Module, cfg, attention: str = "decomposed"):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        cfg = hf_model.config
         self.attention = attention
-        self.embed = hf_model.model.embed_tokens
-        self.layers = hf_model.model.layers
-        self.norm = hf_model.model.norm
-        self.rotary = hf_model.model.rotary_emb
-        self.lm_head = hf_model.lm_head
+        self.layers = layers
+        self.rotary = rotary
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -61,36 +58,38 @@ class TreeDecoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def forward(self, input_ids, position_ids, tree_mask, past_lengths, *past_kv):
-        batch, tokens = input_ids.shape
-        hidden = self.embed(input_ids)
+    def decode_layers(self, hidden, position_ids, tree_mask, past_lengths, past_kv):
+        """hidden [B,T,H] through every layer -> (hidden [B,T,H], [new_key_i, new_value_i, ...])."""
         cos, sin = self.rotary(hidden, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B,1,T,D]
         capacity = past_kv[0].shape[2]
-        rows = torch.arange(capacity, device=input_ids.device)
+        rows = torch.arange(capacity, device=position_ids.device)
         past_visible = rows.unsqueeze(0) < past_lengths.unsqueeze(1)  # [B,C]
         masks = self._attention_masks(past_visible, tree_mask, hidden.dtype)
-
         new_kv = []
         for i, layer in enumerate(self.layers):
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            attn = layer.self_attn
-            q = attn.q_proj(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            past_k, past_v = past_kv[2 * i], past_kv[2 * i + 1]
-            out = self._attend(q, k, v, past_k, past_v, past_lengths, tree_mask, masks)
-            out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-            hidden = residual + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden, k, v = self.layer_step(layer, hidden, (cos, sin), past_kv[2 * i], past_kv[2 * i + 1],
+                                           past_lengths, tree_mask, masks)
             new_kv += [k, v]
+        return hidden, new_kv
 
-        hidden = self.norm(hidden)
-        logits = self.lm_head(hidden).float()
-        return (logits, hidden, *new_kv)
+    def layer_step(self, layer, hidden, rope, past_k, past_v, past_lengths, tree_mask, masks):
+        """One decoder layer's tree step -> (hidden [B,T,H], new key, new value [B,KVH,T,D])."""
+        batch, tokens, _ = hidden.shape
+        cos, sin = rope
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = self._attend(q, k, v, past_k, past_v, past_lengths, tree_mask, masks)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        hidden = residual + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, k, v
 
     def _attention_masks(self, past_visible, tree_mask, dtype):
         """Per-step masks shared by all layers (built once per forward)."""
@@ -166,3 +165,20 @@ class TreeDecoder(nn.Module):
             return out.view(batch, tokens, heads, dim).transpose(1, 2)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale + bias
         return torch.matmul(torch.softmax(scores.float(), -1).to(q.dtype), values)
+
+
+class TreeDecoder(TreeLayers):
+    """Tree-attention forward over a loaded HF causal LM (Llama, SmolLM, Qwen2, Mistral)."""
+
+    def __init__(self, hf_model: nn.Module, attention: str = "decomposed"):
+        super().__init__(hf_model.model.layers, hf_model.model.rotary_emb, hf_model.config, attention)
+        self.embed = hf_model.model.embed_tokens
+        self.norm = hf_model.model.norm
+        self.lm_head = hf_model.lm_head
+
+    def forward(self, input_ids, position_ids, tree_mask, past_lengths, *past_kv):
+        hidden = self.embed(input_ids)
+        hidden, new_kv = self.decode_layers(hidden, position_ids, tree_mask, past_lengths, past_kv)
+        hidden = self.norm(hidden)
+        logits = self.lm_head(hidden).float()
+        return (logits, hidden, *new_kv)

@@ -1,0 +1,143 @@
+"""The EAGLE head and `train-eagle`: the tree forward is the causal forward, training-time test is
+drafting, a tiny training run lowers its loss, the weights round-trip, bench prompts stay out."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from treespec.errors import InputError
+from treespec.exporter import eagle_data
+from treespec.models.checkpoint import load_checkpoint
+from treespec.models.drafter_models import MedusaHeads, save_weights
+from treespec.models.eagle import eagle_from_weights, make_eagle_head
+from treespec.runtime.commands import train_eagle
+
+BENCH = Path(__file__).resolve().parent / "data" / "bench.jsonl"
+
+TINY_ARGS = ["--model", "tiny-random", "--prompts", "80", "--seed-questions", "4", "--seed-paragraphs", "2",
+             "--corpus-prompts", "0", "--heldout", "6", "--target-tokens", "0", "--new-tokens", "12",
+             "--generate-batch", "128", "--epochs", "4", "--token-batch", "1024", "--max-length", "64",
+             "--lr", "3e-3", "--unroll", "3", "--compare-unroll", "1"]
+
+
+@pytest.fixture(scope="module")
+def head_and_inputs():
+    torch.manual_seed(0)
+    target = load_checkpoint("tiny-random").model
+    head = make_eagle_head(target).eval()
+    with torch.no_grad():  # move away from the identity init so every weight matters
+        for p in head.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch, length = 2, 10
+    feats = torch.randn(batch, length, target.config.hidden_size)
+    ids = torch.randint(0, target.config.vocab_size, (batch, length))
+    return target, head, feats, ids
+
+
+def _empty(head, batch):
+    return torch.zeros(batch, head.core.num_kv_heads, 0, head.core.head_dim)
+
+
+def _step(head, feats, ids, positions, mask, past_len, key, value):
+    batch, tokens = ids.shape
+    return head(feats, ids, positions.expand(batch, tokens), mask, torch.full((batch,), past_len), key, value)
+
+
+@torch.no_grad()
+def test_tree_forward_with_a_causal_chain_equals_token_by_token_decoding(head_and_inputs):
+    _, head, feats, ids = head_and_inputs
+    batch, tokens = ids.shape
+    causal = torch.tril(torch.ones(tokens, tokens, dtype=torch.bool)).expand(batch, tokens, tokens)
+    logits, hidden, key, value = _step(head, feats, ids, torch.arange(tokens), causal, 0, _empty(head, batch),
+                                       _empty(head, batch))
+    assert logits.dtype == torch.float32 and logits.shape == (batch, tokens, head.lm_head.out_features)
+    cache_k = torch.zeros(batch, head.core.num_kv_heads, tokens + 3, head.core.head_dim)  # spare rows: unseen
+    cache_v = torch.randn_like(cache_k)
+    one = torch.ones(batch, 1, 1, dtype=torch.bool)
+    for t in range(tokens):
+        lg, h, k, v = _step(head, feats[:, t:t + 1], ids[:, t:t + 1], torch.tensor([[t]]), one, t, cache_k, cache_v)
+        cache_k[:, :, t:t + 1], cache_v[:, :, t:t + 1] = k, v
+        assert torch.allclose(h[:, 0], hidden[:, t], atol=1e-5)
+        assert torch.allclose(lg[:, 0], logits[:, t], atol=1e-5)
+    assert torch.allclose(cache_k[:, :, :tokens], key, atol=1e-5)
+    assert torch.allclose(cache_v[:, :, :tokens], value, atol=1e-5)
+
+
+@torch.no_grad()
+def test_unrolled_training_steps_equal_drafting_from_the_cache(head_and_inputs):
+    """Training-time test step k at row i = drafting k-1 levels with the head's own features after
+    the true context up to row i-k+1 is in the cache."""
+    _, head, feats, ids = head_and_inputs
+    batch, tokens = ids.shape[0], ids.shape[1] - 1
+    outs = head.unroll(feats, ids, 4)
+    causal = torch.tril(torch.ones(tokens, tokens, dtype=torch.bool)).expand(batch, tokens, tokens)
+    _, first, key, value = _step(head, feats[:, :-1], ids[:, 1:], torch.arange(tokens), causal, 0,
+                                 _empty(head, batch), _empty(head, batch))
+    assert torch.allclose(outs[0], first, atol=1e-5)
+    one = torch.ones(batch, 1, 1, dtype=torch.bool)
+    for origin in range(tokens - 3):
+        cache_k, cache_v, feature = key[:, :, :origin + 1].clone(), value[:, :, :origin + 1].clone(), first[:, origin:origin + 1]
+        for k in range(2, 5):
+            row = origin + k - 1
+            _, feature, nk, nv = _step(head, feature, ids[:, row + 1:row + 2], torch.tensor([[row]]), one,
+                                       cache_k.shape[2], cache_k, cache_v)
+            assert torch.allclose(feature[:, 0], outs[k - 1][:, row], atol=1e-5), (origin, k)
+            cache_k, cache_v = torch.cat([cache_k, nk], dim=2), torch.cat([cache_v, nv], dim=2)
+
+
+def test_bench_prompts_and_near_copies_are_dropped():
+    bench = [json.loads(line)["messages"][-1]["content"] for line in BENCH.read_text().splitlines() if line.strip()]
+    near = bench[0].replace(".", "!").upper()
+    kept, dropped = eagle_data.bench_filter(["Explain tides to a child.", bench[1], near, "Explain tides to a child."],
+                                            bench)
+    assert kept == ["Explain tides to a child."] and dropped == 2
+    prompts, _ = eagle_data.bench_filter(eagle_data.templated_prompts(3000, __import__("random").Random(1)), bench)
+    assert len(prompts) > 2000 and not set(prompts) & set(bench)
+
+
+def _tiny_run(tmp_path, extra=()):
+    parser = argparse.ArgumentParser()
+    train_eagle.add_arguments(parser)
+    out = tmp_path / "eagle.safetensors"
+    args = parser.parse_args(TINY_ARGS + ["--out", str(out), "--summary", str(tmp_path / "s.json"), *extra])
+    assert train_eagle.run(args) == 0
+    return out, json.loads((tmp_path / "s.json").read_text())
+
+
+def test_tiny_train_eagle_lowers_its_loss_and_round_trips(tmp_path):
+    out, summary = _tiny_run(tmp_path)
+    for head in summary["train"]["heads"]:
+        assert head["final_loss"] < 0.9 * head["first_loss"], head
+    evals = summary["eval"][f"unroll{summary['kept_unroll']}"]
+    assert len(evals["heldout"]["top1"]) == 6 and evals["bench"]["sequences"] == len(BENCH.read_text().splitlines())
+    assert evals["heldout"]["tokens_per_step_chain6"] >= 1.0
+    data = eagle_data.load(tmp_path / "eagle.data")
+    assert data.ids.dtype == np.uint16 and set(np.unique(data.splits)) == {0, 1, 2}
+
+    target = load_checkpoint("tiny-random").model
+    head = eagle_from_weights(target, out)
+    assert out.stat().st_size < 16e6 and set(head.trainable_state()) == set(
+        make_eagle_head(target).trainable_state())
+    with pytest.raises(InputError, match="not an EAGLE head"):
+        medusa = tmp_path / "medusa.safetensors"
+        save_weights(MedusaHeads(target.config.hidden_size, 2, target.lm_head).trainable_state(), medusa,
+                     {"kind": "medusa", "hidden_size": str(target.config.hidden_size)})
+        eagle_from_weights(target, medusa)
+    with pytest.raises(InputError, match="exists"):
+        _tiny_run(tmp_path)
+
+
+def test_train_eagle_refuses_bad_options(tmp_path):
+    parser = argparse.ArgumentParser()
+    train_eagle.add_arguments(parser)
+    for bad, message in ((["--out", str(tmp_path / "x.bin")], "safetensors"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--unroll", "0"], "--unroll"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--heldout", "10", "--prompts", "5",
+                           "--seed-questions", "0", "--seed-paragraphs", "0", "--corpus-prompts", "0"], "--heldout")):
+        with pytest.raises(InputError, match=message):
+            train_eagle.run(parser.parse_args(bad))

