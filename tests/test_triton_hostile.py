@@ -153,6 +153,12 @@ def test_model_control_is_not_reachable_by_clients(service, expected):
     assert code == 403
     code, text = http_post(f"{service.server.http_url}/v2/repository/models/treespec/unload", b"{}", 10)
     assert code == 403 and "restricted" in text  # tritonserver's own port wants the supervisor's key
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(service.grpc_url)
+    with pytest.raises(Exception, match="restricted"):
+        client.unload_model("treespec")
+    client.close()
     served_correctly(service, expected)
 
 

@@ -149,7 +149,7 @@ class FrontHandler(BaseHTTPRequestHandler):
             self.reply(error_reply(403 if self.path.startswith("/v2") else 404,
                                    f"{self.path[:80]} is not available on this port"), close=True)
             return
-        self.reply(self.forward("GET", self.path, None, {}))
+        self.reply(self.forward_get(self.path))
 
     def do_POST(self) -> None:
         match = GENERATE.fullmatch(self.path)
@@ -177,12 +177,11 @@ class FrontHandler(BaseHTTPRequestHandler):
         self.send_error(405)
 
     # forwarding --------------------------------------------------------------------------------
-    def forward(self, method: str, path: str, body: bytes | None, headers: dict,
-                timeout: float = 30.0) -> Reply:
+    def forward_get(self, path: str) -> Reply:
         try:
-            response = self._send(method, path, body, headers, timeout)
+            response = self._send("GET", path, None, {}, 30.0)
             data = response.read()
-        except (ConnectionError, http.client.HTTPException, socket.timeout, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:  # OSError: refused, reset, timed out
             return self.unreachable(exc)
         if response.status >= 400:
             return upstream_error(response.status, data)
@@ -196,7 +195,7 @@ class FrontHandler(BaseHTTPRequestHandler):
     @staticmethod
     def unreachable(exc: Exception) -> Reply:
         if isinstance(exc, socket.timeout):
-            return error_reply(504, "the model did not answer in time")
+            return error_reply(504, "no answer from the model within the request's deadline")
         return error_reply(503, "the server is restarting, retry in a moment")
 
     def generate(self, body: bytes, streaming: bool) -> None:
@@ -213,7 +212,7 @@ class FrontHandler(BaseHTTPRequestHandler):
             response = self._send("POST", self.path, data, headers, timeout)
             if response.status >= 400 or not streaming:
                 payload = response.read()
-        except (ConnectionError, http.client.HTTPException, socket.timeout, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:
             self.reply(self.unreachable(exc))
             return
         if response.status >= 400:
@@ -239,7 +238,7 @@ class FrontHandler(BaseHTTPRequestHandler):
                     line = b"data: " + json.dumps(as_list_ids(event)).encode() + b"\n"
                 self.wfile.write(line)
                 self.wfile.flush()
-        except (ConnectionError, http.client.HTTPException, socket.timeout, OSError, ValueError):
+        except (http.client.HTTPException, OSError, ValueError):
             pass  # the client left, or tritonserver died mid-stream: the stream just ends
 
 
