@@ -50,12 +50,11 @@ def add_rmsnorm_kernel(X, IDS, RES, W, NORMED, N, eps,
 @triton.jit
 def rope_write_kernel(QKV, POS, LENGTHS, COS, SIN, KC, VC, T, s_row,
                       skb, skh, skr, svb, svh, svr,
-                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr):
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
     row = tl.program_id(0)  # b * T + t
     head = tl.program_id(1)  # Q heads, then K heads, then V heads
     b = row // T
     t = row % T
-    HALF: tl.constexpr = D // 2
     offs = tl.arange(0, HALF)
     src = QKV + row.to(tl.int64) * s_row + head * D
     x1 = tl.load(src + offs).to(tl.float32)
@@ -124,7 +123,7 @@ def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos:
     rope_write_kernel[grid](qkv, pos, lengths, cos, sin, k_cache, v_cache, tokens, qkv.stride(0),
                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                            H=heads, KVH=kv_heads, D=dim, num_warps=1)
+                            H=heads, KVH=kv_heads, D=dim, HALF=dim // 2, num_warps=1)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
