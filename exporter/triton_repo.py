@@ -22,10 +22,12 @@ import hashlib
 import json
 import os
 import shutil
+import site
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import treespec
 from treespec.errors import ArtifactError, InputError
 from treespec.artifacts import EngineRecord, GraphEntry, load_manifest
 
@@ -86,8 +88,6 @@ def python_path() -> list[str]:
     """This environment's package folders for the stub's sys.path: its site-packages (and the user
     site, when enabled). Deliberately not sys.path, which depends on how the writer was started
     (pytest, PYTHONPATH, the cwd): the same environment must give the same repository."""
-    import site
-
     out = [p for p in site.getsitepackages() if os.path.isdir(p)]
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         out.append(site.getusersitepackages())
@@ -95,8 +95,6 @@ def python_path() -> list[str]:
 
 
 def _treespec_root() -> str:
-    import treespec
-
     return str(Path(treespec.__file__).resolve().parent)
 
 
@@ -253,9 +251,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
 
 
 def _version() -> str:
-    from treespec import __version__
-
-    return __version__
+    return treespec.__version__
 
 
 def _matches(out_dir: Path, plan: dict[str, str | Path], link: str) -> bool:

@@ -20,11 +20,13 @@ Found by trying it (Triton 2.51 from nvidia-pytriton 0.7.0):
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+from importlib.metadata import version
 from pathlib import Path
 
 from treespec.errors import TreespecError
@@ -41,8 +43,6 @@ WATCH_ENV = "TREESPEC_TRITON_WATCH"
 
 
 def numpy_major() -> int:
-    from importlib.metadata import version
-
     return int(version("numpy").split(".")[0])
 
 
@@ -92,8 +92,6 @@ def stage_stub_numpy(cwd: Path) -> None:
 
 
 def _pytriton_root() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise ServerError("the Triton server is not installed: pip install --no-deps nvidia-pytriton==0.7.0")

@@ -30,6 +30,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+import treespec
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.triton.env import WATCH_ENV
@@ -107,8 +108,6 @@ class TreespecModel:
 
     @staticmethod
     def _check_treespec(expected: str | None) -> None:
-        import treespec
-
         here = os.path.dirname(os.path.realpath(treespec.__file__))
         if expected and os.path.realpath(expected) != here:
             pb_utils.Logger.log_warn(f"treespec: the repository was written by treespec at {expected}, "

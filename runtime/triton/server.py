@@ -14,6 +14,7 @@ bundled server is made to run our python model: treespec.runtime.triton.env.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -39,8 +40,6 @@ RESTRICTED = "model-repository,shared-memory,logging,trace"
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the process that started the server dies (Linux)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
