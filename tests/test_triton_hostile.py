@@ -17,7 +17,7 @@ import signal
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from support.triton_helpers import grpc_stream, http_post, hostile_bodies, tree_configs
@@ -209,6 +209,7 @@ def _no_5xx_no_hang(service, body, path: str = "generate") -> None:
     valid = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout <= 120
     allowed = (timeout if valid else 120) + SLACK_S
     code, out, elapsed = generate(service, body, path, timeout=allowed)
+    event(f"HTTP {code}")  # --hypothesis-show-statistics: how many were served, how many refused
     assert 200 <= code < 500, (body if not isinstance(body, bytes) else body[:200], code, out)
     assert code == 200 or out.get("error") or path != "generate", out
     assert elapsed < allowed
