@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -236,7 +238,7 @@ def test_after_the_fuzz_the_same_server_serves_correctly(service, expected):
 
 
 def test_a_killed_tritonserver_is_restarted_and_serves_again(service, expected):
-    """Runs last in the module: the supervisor restarts the process itself, on the same ports."""
+    """The last test on the service: the supervisor restarts the process itself, on the same ports."""
     old = service.server.pid
     os.kill(old, signal.SIGKILL)
     t0 = time.perf_counter()
@@ -251,3 +253,12 @@ def test_a_killed_tritonserver_is_restarted_and_serves_again(service, expected):
     assert service.server.restarts == 1 and service.server.pid != old
     assert any("tritonserver died (killed by signal 9 (SIGKILL))" in e for e in service.supervisor.events)
     print(f"\ntritonserver SIGKILLed: serving again {back:.1f} s later ({service.supervisor.events[-1]})")
+
+
+def test_serve_refuses_a_bad_size_limit_in_one_line(tiny_artifacts, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "treespec.runtime.cli", "serve", "--artifacts", str(tiny_artifacts),
+                           "--repo", str(tmp_path / "repo"), "--max-request-bytes", "10"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["error: --max-request-bytes must be at least 1024, got 10"]
+    assert not (tmp_path / "repo").exists()  # refused before anything was written or loaded
