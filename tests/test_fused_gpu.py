@@ -157,4 +157,6 @@ def test_kernels_and_ms_per_step(smollm2):
     for name, row in rows.items():
         print(f"{name:7s}kernels" + "".join(f"{n:>8}" for n in row["kernels"].values()))
         print(f"{name:7s}ms     " + "".join(f"{ms:>8.3f}" for ms in row["ms"].values()))
+    print(json.dumps(rows["fused"].get("kernel_names_t64"), indent=1))
     assert max(rows["fused"]["kernels"].values()) <= MAX_KERNELS, rows["fused"]["kernels"]
+    assert rows["fused"]["kernels"]["64"] * 3 < rows["unfused"]["kernels"]["64"]

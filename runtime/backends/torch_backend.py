@@ -296,6 +296,8 @@ def _fused_decoder(decoder, fused: bool | None, cuda: bool):
         fused = cuda and os.environ.get("TREESPEC_TORCH_FUSED", "0") == "1"
     if not fused:
         return None
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError("the fused torch step runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     from treespec.models.fused_decoder import FusedDecoder  # Triton: an optional heavy dependency
 
     return FusedDecoder(decoder)

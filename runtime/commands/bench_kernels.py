@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ def _prefill(backend: TorchBackend, rng: np.random.Generator, past: int, capacit
     backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
 
 
-def count_kernels(backend: TorchBackend, inputs: StepInputs) -> int:
-    """CUDA kernels launched by one eager step (no graph), counted by torch.profiler."""
+def count_kernels(backend: TorchBackend, inputs: StepInputs) -> Counter:
+    """CUDA kernels launched by one eager step (no graph), by name, counted by torch.profiler."""
     graphs, backend.use_graphs = backend.use_graphs, False
     backend.step(inputs)  # warm-up: Triton compiles, cuBLAS picks its kernels
     torch.cuda.synchronize()
@@ -51,8 +52,8 @@ def count_kernels(backend: TorchBackend, inputs: StepInputs) -> int:
         backend.step(inputs)
         torch.cuda.synchronize()
     backend.use_graphs = graphs
-    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA
-               and not e.name.startswith(("Memcpy", "Memset")))
+    return Counter(e.name[:80] for e in prof.events() if e.device_type == DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset")))
 
 
 def time_step(backend: TorchBackend, inputs: StepInputs, reps: int) -> float:
@@ -76,7 +77,10 @@ def profile_backend(decoder, fused: bool, sizes=SIZES, reps: int = 20, past: int
     row: dict = {"kernels": {}, "ms": {}, "min_bucket": backend.min_bucket}
     for t in sizes:
         inputs = tree_step(rng, t, backend.lengths)
-        row["kernels"][str(t)] = count_kernels(backend, inputs)
+        names = count_kernels(backend, inputs)
+        row["kernels"][str(t)] = sum(names.values())
+        if t == 64:
+            row["kernel_names_t64"] = dict(names.most_common(12))
         row["ms"][str(t)] = time_step(backend, inputs, reps)
     backend.close()
     return row
@@ -92,4 +96,17 @@ def step_profile(decoder, device: str, reps: int = 20) -> dict:
             out[name] = profile_backend(decoder, fused, reps=reps)
         except Exception as exc:  # report and keep the rest of the bench
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print_profile(out)
     return out
+
+
+def print_profile(profile: dict) -> None:
+    """Kernels and ms per step, one column per T."""
+    sizes = [str(t) for t in SIZES]
+    print("step profile, T = " + " ".join(f"{t:>7}" for t in sizes))
+    for name, row in profile.items():
+        if "error" in row:
+            print(f"{name}: {row['error']}")
+            continue
+        print(f"{name:>12} kernels " + " ".join(f"{row['kernels'].get(t, ''):>7}" for t in sizes))
+        print(f"{name:>12} ms      " + " ".join(f"{row['ms'].get(t, ''):>7}" for t in sizes))

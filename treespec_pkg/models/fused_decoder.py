@@ -4,8 +4,8 @@ Why: on the H200 a SmolLM2 step launched ~1,200 small kernels (2.9-3.6 ms) while
 0.06 ms. Here, per layer: add+RMSNorm (Triton), QKV GEMM (the three projections concatenated once
 at construction), RoPE + K/V cache write (Triton), position-ordered tree attention (Triton), o_proj
 GEMM, add+RMSNorm, gate/up GEMM (concatenated), SiLU*mul (Triton), down GEMM. Per step, besides:
-the ancestor lists (1 kernel), the final add+RMSNorm, lm_head, the fp32 logits and the argmax:
-275 kernels for 30 layers when cuBLAS runs each GEMM as one kernel (the GPU test counts them).
+the ancestor lists (1 kernel), the final add+RMSNorm, lm_head and the argmax:
+274 kernels for 30 layers when cuBLAS runs each GEMM as one kernel (the GPU test counts them).
 
 Same contract as TorchBackend's unfused `_forward`: the new K/V rows go straight to the cache
 rows [L_b, L_b + T) of the fixed-capacity buffer [2*layers, B, KVH, rows, D] and `commit` moves
@@ -58,7 +58,7 @@ class StepContext:
 
 @dataclass
 class FusedOutputs:
-    logits: torch.Tensor  # [B, T, V] fp32
+    logits: torch.Tensor  # [B, T, V] in the model dtype
     hidden: torch.Tensor  # [B, T, hidden] (after the final norm)
     argmax: torch.Tensor  # [B, T] int64
 
@@ -127,14 +127,16 @@ class FusedDecoder:
         add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            self._layer(layer, residual, normed, nxt, ctx, cache[2 * i], cache[2 * i + 1], batch, tokens)
+            self.layer_step(layer, residual, normed, nxt, ctx, cache[2 * i], cache[2 * i + 1], batch, tokens)
         hidden = normed.view(batch, tokens, -1)
-        logits = F.linear(hidden, dec.lm_head.weight, dec.lm_head.bias).float()
+        # Logits stay in the model dtype (host copies are fp32, exact): no [T, V] conversion kernel.
+        logits = F.linear(hidden, dec.lm_head.weight, dec.lm_head.bias)
         return FusedOutputs(logits, hidden, logits.argmax(-1))
 
-    def _layer(self, layer: FusedLayer, residual, normed, next_norm, ctx: StepContext, k_cache, v_cache,
+    def layer_step(self, layer: FusedLayer, residual, normed, next_norm, ctx: StepContext, k_cache, v_cache,
                batch: int, tokens: int) -> None:
-        """residual/normed [M, hidden] updated in place: normed becomes the next layer's input."""
+        """One layer (the draft LM's and an EAGLE head's layers too): residual/normed [M, hidden]
+        updated in place, normed becoming the input of the layer whose norm is `next_norm`."""
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
         qkv = F.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
         rope_write(qkv, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
