@@ -44,8 +44,8 @@ class TrainConfig:
     epochs: float = 2.0
     token_batch: int = 16384  # padded tokens per batch
     max_length: int = 640
-    lr: float = 5e-4
-    warmup: int = 50
+    lr: float = 3e-4
+    warmup: int = 100
     unroll: int = 4  # training-time test depth of the kept head (1 = plain EAGLE-1 training)
     compare_unroll: int = 1  # a second head trained alongside with this depth (0: none)
     ce_weight: float = 0.5
@@ -94,25 +94,29 @@ def target_features(target, ids: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     return out.last_hidden_state.float()
 
 
-def unroll_loss(head: EagleHead, feats, ids, valid, steps: int, cfg: TrainConfig, autocast) -> tuple:
+@torch.no_grad()
+def target_probs(head: EagleHead, feats: torch.Tensor, valid: torch.Tensor, autocast) -> torch.Tensor:
+    """The target's next-token distribution at positions 1.. of every valid row: [N,V] fp32."""
+    with autocast():
+        return torch.softmax(head.logits(feats[:, 1:][valid[:, 1:]]), dim=-1)
+
+
+def unroll_loss(head: EagleHead, feats, ids, valid, target_p, steps: int, cfg: TrainConfig, autocast) -> tuple:
     """Training-time-test loss over `steps` unroll steps -> (loss, top-1 per step)."""
     rows_ok = valid[:, 1:]  # row i targets position i+1
-    with torch.no_grad(), autocast():
-        target_p = torch.softmax(head.logits(feats[:, 1:][rows_ok]), dim=-1)  # [N,V]
     with autocast():
         outs = head.unroll(feats, ids, steps)
     row = torch.arange(rows_ok.shape[1], device=ids.device)
     total, top1 = 0.0, []
     for k, out in enumerate(outs, start=1):
         mask = rows_ok & (row >= k - 1)[None, :]
-        pick = mask[rows_ok]
+        p = target_p[mask[rows_ok]]
         with autocast():
-            logq = torch.log_softmax(head.logits(out[mask]), dim=-1)
-        p = target_p[pick]
-        ce = -(p * logq).sum(-1).mean()
+            logits = head.logits(out[mask])
+        ce = F.cross_entropy(logits, p)  # soft labels: the target's own distribution
         reg = F.smooth_l1_loss(out[mask].float(), feats[:, 1:][mask])
         total = total + cfg.step_decay ** (k - 1) * (reg + cfg.ce_weight * ce)
-        top1.append(float((logq.argmax(-1) == p.argmax(-1)).float().mean()))
+        top1.append(float((logits.argmax(-1) == p.argmax(-1)).float().mean()))
     return total / sum(cfg.step_decay ** k for k in range(steps)), top1
 
 
@@ -148,10 +152,11 @@ def train_heads(target, heads: list[tuple[EagleHead, int]], data: TokenData, cfg
         scale = min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
         ids, valid, _ = tensors(data, rows, cfg.max_length, device)
         feats = target_features(target, ids, valid)
+        target_p = target_probs(trainees[0].head, feats, valid, autocast)
         for t in trainees:
             for group in t.optimizer.param_groups:
                 group["lr"] = cfg.lr * scale
-            loss, top1 = unroll_loss(t.head, feats, ids, valid, t.unroll, cfg, autocast)
+            loss, top1 = unroll_loss(t.head, feats, ids, valid, target_p, t.unroll, cfg, autocast)
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(t.head.trainable_parameters(), 1.0)

@@ -19,7 +19,7 @@ python3 -m treespec.runtime.commands.train_eagle --device cuda --seed 0 --force 
   --out "$D/eagle.safetensors" --data "$D/data" --summary "$D/summary.json" --time-budget "$BUDGET" \
   --prompts 40000 --seed-questions 6000 --seed-paragraphs 3000 --corpus-prompts 1500 --heldout 300 \
   --target-tokens 10500000 --new-tokens 288 --generate-batch 4096 --temperature 0.8 \
-  --epochs 3 --token-batch 24576 --max-length 640 --lr 5e-4 --unroll 4 --compare-unroll 1 --ce-weight 0.5 \
+  --epochs 3 --token-batch 24576 --max-length 640 --lr 3e-4 --unroll 4 --compare-unroll 1 --ce-weight 0.5 \
   "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/train_eagle.log"
 cp "$D/eagle.safetensors" "$D/summary.json" "$OUT/" 2>/dev/null
 cp "$D"/data/ids_*.npy "$D/data/index.npz" "$D/data/meta.json" "$OUT/" 2>/dev/null

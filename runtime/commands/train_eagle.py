@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs", type=float, default=2.0)
     t.add_argument("--token-batch", type=int, default=16384, help="padded tokens per batch")
     t.add_argument("--max-length", type=int, default=640, help="longest training sequence (tokens)")
-    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--unroll", type=int, default=4, help="training-time-test depth (1: EAGLE-1 training)")
     t.add_argument("--compare-unroll", type=int, default=1,
                    help="also train a head with this depth and keep the better on held-out prompts (0: off)")

@@ -134,9 +134,14 @@ class EagleHead(nn.Module):
 
 
 def make_eagle_head(target: nn.Module, attention: str = "decomposed", init_layer: int = -1) -> EagleHead:
-    """A head for `target` (a loaded HF Llama-family model), its layer a copy of the target's
-    layer `init_layer` (default: the last) and fc set to pass the feature through."""
+    """A head for `target` (a loaded HF Llama-family model) that starts as the identity on the
+    feature: its layer a copy of the target's layer `init_layer` (default: the last) with both
+    output projections zeroed (the target's late layers write large values into the residual
+    stream: SmolLM2's last layer moved the normed feature by ~100 in smooth-L1), fc passing the
+    feature through."""
     layer = copy.deepcopy(target.model.layers[init_layer])
+    nn.init.zeros_(layer.self_attn.o_proj.weight)
+    nn.init.zeros_(layer.mlp.down_proj.weight)
     layer.requires_grad_(True)
     head = EagleHead(target, layer, attention)
     hidden = target.config.hidden_size
