@@ -134,7 +134,7 @@ class FusedDecoder:
         return FusedOutputs(logits, hidden, logits.argmax(-1))
 
     def layer_step(self, layer: FusedLayer, residual, normed, next_norm, ctx: StepContext, k_cache, v_cache,
-               batch: int, tokens: int) -> None:
+                   batch: int, tokens: int) -> None:
         """One layer (the draft LM's and an EAGLE head's layers too): residual/normed [M, hidden]
         updated in place, normed becoming the input of the layer whose norm is `next_norm`."""
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
