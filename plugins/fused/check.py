@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from treespec.plugins.tree_attention.ordered import tree_ancestors as torch_ancestors
 from treespec.plugins.tree_attention.ordered_check import random_tree
 
+from .gemm import linear, linear_silu_mul
 from .kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
 
 
@@ -80,6 +81,22 @@ def check_silu_mul(device, dtype, gen) -> float:
     return _err(got, F.silu(gate.float()) * up.float())
 
 
+def check_gemm(device, dtype, gen) -> float:
+    """The Triton GEMM (bias or not, rows not a tile multiple) and its SiLU*mul epilogue."""
+    worst = 0.0
+    for rows, k, n in [(64, 576, 96), (5, 100, 70)]:
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        w = (torch.randn(2 * n, k, generator=gen) / k ** 0.5).to(dtype)
+        bias = torch.randn(2 * n, generator=gen).to(dtype)
+        xd, wd, bd = x.to(device), w.to(device), bias.to(device)
+        worst = max(worst, _err(linear(xd, wd[:n]), x.float() @ w[:n].float().T),
+                    _err(linear(xd, wd, bd), x.float() @ w.float().T + bias.float()))
+        gate_up = (x.float() @ w.float().T + bias.float()).to(dtype).float()
+        ref = (F.silu(gate_up[:, :n]).to(dtype).float() * gate_up[:, n:])
+        worst = max(worst, _err(linear_silu_mul(xd, wd, bd), ref))
+    return worst
+
+
 def check_ancestors(device, gen) -> bool:
     for tokens, real in [(1, 1), (8, 5), (64, 64), (100, 37), (128, 128)]:
         masks = []
@@ -105,6 +122,7 @@ def main() -> None:
         result[f"add_rmsnorm_{name}"] = check_add_rmsnorm(args.device, dtype, gen)
         result[f"rope_write_{name}"] = check_rope_write(args.device, dtype, gen)
         result[f"silu_mul_{name}"] = check_silu_mul(args.device, dtype, gen)
+        result[f"gemm_{name}"] = check_gemm(args.device, dtype, gen)
     print(json.dumps(result))
 
 

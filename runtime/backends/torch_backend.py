@@ -25,7 +25,7 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
   alone. SDPA over the buffer (CPU, or TREESPEC_TORCH_ATTENTION=sdpa) reduces over buffer
   columns, where a tree puts ancestors elsewhere than plain decoding does: near-tie argmaxes
   then flip in fp16 (measured on the H100: 1-3 of 10 bench prompts diverged).
-* `fused=True` (or TREESPEC_TORCH_FUSED=1 on CUDA) runs the step as treespec.models.fused_decoder
+* `fused=True` (or TREESPEC_TORCH_FUSED=1 on CUDA; "triton" for Triton GEMMs) runs the step as treespec.models.fused_decoder
   does: 9 kernels per layer (concatenated QKV and gate/up GEMMs, Triton add+RMSNorm, RoPE + cache
   write, SiLU*mul, the ordered attention) instead of ~40, same buckets, graphs and cache contract.
 * Outputs stay on the device: `logits`/`hidden_states` are lazy host views that copy only the rows
@@ -65,7 +65,7 @@ class TorchBackend(TreeBackend):
     name = "torch"
 
     def __init__(self, model, device: str = "cpu", use_graphs: bool | None = None, min_bucket: int | None = None,
-                 host_argmax: bool = True, fused: bool | None = None):
+                 host_argmax: bool = True, fused: bool | str | None = None):
         import torch
 
         self.torch = torch
@@ -287,20 +287,23 @@ def _ordered_attention(head_dim: int):
     return ordered
 
 
-def _fused_decoder(decoder, fused: bool | None, cuda: bool):
-    """The few-kernel step (treespec.models.fused_decoder) when asked for: `fused`, or when it is
-    None, TREESPEC_TORCH_FUSED=1 on CUDA. On the CPU it needs Triton's interpreter (the tests)."""
+def _fused_decoder(decoder, fused: bool | str | None, cuda: bool):
+    """The few-kernel step (treespec.models.fused_decoder) when asked for: `fused` True (cuBLAS
+    GEMMs) or "triton" (Triton GEMMs), or when it is None, TREESPEC_TORCH_FUSED=1|triton on CUDA.
+    On the CPU it needs Triton's interpreter (the tests)."""
     import os
 
     if fused is None:
-        fused = cuda and os.environ.get("TREESPEC_TORCH_FUSED", "0") == "1"
+        fused = os.environ.get("TREESPEC_TORCH_FUSED", "0") if cuda else False
+        fused = {"0": False, "1": True}.get(fused, fused)
     if not fused:
         return None
+    gemm = "cublas" if fused is True else str(fused)
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendError("the fused torch step runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     from treespec.models.fused_decoder import FusedDecoder  # Triton: an optional heavy dependency
 
-    return FusedDecoder(decoder)
+    return FusedDecoder(decoder, gemm)
 
 
 def _rotate_half(x):

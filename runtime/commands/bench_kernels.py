@@ -1,5 +1,5 @@
 """`treespec bench`'s step profile: kernels per target step (torch.profiler's count) and ms per step
-for T = 1...128 tree tokens, for the torch backend unfused and fused (issue 16).
+for T = 1...128 tree tokens, for the torch backend unfused and fused (cuBLAS or Triton GEMMs; issue 16).
 
 Why: a SmolLM2 step on the H200 was ~1,200 small kernels (2.9-3.6 ms) for weights that need
 0.06 ms to read, so the kernel count is the number to watch next to the time. Kernels are counted
@@ -69,7 +69,7 @@ def time_step(backend: TorchBackend, inputs: StepInputs, reps: int) -> float:
     return round(statistics.median(times) * 1e3, 4)
 
 
-def profile_backend(decoder, fused: bool, sizes=SIZES, reps: int = 20, past: int = 256) -> dict:
+def profile_backend(decoder, fused: bool | str, sizes=SIZES, reps: int = 20, past: int = 256) -> dict:
     """{"kernels": {T: n}, "ms": {T: ms}} for one torch backend over `decoder` on CUDA."""
     backend = TorchBackend(decoder, "cuda", fused=fused)
     rng = np.random.default_rng(0)
@@ -82,16 +82,20 @@ def profile_backend(decoder, fused: bool, sizes=SIZES, reps: int = 20, past: int
         if t == 64:
             row["kernel_names_t64"] = dict(names.most_common(12))
         row["ms"][str(t)] = time_step(backend, inputs, reps)
+    padded, backend.min_bucket = backend.min_bucket, 1  # plain decoding unpadded (not bit-identical)
+    row["ms_1_token_bucket"] = time_step(backend, tree_step(rng, 1, backend.lengths), reps)
+    backend.min_bucket = padded
     backend.close()
     return row
 
 
 def step_profile(decoder, device: str, reps: int = 20) -> dict:
-    """The profile of the torch backend unfused and fused ({} off CUDA: nothing to count)."""
+    """The profile of the torch backend unfused, fused with cuBLAS GEMMs and fused with Triton
+    GEMMs ({} off CUDA: nothing to count)."""
     if device != "cuda":
         return {}
     out = {}
-    for name, fused in (("torch", False), ("torch-fused", True)):
+    for name, fused in (("torch", False), ("torch-fused", True), ("torch-fused-triton-gemm", "triton")):
         try:
             out[name] = profile_backend(decoder, fused, reps=reps)
         except Exception as exc:  # report and keep the rest of the bench
@@ -103,10 +107,11 @@ def step_profile(decoder, device: str, reps: int = 20) -> dict:
 def print_profile(profile: dict) -> None:
     """Kernels and ms per step, one column per T."""
     sizes = [str(t) for t in SIZES]
-    print("step profile, T = " + " ".join(f"{t:>7}" for t in sizes))
+    print(f"{'step profile, T =':>31} " + " ".join(f"{t:>7}" for t in sizes))
     for name, row in profile.items():
         if "error" in row:
             print(f"{name}: {row['error']}")
             continue
-        print(f"{name:>12} kernels " + " ".join(f"{row['kernels'].get(t, ''):>7}" for t in sizes))
-        print(f"{name:>12} ms      " + " ".join(f"{row['ms'].get(t, ''):>7}" for t in sizes))
+        print(f"{name:>23} kernels " + " ".join(f"{row['kernels'].get(t, ''):>7}" for t in sizes))
+        print(f"{name:>23} ms      " + " ".join(f"{row['ms'].get(t, ''):>7}" for t in sizes)
+              + f"   (1 token, bucket 1: {row.get('ms_1_token_bucket')} ms)")

@@ -35,10 +35,10 @@ def tiny_model(vocab: int = 320) -> LlamaForCausalLM:
     return model
 
 
-def decoder_step(model, gen) -> dict:
+def decoder_step(model, gen, gemm: str) -> dict:
     """One tree step with a past: the fused step vs TreeDecoder (decomposed attention)."""
     ref_dec = TreeDecoder(model)
-    fused = FusedDecoder(ref_dec)
+    fused = FusedDecoder(ref_dec, gemm)
     layers, kvh, dim = ref_dec.num_layers, ref_dec.num_kv_heads, ref_dec.head_dim
     batch, tokens, real = 2, 16, 11
     lengths = torch.tensor([37, 9])
@@ -93,7 +93,8 @@ def backend_steps(model, gen) -> float:
 def main() -> None:
     gen = torch.Generator().manual_seed(11)
     model = tiny_model()
-    result = {"decoder": decoder_step(model, gen), "backend_logits": backend_steps(model, gen)}
+    result = {"decoder": decoder_step(model, gen, "cublas"), "decoder_triton_gemm": decoder_step(model, gen, "triton"),
+              "backend_logits": backend_steps(model, gen)}
     print(json.dumps(result))
 
 

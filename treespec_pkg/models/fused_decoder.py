@@ -6,6 +6,8 @@ at construction), RoPE + K/V cache write (Triton), position-ordered tree attenti
 GEMM, add+RMSNorm, gate/up GEMM (concatenated), SiLU*mul (Triton), down GEMM. Per step, besides:
 the ancestor lists (1 kernel), the final add+RMSNorm, lm_head and the argmax:
 274 kernels for 30 layers when cuBLAS runs each GEMM as one kernel (the GPU test counts them).
+With gemm="triton" (plugins/fused/gemm.py) each GEMM is one Triton kernel and gate/up carries the
+SiLU*mul: 8 kernels per layer, 244 per step.
 
 Same contract as TorchBackend's unfused `_forward`: the new K/V rows go straight to the cache
 rows [L_b, L_b + T) of the fixed-capacity buffer [2*layers, B, KVH, rows, D] and `commit` moves
@@ -22,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from treespec.models.tree_model import TreeDecoder
+from treespec.plugins.fused import gemm as triton_gemm
 from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
 from treespec.plugins.tree_attention import ordered
 
+GEMMS = ("cublas", "triton")
 FUSED_ANCESTORS_MAX = 128  # the one-kernel ancestor lists hold a [T, T] tile; longer prefills use torch
 
 
@@ -93,8 +97,12 @@ class FusedDecoder:
     """The step of a TreeDecoder (same weights, same outputs) in few kernels. Triton kernels: on
     CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, the tests)."""
 
-    def __init__(self, decoder: TreeDecoder):
+    def __init__(self, decoder: TreeDecoder, gemm: str = "cublas"):
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
         self.decoder = decoder
+        self.gemm = gemm  # "triton": the layers' GEMMs in Triton, gate/up fused with SiLU*mul
+        self.linear = triton_gemm.linear if gemm == "triton" else F.linear
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in decoder.layers]
         self.eps = _eps(decoder.layers[0].input_layernorm)
@@ -138,12 +146,15 @@ class FusedDecoder:
         """One layer (the draft LM's and an EAGLE head's layers too): residual/normed [M, hidden]
         updated in place, normed becoming the input of the layer whose norm is `next_norm`."""
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
+        qkv = self.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
         rope_write(qkv, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
         q = qkv.view(batch, tokens, -1)[..., :heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
         out = ordered.ordered_tree_attention(q, k_cache, v_cache, ctx.lengths, ctx.ancestors, ctx.depths,
                                              self.decoder.scale)
-        attn = F.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias)
+        attn = self.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias)
         add_rmsnorm(attn, residual, normed, layer.post_norm, self.eps)
-        act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))  # [M, inter]
-        add_rmsnorm(F.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)
+        if self.gemm == "triton":
+            act = triton_gemm.linear_silu_mul(normed, layer.gate_up, layer.gate_up_bias)  # [M, inter]
+        else:
+            act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
+        add_rmsnorm(self.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)

@@ -1,0 +1,76 @@
+"""A Triton GEMM for the fused step, with the SiLU*mul of the MLP as an epilogue: the option
+`gemm="triton"` of treespec.models.fused_decoder (TREESPEC_FUSED_GEMM=triton), against cuBLAS.
+
+Why: at a step's 64 rows cuBLAS may split K (a GEMM and a reduction kernel) for SmolLM2's narrow
+projections (N = 576), and the gate/up GEMM's [M, 2 * 1536] output is written only for SiLU*mul
+to read it back. Here every GEMM is one kernel with no split of K, and gate/up + SiLU*mul is one
+kernel with two accumulators (8 kernels per layer instead of 9). Which is faster on the H200 is
+for `treespec bench`'s step profile to say (not measured when this was written).
+
+Bit-identity across steps: each output element's K loop and tile shapes are fixed by the bucket,
+so a row's result does not depend on the other rows. Must stay in a .py file (Triton's interpreter).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from treespec.plugins.tree_attention.kernel import dot_precision
+
+
+@triton.jit
+def linear_kernel(X, W, BIAS, OUT, M, N, K,
+                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # OUT [M, N] = X [M, K] @ W[:N].T (+ bias); SILU_MUL: W is [2N, K] (gate rows, then up rows)
+    # and OUT = SiLU(X @ gate.T) * (X @ up.T), each GEMM output rounded to the dtype as HF does.
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(X + rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w_ptr = W + rn[None, :].to(tl.int64) * K + (k0 + rk)[:, None]  # [BLOCK_K, BLOCK_N]
+        w = tl.load(w_ptr, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+        if SILU_MUL:
+            up = tl.load(w_ptr + N * K, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc_up = tl.dot(x, up, acc_up, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc_up += tl.load(BIAS + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dtype = OUT.dtype.element_ty
+    if SILU_MUL:
+        gate = acc.to(dtype).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        acc = act * acc_up.to(dtype).to(tl.float32)
+    tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, silu_mul: bool) -> torch.Tensor:
+    rows, k = x.shape
+    if x.stride(1) != 1 or x.stride(0) != k or not weight.is_contiguous():
+        raise ValueError("triton linear needs a contiguous [M, K] input and [N, K] weight")
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, 64))
+    linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k,
+                        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DOT_PREC=dot_precision(x.dtype),
+                        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4)
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, one kernel."""
+    return _launch(x, weight, bias, weight.shape[0], False)
+
+
+def linear_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], gate_up [2I, K] (gate rows, then up rows) -> SiLU(x @ gate.T) * (x @ up.T) [M, I]."""
+    return _launch(x, gate_up, bias, gate_up.shape[0] // 2, True)
