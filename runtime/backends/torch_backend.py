@@ -25,9 +25,10 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
   alone. SDPA over the buffer (CPU, or TREESPEC_TORCH_ATTENTION=sdpa) reduces over buffer
   columns, where a tree puts ancestors elsewhere than plain decoding does: near-tie argmaxes
   then flip in fp16 (measured on the H100: 1-3 of 10 bench prompts diverged).
-* `fused=True` (or TREESPEC_TORCH_FUSED=1 on CUDA; "triton" for Triton GEMMs) runs the step as treespec.models.fused_decoder
-  does: 9 kernels per layer (concatenated QKV and gate/up GEMMs, Triton add+RMSNorm, RoPE + cache
-  write, SiLU*mul, the ordered attention) instead of ~40, same buckets, graphs and cache contract.
+* `fused=True` (or TREESPEC_TORCH_FUSED=1 on CUDA; "triton" for Triton GEMMs) runs the step as
+  treespec.models.fused_decoder does: 9 kernels per layer (concatenated QKV and gate/up GEMMs,
+  Triton add+RMSNorm, RoPE + cache write, SiLU*mul, the ordered attention) instead of ~40, with
+  the same buckets, graphs and cache contract.
 * Outputs stay on the device: `logits`/`hidden_states` are lazy host views that copy only the rows
   indexed; `argmax` (the greedy path) is computed in the graph and copied as [B, T] int64.
   `topk_logprobs` gives drafters their candidates without moving [T, V] logits to the host.
