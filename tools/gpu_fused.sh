@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout "${TEST_LIMIT:-270}" python3 -m pytest -m gpu tests/test_fused_gpu.py -s -q -p no:cacheprovider \
   -o addopts="" --junitxml="$OUT/fused_gpu.xml" > "$OUT/fused_gpu.log" 2>&1
 echo "pytest exit $? after $(( $(date +%s) - start )) s"
-grep -E "fused=|step profile|kernels|  ms  |passed|failed|Error|assert" "$OUT/fused_gpu.log" | tail -60
+grep -E "fused=|step profile|kernels| ms |passed|failed|Error|assert" "$OUT/fused_gpu.log" | tail -60
 left=$(( ${LIMIT:-580} - ($(date +%s) - start) ))
 TREESPEC_TORCH_FUSED=${FUSED:-1} BACKENDS=torch DRAFTERS=${DRAFTERS:-draft,lookup} TREES=${TREES:-default,opt32,chain4} \
   BASELINES=ar PROMPTS=${PROMPTS:-10} TOKENS=${TOKENS:-128} NAME=${NAME:-bench-fused} LIMIT=$left bash tools/gpu_bench.sh
