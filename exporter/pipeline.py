@@ -20,6 +20,7 @@ from treespec.artifacts import (DrafterEntry, Manifest, ModelDims, ModelSection,
 from treespec.errors import InputError
 from treespec.files import write_json
 from treespec.exporter.drafter_export import AddedDrafter, DrafterExport, export_drafter
+from treespec.exporter.eagle_export import export_eagle
 from treespec.exporter.engines import build_engines
 from treespec.exporter.output_dir import check_output_dir
 from treespec.exporter.onnx_export import TORCH_DTYPES, export_tree_graph, graph_entry
@@ -28,7 +29,7 @@ from treespec.models.drafter_models import check_compatible, load_weights
 from treespec.models.checkpoint import load_checkpoint
 from treespec.models.tree_model import TreeDecoder
 
-DRAFTERS = ("lookup", "medusa", "draft")
+DRAFTERS = ("lookup", "medusa", "draft", "eagle")
 
 
 @dataclass
@@ -172,6 +173,8 @@ def add_drafter(kind: str, ckpt, opts: ExportOptions, work: Path, max_context: i
     req = DrafterExport(model=opts.model, precision=opts.precision, attention=opts.attention, max_batch=opts.max_batch,
                         max_tree_tokens=opts.max_tree_tokens, max_context=max_context,
                         weights=opts.drafter_weights.get(kind))
+    if kind == "eagle":
+        return export_eagle(ckpt.model, work, req)
     return export_drafter(kind, ckpt.model, work, req)
 
 

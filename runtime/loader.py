@@ -23,6 +23,7 @@ import torch
 from treespec.artifacts import DrafterEntry, Manifest
 from treespec.errors import ArtifactError, BackendError
 from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
+from treespec.models.eagle import eagle_from_weights
 from treespec.runtime.backends.base import TreeBackend
 from treespec.runtime.backends.onnxruntime import CudaGraphsUnavailable, OnnxRuntimeBackend, open_session
 from treespec.runtime.backends.onnxruntime_device import OnnxRuntimeDeviceBackend
@@ -30,6 +31,8 @@ from treespec.runtime.backends.tensorrt import TensorRTBackend
 from treespec.runtime.backends.torch_backend import TorchBackend
 from treespec.runtime.drafters.base import Drafter
 from treespec.runtime.drafters.draft_lm import DraftModelDrafter
+from treespec.runtime.drafters.eagle import EAGLE_TOP_K, EagleDrafter, OrtEagleHead
+from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleHead
 from treespec.runtime.drafters.lookup import LookupDrafter
 from treespec.runtime.drafters.medusa import MedusaDrafter, TorchMedusaDrafter
 
@@ -137,7 +140,7 @@ def check_graph_dims(manifest: Manifest, name: str, session) -> None:
     a drafter exported for another model): drafted token ids must be the target's token ids."""
     dims = manifest.graph_dims(name) if name in ("target", "draft") else manifest.dims
     wanted = {"logits": ("vocabulary", dims.vocab_size)}
-    if name in ("target", "medusa"):  # Medusa heads read the target's hidden states
+    if name in ("target", "medusa", "eagle"):  # Medusa and EAGLE heads read the target's hidden states
         wanted["hidden_states"] = ("hidden size", dims.hidden_size)
     for arg in list(session.get_inputs()) + list(session.get_outputs()):
         if arg.name not in wanted or not arg.shape:
@@ -225,10 +228,26 @@ def _load_draft(manifest: Manifest, spec: DrafterEntry, backend: str, device: st
     return DraftModelDrafter(load_graph(manifest, spec.graph or "draft", backend, device, threads), spec.top_k or 8)
 
 
+def _load_eagle(manifest: Manifest, spec: DrafterEntry, backend: str, device: str, threads: int | None) -> Drafter:
+    dims, top_k = manifest.dims, spec.top_k or EAGLE_TOP_K
+    if backend == "torch":  # the head on the target's device; eagle2 trees drafted in one CUDA graph
+        target = load_hf_model(manifest, device)
+        head = eagle_from_weights(target, _drafter_weights(manifest, spec)).to(device=device, dtype=target.dtype)
+        runner = TorchEagleHead(head.eval(), dims.num_kv_heads, dims.head_dim, device)
+        return TorchEagleDrafter(runner, dims.hidden_size, top_k)
+    if backend not in ("onnxruntime", "onnxruntime-device"):
+        raise ArtifactError(f"the EAGLE drafter runs on onnxruntime or torch here, not {backend}")
+    graph = spec.graph or "eagle"
+    session = _open_graph_session(manifest, graph, device, threads)
+    head = OrtEagleHead(session, 1, dims.num_kv_heads, dims.head_dim, manifest.graph(graph).precision, device)
+    return EagleDrafter(head, dims.hidden_size, top_k)
+
+
 DRAFTER_LOADERS: dict[str, Callable[[Manifest, DrafterEntry, str, str, int | None], Drafter]] = {
     "lookup": _load_lookup,
     "medusa": _load_medusa,
     "draft": _load_draft,
+    "eagle": _load_eagle,
 }
 
 

@@ -93,12 +93,14 @@ def test_eagle_drafts_are_sometimes_accepted(ort_gen, bench_ids):
     assert max(accepted) >= 2, "no drafted token was ever accepted: the test would not test acceptance"
 
 
-@pytest.mark.parametrize("tree", ["eagle2-d4-k4-n16", "opt32"])
-def test_eagle_torch_cpu_lossless(eagle_artifacts, bench_ids, tree):
-    """The torch drafter: eagle2 through the device draft (eager on the CPU), opt through expand."""
+@pytest.mark.parametrize("backend,tree", [("torch", "eagle2-d4-k4-n16"), ("torch", "opt32"),
+                                          ("onnxruntime-device", "eagle2-d4-k4-n16")])
+def test_eagle_other_backends_lossless(eagle_artifacts, bench_ids, backend, tree):
+    """The torch drafter (eagle2 through the device draft, eager on the CPU; opt through expand),
+    and eagle.onnx behind the ONNX Runtime device-buffer target backend (its CPU run)."""
     ids, alone = bench_ids
-    gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, "torch", "cpu", drafter="eagle")
-    assert isinstance(gen.drafter, TorchEagleDrafter)
+    gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, backend, "cpu", drafter="eagle")
+    assert isinstance(gen.drafter, TorchEagleDrafter) == (backend == "torch")
     got = [r.token_ids for r in gen.generate_batch(ids[:3], max_new_tokens=NEW_TOKENS, tree=tree)]
     assert got == alone[:3]
 

@@ -308,6 +308,7 @@ def test_generator_sampled_children_preserve_the_distribution(small_target, targ
     the verifier are the tempered q the children were drawn from, and the first 3 tokens of a
     batch of 8 identical prompts x 500 seeded runs follow the target."""
     import treespec.runtime.generator as generator_module
+    import treespec.runtime.verify as verify_module
     from treespec.runtime.generator import TreeGenerator
     from treespec.runtime.trees.policies import proposal_distribution
 
@@ -331,7 +332,7 @@ def test_generator_sampled_children_preserve_the_distribution(small_target, targ
         trees_seen.append(out.trees)
         return out
 
-    monkeypatch.setattr(generator_module, "verify_sampling", spy)
+    monkeypatch.setattr(verify_module, "verify_sampling", spy)  # verify_tree's sampling rule
     monkeypatch.setattr(generator_module, "draft_trees", draft_spy)
     gen = TreeGenerator(small_target, drafter, eos_token_ids=[], max_context=64)
     cfg = parse_tree_config({"policy": "depth_branching", "depth": 2, "branching": 2, "sample_children": True})

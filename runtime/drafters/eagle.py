@@ -31,9 +31,7 @@ from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from treespec.runtime.drafters.base import Candidates, Drafter, Features
 from treespec.runtime.trees.tree import Tree
 
-EAGLE_TOP_K = 8
-INPUT_NAMES = ["hidden_states", "input_ids", "position_ids", "tree_mask", "past_lengths", "past_key_0",
-               "past_value_0"]
+EAGLE_TOP_K = 8  # candidates per node when the manifest does not say
 OUTPUT_NAMES = ["logits", "next_hidden_states", "new_key_0", "new_value_0"]
 
 

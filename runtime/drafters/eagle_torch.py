@@ -85,6 +85,10 @@ class TorchEagleHead(TreeBackend):
         return StepOutputs(logits=LazyHost(logits, t), hidden_states=LazyHost(hidden, t),
                            new_kv=(self._lengths.copy(), key, value))
 
+    def advance(self, counts: np.ndarray) -> None:
+        """Lengths after a captured draft committed `counts[b]` rows in place (past each length)."""
+        self._lengths += counts
+
     def commit(self, outputs: StepOutputs, accepted) -> None:
         base, key, value = outputs.new_kv
         if not np.array_equal(base, self._lengths):
@@ -115,9 +119,10 @@ class TorchEagleDrafter(EagleDrafter):
         if buf is None:
             buf = self._buffers[shape] = Eagle2Buffers(shape, self.hidden_size, self.torch_head.dtype,
                                                        self.torch_head.device)
-        count = self._load(buf)
-        packed = self._run(buf).cpu().numpy()
-        self.torch_head._lengths += count
+        with torch.inference_mode():
+            count = self._load(buf)
+            packed = self._run(buf).cpu().numpy()
+        self.torch_head.advance(count)
         n = shape.kept
         trees = []
         for b, root in enumerate(roots):
@@ -195,8 +200,7 @@ class TorchEagleDrafter(EagleDrafter):
     def _run(self, buf: Eagle2Buffers) -> torch.Tensor:
         """The draft: replayed from its CUDA graph (captured on first use), or eagerly."""
         if not self.use_graphs:
-            with torch.inference_mode():
-                return eagle2_draft(self.torch_head, buf)[0]
+            return eagle2_draft(self.torch_head, buf)[0]
         if buf.graph is None or buf.generation != self.torch_head.generation:
             _capture(self.torch_head, buf)
         buf.graph.replay()

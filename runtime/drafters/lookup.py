@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from treespec.runtime.drafters.base import Candidates, Drafter
+from treespec.runtime.drafters.base import Candidates, Drafter, Features
 from treespec.runtime.trees.tree import Tree
 
 
@@ -53,7 +53,7 @@ class LookupDrafter(Drafter):
             index.extend(context)
             self.indexes.append(index)
 
-    def accept(self, b: int, new_tokens: list[int], target_hidden: np.ndarray) -> None:
+    def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         self.indexes[b].extend(new_tokens)
 
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
