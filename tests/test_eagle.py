@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from test_sampling_distribution import GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution
+from test_sampling_distribution import GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution, full_tree
 from treespec.artifacts import load_manifest
 from treespec.exporter.eagle_export import INPUT_NAMES, OUTPUT_NAMES
+from treespec.exporter.onnx_export import export_tree_graph
 from treespec.exporter.pipeline import ExportOptions, run_export
 from treespec.models.eagle import eagle_from_weights, make_eagle_head
+from treespec.models.tree_model import TreeDecoder
 from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend, open_session
 from treespec.runtime.drafters.base import Features
 from treespec.runtime.drafters.eagle import EagleDrafter
@@ -27,7 +30,7 @@ from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleH
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_graph, load_hf_model
 from treespec.runtime.trees.policies import draft_trees, parse_tree_config
-from treespec.runtime.trees.tree import Tree
+from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams
 
 NEW_TOKENS = 12
@@ -153,9 +156,6 @@ def test_device_eagle2_draft_equals_the_eagle2_policy(eagle_artifacts, bench_ids
 
 
 def _prefill(target, prompts):
-    from treespec.runtime.backends.base import StepInputs
-    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
-
     target.reset(len(prompts), 128)
     return target.step(StepInputs(*batch_tree_inputs([chain_tree(p) for p in prompts], target.lengths)))
 
@@ -170,9 +170,6 @@ def _paths(tree: Tree) -> set[tuple[int, ...]]:
 def vocab8(tmp_path_factory):
     """(ONNX Runtime target, the torch EAGLE head) of a random 8-token Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from treespec.exporter.onnx_export import export_tree_graph
-    from treespec.models.tree_model import TreeDecoder
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -192,11 +189,6 @@ def vocab8(tmp_path_factory):
 
 
 def _target_logits(backend) -> dict[tuple[int, ...], np.ndarray]:
-    from test_sampling_distribution import full_tree
-
-    from treespec.runtime.backends.base import StepInputs
-    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
-
     backend.reset(1, 64)
     ids, pos, mask = batch_tree_inputs([chain_tree(PROMPT[:-1])], backend.lengths)
     backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(len(PROMPT) - 1))])

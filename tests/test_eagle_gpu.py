@@ -14,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from treespec.artifacts import load_manifest
 from treespec.exporter.pipeline import ExportOptions, run_export
 from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.device_tensors import LazyHost
 from treespec.runtime.drafters.base import Features
 from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter
 from treespec.runtime.trees.policies import draft_trees, parse_tree_config
 from treespec.runtime.trees.presets import load_tree_preset
+from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parent.parent
@@ -76,9 +79,6 @@ def test_eagle_batched_cuda_lossless(eagle_gen, bench_prompts):
 
 def _fresh_draft(gen, prompt_ids: list[int], cfg, graphs: bool):
     """One EAGLE-2 draft from a fresh prefill of `prompt_ids` (the drafter as the generator primes it)."""
-    from treespec.runtime.backends.base import StepInputs
-    from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
-
     target, drafter = gen.target, gen.drafter
     drafter.use_graphs = graphs
     target.reset(1, 1024)
@@ -103,8 +103,6 @@ def test_captured_draft_equals_eager(eagle_gen, bench_prompts):
 def test_draft_time_per_step(eagle_gen, bench_prompts):
     """Depth 6, 63 drafted nodes (64 tree tokens), batch 1: the drafter's whole share of a step
     (pending features gathered on the device, the graph replay, the tree to the host)."""
-    import torch
-
     cfg = parse_tree_config(load_tree_preset("eagle2-d6-k8-n64"))
     ids = eagle_gen.encode(bench_prompts[0])
     drafter = eagle_gen.drafter
