@@ -28,7 +28,7 @@ def kernels() -> dict:
     return _run(["-m", "treespec.plugins.fused.check", "--device", "cpu"])
 
 
-@pytest.mark.parametrize("kernel", ["add_rmsnorm", "rope_write", "silu_mul", "gemm"])
+@pytest.mark.parametrize("kernel", ["add_rmsnorm", "rope_write", "silu_mul", "gemm", "qkv_rope"])
 def test_kernel_matches_reference(kernels, kernel):
     assert kernels[f"{kernel}_float32"] < TOLERANCE, kernels
     assert kernels[f"{kernel}_float16"] < 2e-3, kernels
@@ -40,7 +40,8 @@ def test_tree_ancestors_kernel_is_exact(kernels):
 
 def test_fused_step_matches_tree_decoder():
     result = _run([str(REPO / "tests" / "support" / "fused_step_check.py")])
-    for decoder in (result["decoder"], result["decoder_triton_gemm"]):  # cuBLAS / Triton GEMMs
+    for name in ("decoder", "decoder_triton_gemm", "decoder_bias", "decoder_bias_triton_gemm"):
+        decoder = result[name]  # cuBLAS / Triton GEMMs, without / with projection biases
         for key in ("logits", "hidden", "new_kv"):
             assert decoder[key] < TOLERANCE, result
         assert decoder["argmax_equal"], result

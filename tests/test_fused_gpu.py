@@ -53,7 +53,7 @@ def test_fused_kernels_on_the_gpu():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(result))
     assert result["ancestors_exact"]
-    for kernel in ("add_rmsnorm", "rope_write", "silu_mul", "gemm"):
+    for kernel in ("add_rmsnorm", "rope_write", "silu_mul", "gemm", "qkv_rope"):
         assert result[f"{kernel}_float32"] < 1e-3 and result[f"{kernel}_float16"] < 2e-3, result
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from treespec.plugins.tree_attention.ordered import tree_ancestors as torch_ancestors
 from treespec.plugins.tree_attention.ordered_check import random_tree
 
-from .gemm import linear, linear_silu_mul
+from .gemm import linear, linear_silu_mul, qkv_rope, rotated_rows
 from .kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
 
 
@@ -97,6 +97,36 @@ def check_gemm(device, dtype, gen) -> float:
     return worst
 
 
+def check_qkv_rope(device, dtype, gen) -> float:
+    """The Triton QKV GEMM with RoPE and the cache write, with and without bias."""
+    batch, tokens, heads, kvh, dim, rows, k = 2, 5, 6, 2, 32, 40, 96
+    x = torch.randn(batch * tokens, k, generator=gen).to(dtype)
+    w = (torch.randn((heads + 2 * kvh) * dim, k, generator=gen) / k ** 0.5).to(dtype)
+    pos = torch.randint(0, 30, (batch, tokens), generator=gen)
+    lengths = torch.tensor([3, 20])
+    angles = torch.arange(rows)[:, None].float() * (0.1 ** torch.arange(dim // 2).float())[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    worst = 0.0
+    for bias in (None, torch.randn(w.shape[0], generator=gen).to(dtype)):
+        kc = torch.zeros(batch, kvh, rows, dim, dtype=dtype)
+        vc = torch.zeros_like(kc)
+        kc_dev, vc_dev = kc.clone().to(device), vc.clone().to(device)
+        dev = [t.to(device) if t is not None else None for t in (x, w, bias, pos, lengths, cos, sin)]
+        rot_bias = rotated_rows(dev[2], heads + kvh, dim) if bias is not None else None
+        q = qkv_rope(dev[0], dev[1], rotated_rows(dev[1], heads + kvh, dim), dev[2], rot_bias, dev[3], dev[4],
+                     dev[5], dev[6], kc_dev, vc_dev, tokens, heads, kvh)
+        y = x.float() @ w.float().T + (bias.float() if bias is not None else 0)
+        y = y.view(batch, tokens, heads + 2 * kvh, dim)
+        c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+        q_ref, k_ref = _rotate(y[:, :, :heads], c, s), _rotate(y[:, :, heads:heads + kvh], c, s)
+        for b in range(batch):
+            n = int(lengths[b])
+            kc[b, :, n:n + tokens] = k_ref[b].transpose(0, 1).to(dtype)
+            vc[b, :, n:n + tokens] = y[b, :, heads + kvh:].transpose(0, 1).to(dtype)
+        worst = max(worst, _err(q.view(batch, tokens, heads, dim), q_ref), _err(kc_dev, kc), _err(vc_dev, vc))
+    return worst
+
+
 def check_ancestors(device, gen) -> bool:
     for tokens, real in [(1, 1), (8, 5), (64, 64), (100, 37), (128, 128)]:
         masks = []
@@ -123,6 +153,7 @@ def main() -> None:
         result[f"rope_write_{name}"] = check_rope_write(args.device, dtype, gen)
         result[f"silu_mul_{name}"] = check_silu_mul(args.device, dtype, gen)
         result[f"gemm_{name}"] = check_gemm(args.device, dtype, gen)
+        result[f"qkv_rope_{name}"] = check_qkv_rope(args.device, dtype, gen)
     print(json.dumps(result))
 
 

@@ -55,6 +55,81 @@ def linear_kernel(X, W, BIAS, OUT, M, N, K,
     tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def qkv_rope_kernel(X, W, WROT, BIAS, BIAS_ROT, POS, LENGTHS, COS, SIN, Q, KC, VC, M, K, T,
+                    skb, skh, skr, svb, svh, svr,
+                    HAS_BIAS: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One program: BLOCK_M rows x one head of the QKV projection. Q and K heads also accumulate
+    # x @ WROT.T = rotate_half(x @ W.T), so RoPE is q * cos + q_rot * sin in the epilogue; Q goes
+    # to Q [M, H * D], K and V straight to their cache rows L_b + t.
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    rn = tl.arange(0, D)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    w_rows = (head * D + rn).to(tl.int64)
+    rotate = w_rows < (H + KVH) * D  # [D]: all true for a Q or K head, all false for a V head
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    acc_rot = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(X + rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        offs = w_rows[None, :] * K + (k0 + rk)[:, None]  # [BLOCK_K, D]
+        acc = tl.dot(x, tl.load(W + offs, mask=k_ok[:, None], other=0.0), acc, input_precision=DOT_PREC)
+        w_rot = tl.load(WROT + offs, mask=k_ok[:, None] & rotate[None, :], other=0.0)  # V heads: no reads
+        acc_rot = tl.dot(x, w_rot, acc_rot, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + w_rows).to(tl.float32)[None, :]
+        acc_rot += tl.load(BIAS_ROT + w_rows, mask=rotate, other=0.0).to(tl.float32)[None, :]
+    pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.int64)
+    trig = pos[:, None] * D + rn[None, :]
+    cos = tl.load(COS + trig, mask=m_ok[:, None], other=0.0)
+    sin = tl.load(SIN + trig, mask=m_ok[:, None], other=0.0)
+    y = tl.where(rotate[None, :], acc * cos + acc_rot * sin, acc)
+    b = (rm // T).to(tl.int64)
+    row = tl.load(LENGTHS + b, mask=m_ok, other=0) + rm % T
+    if head < H:
+        tl.store(Q + rm[:, None].to(tl.int64) * (H * D) + head * D + rn[None, :], y.to(Q.dtype.element_ty),
+                 mask=m_ok[:, None])
+    elif head < H + KVH:
+        dst = KC + (b * skb + (head - H) * skh + row * skr)[:, None] + rn[None, :]
+        tl.store(dst, y.to(KC.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        dst = VC + (b * svb + (head - H - KVH) * svh + row * svr)[:, None] + rn[None, :]
+        tl.store(dst, y.to(VC.dtype.element_ty), mask=m_ok[:, None])
+
+
+def rotated_rows(weight: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """The first `heads` heads of a [N, ...] projection with rotate_half applied to its output
+    rows: x @ rotated.T == rotate_half(x @ weight[:heads * dim].T) per head."""
+    w = weight[:heads * dim].reshape(heads, dim, *weight.shape[1:])
+    half = dim // 2
+    return torch.cat([-w[:, half:], w[:, :half]], 1).reshape(heads * dim, *weight.shape[1:]).contiguous()
+
+
+def qkv_rope(x: torch.Tensor, qkv: torch.Tensor, qk_rot: torch.Tensor, bias: torch.Tensor | None,
+             bias_rot: torch.Tensor | None, pos: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: int, heads: int,
+             kv_heads: int) -> torch.Tensor:
+    """x [M = B*T, K]; qkv [(H + 2 KVH) * D, K]; qk_rot = rotated_rows(qkv, H + KVH, D): the QKV
+    GEMM with RoPE, K/V written to cache rows L_b + t. Returns the rotated Q [M, H * D]."""
+    rows, k = x.shape
+    dim = cos.shape[1]
+    q = torch.empty(rows, heads * dim, dtype=x.dtype, device=x.device)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    grid = (triton.cdiv(rows, block_m), heads + 2 * kv_heads)
+    has_bias = bias is not None
+    qkv_rope_kernel[grid](x, qkv, qk_rot, bias if has_bias else qkv, bias_rot if has_bias else qkv, pos, lengths,
+                          cos, sin, q, k_cache, v_cache, rows, k, tokens,
+                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                          HAS_BIAS=has_bias, H=heads, KVH=kv_heads, D=dim, DOT_PREC=dot_precision(x.dtype),
+                          BLOCK_M=block_m, BLOCK_K=64, num_warps=4)
+    return q
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, silu_mul: bool) -> torch.Tensor:
     rows, k = x.shape
     if x.stride(1) != 1 or x.stride(0) != k or not weight.is_contiguous():

@@ -26,12 +26,14 @@ def _err(got, ref) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def tiny_model(vocab: int = 320) -> LlamaForCausalLM:
+def tiny_model(vocab: int = 320, bias: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_random_config(vocab)).eval()
+    cfg = tiny_random_config(vocab)
+    cfg.attention_bias = cfg.mlp_bias = bias  # biases: Qwen2-like projections
+    model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.08) if p.dim() == 2 else p.uniform_(0.8, 1.2)  # norms not all ones
+            p.normal_(0.0, 0.08) if p.dim() == 2 else p.uniform_(0.8, 1.2)  # norms (and biases) not 1 / 0
     return model
 
 
@@ -93,7 +95,10 @@ def backend_steps(model, gen) -> float:
 def main() -> None:
     gen = torch.Generator().manual_seed(11)
     model = tiny_model()
+    biased = tiny_model(bias=True)
     result = {"decoder": decoder_step(model, gen, "cublas"), "decoder_triton_gemm": decoder_step(model, gen, "triton"),
+              "decoder_bias": decoder_step(biased, gen, "cublas"),
+              "decoder_bias_triton_gemm": decoder_step(biased, gen, "triton"),
               "backend_logits": backend_steps(model, gen)}
     print(json.dumps(result))
 

@@ -6,8 +6,8 @@ at construction), RoPE + K/V cache write (Triton), position-ordered tree attenti
 GEMM, add+RMSNorm, gate/up GEMM (concatenated), SiLU*mul (Triton), down GEMM. Per step, besides:
 the ancestor lists (1 kernel), the final add+RMSNorm, lm_head and the argmax:
 274 kernels for 30 layers when cuBLAS runs each GEMM as one kernel (the GPU test counts them).
-With gemm="triton" (plugins/fused/gemm.py) each GEMM is one Triton kernel and gate/up carries the
-SiLU*mul: 8 kernels per layer, 244 per step.
+With gemm="triton" (plugins/fused/gemm.py) each GEMM is one Triton kernel, the QKV GEMM applies
+RoPE and writes K/V to the cache, gate/up carries the SiLU*mul: 7 kernels per layer, 214 per step.
 
 Same contract as TorchBackend's unfused `_forward`: the new K/V rows go straight to the cache
 rows [L_b, L_b + T) of the fixed-capacity buffer [2*layers, B, KVH, rows, D] and `commit` moves
@@ -46,6 +46,8 @@ class FusedLayer:
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [hidden, inter]
     down_bias: torch.Tensor | None
+    qk_rot: torch.Tensor | None = None  # Triton GEMMs: rotate_half of the Q and K rows [(H + KVH) * D, hidden]
+    qk_rot_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,20 +79,27 @@ def _eps(norm: nn.Module) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def fuse_layer(layer: nn.Module) -> FusedLayer:
+def fuse_layer(layer: nn.Module, rope_heads: int = 0, head_dim: int = 0) -> FusedLayer:
+    """The layer's weights concatenated; with `rope_heads` (H + KVH) also the rotated Q/K rows
+    that let the Triton QKV GEMM apply RoPE in its epilogue."""
     attn, mlp = layer.self_attn, layer.mlp
     act = getattr(mlp, "act_fn", None)
     if not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLU", "SiLUActivation"):
         raise ValueError(f"the fused step needs a SiLU MLP, this layer has {type(act).__name__}")
     qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
     gate_up = (mlp.gate_proj, mlp.up_proj)
-    return FusedLayer(
+    fused = FusedLayer(
         input_norm=layer.input_layernorm.weight.detach(),
         qkv=torch.cat([m.weight for m in qkv]).detach().contiguous(), qkv_bias=_cat_bias(qkv),
         o_proj=attn.o_proj.weight.detach(), o_bias=attn.o_proj.bias,
         post_norm=layer.post_attention_layernorm.weight.detach(),
         gate_up=torch.cat([m.weight for m in gate_up]).detach().contiguous(), gate_up_bias=_cat_bias(gate_up),
         down=mlp.down_proj.weight.detach(), down_bias=mlp.down_proj.bias)
+    if rope_heads:
+        fused.qk_rot = triton_gemm.rotated_rows(fused.qkv, rope_heads, head_dim)
+        if fused.qkv_bias is not None:
+            fused.qk_rot_bias = triton_gemm.rotated_rows(fused.qkv_bias, rope_heads, head_dim)
+    return fused
 
 
 class FusedDecoder:
@@ -103,8 +112,9 @@ class FusedDecoder:
         self.decoder = decoder
         self.gemm = gemm  # "triton": the layers' GEMMs in Triton, gate/up fused with SiLU*mul
         self.linear = triton_gemm.linear if gemm == "triton" else F.linear
+        rope_heads = decoder.num_heads + decoder.num_kv_heads if gemm == "triton" else 0
         with torch.no_grad():
-            self.layers = [fuse_layer(layer) for layer in decoder.layers]
+            self.layers = [fuse_layer(layer, rope_heads, decoder.head_dim) for layer in decoder.layers]
         self.eps = _eps(decoder.layers[0].input_layernorm)
         self.final_norm = decoder.norm.weight.detach()
         self.heads, self.kv_heads, self.head_dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
@@ -146,9 +156,13 @@ class FusedDecoder:
         """One layer (the draft LM's and an EAGLE head's layers too): residual/normed [M, hidden]
         updated in place, normed becoming the input of the layer whose norm is `next_norm`."""
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
-        qkv = self.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
-        rope_write(qkv, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
-        q = qkv.view(batch, tokens, -1)[..., :heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
+        if self.gemm == "triton":  # one kernel: QKV GEMM, RoPE, K/V to the cache
+            q = triton_gemm.qkv_rope(normed, layer.qkv, layer.qk_rot, layer.qkv_bias, layer.qk_rot_bias, ctx.pos,
+                                     ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
+        else:
+            q = F.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
+            rope_write(q, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
+        q = q.view(batch, tokens, -1)[..., :heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
         out = ordered.ordered_tree_attention(q, k_cache, v_cache, ctx.lengths, ctx.ancestors, ctx.depths,
                                              self.decoder.scale)
         attn = self.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias)
