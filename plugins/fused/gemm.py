@@ -1,11 +1,12 @@
-"""A Triton GEMM for the fused step, with the SiLU*mul of the MLP as an epilogue: the option
-`gemm="triton"` of treespec.models.fused_decoder (TREESPEC_FUSED_GEMM=triton), against cuBLAS.
+"""Triton GEMMs for the fused step, with epilogues: the option `gemm="triton"` of
+treespec.models.fused_decoder (TorchBackend(fused="triton"), TREESPEC_TORCH_FUSED=triton).
 
 Why: at a step's 64 rows cuBLAS may split K (a GEMM and a reduction kernel) for SmolLM2's narrow
-projections (N = 576), and the gate/up GEMM's [M, 2 * 1536] output is written only for SiLU*mul
-to read it back. Here every GEMM is one kernel with no split of K, and gate/up + SiLU*mul is one
-kernel with two accumulators (8 kernels per layer instead of 9). Which is faster on the H200 is
-for `treespec bench`'s step profile to say (not measured when this was written).
+projections (N = 576), and GEMM outputs are written only for the next element-wise kernel to read
+them back. Here every GEMM is one kernel with no split of K; the QKV GEMM applies RoPE and writes
+K/V to the cache (`qkv_rope`), gate/up applies SiLU*mul (`linear_silu_mul`): 7 kernels per layer
+instead of 9. Which is faster on the H200 is for `treespec bench`'s step profile to say (not
+measured when this was written).
 
 Bit-identity across steps: each output element's K loop and tile shapes are fixed by the bucket,
 so a row's result does not depend on the other rows. Must stay in a .py file (Triton's interpreter).
