@@ -68,10 +68,10 @@ def decoder_step(model, gen, gemm: str) -> dict:
 
 
 def backend_steps(model, gen) -> float:
-    """TorchBackend(fused=True) vs the unfused backend on the CPU: prefill, a tree step, a commit
+    """TorchBackend(fused=True and "triton") vs the unfused backend on the CPU: prefill, a tree step, a commit
     of a non-contiguous path, another tree step. Worst logits error."""
-    backends = [TorchBackend(model, "cpu", fused=f) for f in (False, True)]
-    assert backends[1].fused is not None and backends[0].fused is None
+    backends = [TorchBackend(model, "cpu", fused=f) for f in (False, True, "triton")]
+    assert backends[0].fused is None and backends[1].fused.gemm == "cublas" and backends[2].fused.gemm == "triton"
     prompt = torch.randint(0, 320, (21,), generator=gen).tolist()
     tree = random_tree(9, gen)
     worst = 0.0
@@ -87,8 +87,9 @@ def backend_steps(model, gen) -> float:
         be.commit(step, [sorted(set(path))])
         last = be.step(StepInputs(*batch_tree_inputs([chain_tree([5, 6, 7])], be.lengths)))
         outs.append([np.asarray(first.logits), np.asarray(step.logits), np.asarray(last.logits)])
-    for a, b in zip(*outs):
-        worst = max(worst, _err(b, a))
+    for fused_outs in outs[1:]:
+        for a, b in zip(outs[0], fused_outs):
+            worst = max(worst, _err(b, a))
     return worst
 
 
