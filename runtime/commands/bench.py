@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the HF baselines on only the first N prompts (0: all; HF is slow)")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="HF prompt_lookup_num_tokens")
     p.add_argument("--curve-reps", type=int, default=20, help="timed repetitions per tree size")
+    p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the verify-latency curves and the step profile (--no-curves: skip)")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; configurations still to run after this are skipped (0: no limit)")
     p.add_argument("--json", type=Path, required=True, help="write results here")
@@ -305,7 +307,7 @@ def _bench_drafter(bench: BenchRun, backend_name: str, gen, kind: str, trees: li
 
 def _bench_backend(bench: BenchRun, backend_name: str, gen, drafters: list[str], trees: list[str]) -> None:
     base, reference = _bench_plain(bench, backend_name, gen)
-    if not bench.over_budget():
+    if bench.args.curves and not bench.over_budget():
         try:
             _curves(bench.result, backend_name, gen.target, gen.manifest, bench.device, bench.args)
         except Exception as exc:
