@@ -293,7 +293,7 @@ def run_training(opts: EagleOptions, log=print) -> dict:
     depths = [cfg.unroll] + ([cfg.compare_unroll] if cfg.compare_unroll else [])
     heads = [(make_eagle_head(target).to(opts.device), k) for k in depths]  # fp32 copies of the last layer
     if opts.device == "cuda":
-        target.half()  # the runtime's precision; the heads' own weights stay fp32
+        torch.nn.Module.half(target)  # the runtime precision (HF refuses .half() on GGUF models); heads stay fp32
     data, data_meta = dataset(opts, target, ckpt.tokenizer, log)
     if opts.time_budget:  # what the whole run has left, less a reserve for evaluation and saving
         left = opts.time_budget - (time.perf_counter() - started) - EVAL_RESERVE_S
