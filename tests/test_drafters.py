@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from treespec.runtime.api import SpeculativeGenerator
+from support.parity import backend_tree_logits, hf_tree_logits, random_tree
 from treespec.artifacts import load_manifest
+from treespec.runtime.api import SpeculativeGenerator
 
 TREES = {
     "lookup": ["opt32"],
@@ -39,8 +40,6 @@ def test_medusa_graph_matches_pytorch(tiny_artifacts, tiny_hf):
 
 
 def test_draft_graph_matches_pytorch(tiny_artifacts, tiny_hf):
-    from test_export_parity import hf_tree_logits, ort_tree_logits, random_tree
-
     from treespec.models.drafter_models import draft_from_weights
     from treespec.runtime.loader import load_graph
 
@@ -53,7 +52,7 @@ def test_draft_graph_matches_pytorch(tiny_artifacts, tiny_hf):
     for size in (1, 17, 40):
         prefix = [int(t) for t in rng.integers(0, manifest.dims.vocab_size, 11)]
         tree = random_tree(rng, size, manifest.dims.vocab_size)
-        worst = max(worst, float(np.abs(ort_tree_logits(backend, prefix, tree)
+        worst = max(worst, float(np.abs(backend_tree_logits(backend, prefix, tree)
                                         - hf_tree_logits(draft, prefix, tree)).max()))
     assert worst < 1e-3
 
