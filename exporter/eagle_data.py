@@ -353,12 +353,15 @@ class DataOptions:
     temperature: float = 0.8  # for the target's own instructions and the extra answers
     seed: int = 0
     bench: Path = Path(__file__).resolve().parent.parent / "tests" / "data" / "bench.jsonl"
+    bench_answers: int = 0  # bench prompts answered for evaluation (0: all; never trained on)
 
 
 def build_dataset(decoder: TreeDecoder, tokenizer, opts: DataOptions, log=print) -> tuple[TokenData, dict]:
     """Prompt set -> the target's answers -> TokenData (train / held-out / bench-eval splits)."""
     rng, eos = random.Random(opts.seed), tokenizer.eos_token_id
     bench = [json.loads(line)["messages"] for line in opts.bench.read_text().splitlines() if line.strip()]
+    bench_texts = [m[-1]["content"] for m in bench]  # every bench prompt is excluded from training
+    bench = bench[:opts.bench_answers or None]
     seeds = seed_requests(opts.seed_questions, opts.seed_paragraphs, rng)
     written = [tokenizer.decode(a, skip_special_tokens=True) for a in generate(
         decoder, chat_ids(tokenizer, seeds, opts.max_prompt_tokens), 96, eos, opts.batch_size, opts.temperature,
@@ -367,7 +370,7 @@ def build_dataset(decoder: TreeDecoder, tokenizer, opts: DataOptions, log=print)
     paragraphs = [p for p in map(clean_paragraph, written[opts.seed_questions:]) if p]
     context = [rng.choice(CONTEXT_TEMPLATES).format(p=p) for p in paragraphs]
     prompts, near = bench_filter(templated_prompts(opts.templated, rng) + questions + context
-                                 + corpus_prompts(opts.corpus, opts.seed), [m[-1]["content"] for m in bench])
+                                 + corpus_prompts(opts.corpus, opts.seed), bench_texts)
     rng.shuffle(prompts)
     log(f"prompts: {len(prompts)} distinct ({len(questions)} written by the target, {len(context)} on its "
         f"paragraphs), {near} dropped as near a bench prompt")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from treespec.errors import InputError
 
-POSITIVE = ("token_batch", "max_length", "new_tokens", "generate_batch", "unroll", "epochs", "lr")
+POSITIVE = ("token_batch", "max_length", "new_tokens", "generate_batch", "unroll", "epochs", "lr", "warmup")
 NON_NEGATIVE = ("prompts", "seed_questions", "seed_paragraphs", "corpus_prompts", "heldout", "target_tokens",
-                "compare_unroll", "time_budget")
+                "compare_unroll", "time_budget", "bench_answers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,11 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--new-tokens", type=int, default=288, help="longest answer")
     d.add_argument("--generate-batch", type=int, default=4096, help="sequences the target answers at once")
     d.add_argument("--temperature", type=float, default=0.8, help="for target-written prompts and extra answers")
+    d.add_argument("--bench-answers", type=int, default=0,
+                   help="bench prompts the target answers for evaluation only (0: all)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=2.0)
     t.add_argument("--token-batch", type=int, default=16384, help="padded tokens per batch")
     t.add_argument("--max-length", type=int, default=640, help="longest training sequence (tokens)")
     t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup", type=int, default=100, help="steps of linear LR warm-up")
     t.add_argument("--unroll", type=int, default=4, help="training-time-test depth (1: EAGLE-1 training)")
     t.add_argument("--compare-unroll", type=int, default=1,
                    help="also train a head with this depth and keep the better on held-out prompts (0: off)")
@@ -80,10 +83,11 @@ def run(args) -> int:
     data = DataOptions(templated=args.prompts, seed_questions=args.seed_questions,
                        seed_paragraphs=args.seed_paragraphs, corpus=args.corpus_prompts, heldout=args.heldout,
                        target_tokens=args.target_tokens, new_tokens=args.new_tokens,
-                       batch_size=args.generate_batch, temperature=args.temperature, seed=args.seed)
+                       batch_size=args.generate_batch, temperature=args.temperature, seed=args.seed,
+                       bench_answers=args.bench_answers)
     train = TrainConfig(epochs=args.epochs, token_batch=args.token_batch, max_length=args.max_length, lr=args.lr,
-                        unroll=args.unroll, compare_unroll=args.compare_unroll, ce_weight=args.ce_weight,
-                        seed=args.seed)
+                        warmup=args.warmup, unroll=args.unroll, compare_unroll=args.compare_unroll,
+                        ce_weight=args.ce_weight, seed=args.seed)
     data_dir = args.data or args.out.with_name(args.out.stem + ".data")
     summary = run_training(EagleOptions(out=args.out, data_dir=data_dir, model=args.model, device=args.device,
                                         rebuild_data=args.rebuild_data, time_budget=args.time_budget, data=data,
