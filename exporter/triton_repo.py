@@ -34,7 +34,7 @@ from treespec.artifacts import EngineRecord, GraphEntry, load_manifest
 STAMP = "treespec_repo.json"
 ORCHESTRATOR = "treespec"
 GRAPHS = ("target", "draft", "medusa")
-BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
+BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")  # torch: the artifacts' torch_weights
 DEVICES = ("cpu", "cuda")
 DEFAULT_MAX_TOKENS = 128
 
@@ -43,6 +43,7 @@ DEFAULT_MAX_TOKENS = 128
 ORCHESTRATOR_INPUTS = [
     ("text_input", "TYPE_STRING", [1], True),
     ("input_ids", "TYPE_INT64", [-1], True),
+    ("messages", "TYPE_STRING", [1], True),  # chat messages as JSON text (the OpenAI front's chat)
     ("max_tokens", "TYPE_INT32", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
     ("top_p", "TYPE_FP32", [1], True),
@@ -58,6 +59,7 @@ ORCHESTRATOR_OUTPUTS = [
     ("output_ids", "TYPE_INT64", [-1]),
     ("accepted_tokens", "TYPE_INT32", [1]),
     ("steps", "TYPE_INT32", [1]),
+    ("prompt_tokens", "TYPE_INT32", [1]),  # the prompt's length in tokens (OpenAI usage)
 ]
 
 # ONNX TensorProto element type -> Triton data type
@@ -113,7 +115,7 @@ def _instance_group(pb, device: str, count: int):
 
 def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances: int = 1,
                         threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                        drafter: str | None = None, tree: str | None = None):
+                        drafter: str | None = None, tree: str | None = None, batch_slots: int = 0):
     pb, _ = _pb()
     cfg = pb.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
@@ -127,6 +129,7 @@ def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances
         "drafter": drafter or "",  # empty: the manifest's default drafter
         "tree": tree or "",  # empty: that drafter's default tree; requests may override it
         "default_max_tokens": str(max_tokens),
+        "batch_slots": str(batch_slots),  # > 0: in-flight batching over that many slots (runtime/batching.py)
         "python_path": json.dumps(python_path()),
         "treespec_root": _treespec_root(),
     }
@@ -209,7 +212,8 @@ def _manifest_digest(artifact_dir: Path) -> str:
 
 def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
               instances: int = 1, threads: int | None = None, graphs: bool = True,
-              link: str = "symlink", drafter: str | None = None, tree: str | None = None) -> dict[str, str | Path]:
+              link: str = "symlink", drafter: str | None = None, tree: str | None = None,
+              batch_slots: int = 0) -> dict[str, str | Path]:
     """Everything the repository holds: relative path -> text, or -> a source file to link/copy."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -217,6 +221,8 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise InputError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise InputError(f"instances must be a positive integer, got {instances!r}")
+    if isinstance(batch_slots, bool) or not isinstance(batch_slots, int) or not 0 <= batch_slots <= 256:
+        raise InputError(f"batch_slots must be an integer in [0, 256], got {batch_slots!r}")
     if link not in ("symlink", "copy"):
         raise InputError(f"link must be 'symlink' or 'copy', got '{link}'")
     artifact_dir = Path(artifact_dir).resolve()
@@ -227,11 +233,15 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
     if backend == "tensorrt-rtx" and manifest.graph("target").engine("tensorrt-rtx") is None:
         raise ArtifactError(f"{artifact_dir} has no TensorRT-RTX engine for the target graph: "
                             "build one with treespec-export --engines tensorrt-rtx, or use --backend onnxruntime")
+    if backend == "torch" and manifest.torch_weights is None:
+        raise ArtifactError(f"{artifact_dir} has no torch_weights for the torch backend: re-export the artifacts "
+                            "with treespec-export, or use --backend onnxruntime")
     plan: dict[str, str | Path] = {}
     if drafter is not None and drafter != "none" and drafter not in manifest.drafters:
         raise ArtifactError(f"these artifacts have no '{drafter}' drafter (they have: "
                             f"{', '.join(manifest.drafters) or 'none'})")
-    cfg = orchestrator_config(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree)
+    cfg = orchestrator_config(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree,
+                              batch_slots=batch_slots)
     plan[f"{ORCHESTRATOR}/config.pbtxt"] = config_text(cfg)
     plan[f"{ORCHESTRATOR}/1/model.py"] = model_py()
     if graphs:
@@ -245,7 +255,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
     stamp = {"treespec_version": _version(), "artifact_dir": str(artifact_dir),
              "manifest_sha256": _manifest_digest(artifact_dir), "backend": backend, "device": device,
              "instances": instances, "threads": threads, "link": link, "drafter": drafter, "tree": tree,
-             "models": sorted({k.split("/")[0] for k in plan})}
+             "batch_slots": batch_slots, "models": sorted({k.split("/")[0] for k in plan})}
     plan[STAMP] = json.dumps(stamp, indent=2) + "\n"
     return plan
 
@@ -276,18 +286,19 @@ def _matches(out_dir: Path, plan: dict[str, str | Path], link: str) -> bool:
 def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: str = "onnxruntime",
                       device: str = "cpu", force: bool = False, instances: int = 1,
                       threads: int | None = None, graphs: bool = True, link: str = "symlink",
-                      drafter: str | None = None, tree: str | None = None) -> Path:
+                      drafter: str | None = None, tree: str | None = None, batch_slots: int = 0) -> Path:
     """Write the model repository for `artifact_dir` into `out_dir` and return out_dir.
 
-    backend: how the orchestrator runs the graphs (onnxruntime, tensorrt, tensorrt-rtx); device:
+    backend: how the orchestrator runs the graphs (onnxruntime, tensorrt, tensorrt-rtx, torch); device:
     cpu or cuda (the instance group's kind); instances: orchestrator processes; threads: ONNX
     Runtime threads per instance (0/None: its default); drafter / tree: the orchestrator's drafter
-    and default tree (None: the manifest's); graphs: also write the per-graph models;
+    and default tree (None: the manifest's); batch_slots: > 0 batches requests in flight over that
+    many slots (0: one request after the other); graphs: also write the per-graph models;
     link: 'symlink' the graph files from the artifacts or 'copy' them. An out_dir that already
     holds exactly this repository is left untouched; any other non-empty out_dir needs force.
     """
     out_dir = Path(out_dir)
-    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link, drafter, tree)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link, drafter, tree, batch_slots)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -327,19 +338,20 @@ def read_stamp(repo_dir: str | Path) -> dict[str, Any] | None:
 
 def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: str = "onnxruntime",
                        device: str = "cpu", instances: int = 1, threads: int | None = None,
-                       drafter: str | None = None, tree: str | None = None) -> bool:
+                       drafter: str | None = None, tree: str | None = None, batch_slots: int = 0) -> bool:
     """Reuse repo_dir when it already is this repository (returns True), else (re)write it.
 
     A folder that treespec wrote for other artifacts or options is rewritten; a non-empty folder
     that treespec did not write is refused.
     """
     repo_dir = Path(repo_dir)
-    plan = plan_repo(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree,
+                     batch_slots=batch_slots)
     if repo_dir.is_dir() and any(repo_dir.iterdir()) and _matches(repo_dir, plan, "symlink"):
         return True
     ours = read_stamp(repo_dir) is not None
     write_triton_repo(artifact_dir, repo_dir, backend, device, force=ours, instances=instances, threads=threads,
-                      drafter=drafter, tree=tree)
+                      drafter=drafter, tree=tree, batch_slots=batch_slots)
     return False
 
 

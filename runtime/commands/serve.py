@@ -12,8 +12,10 @@ import argparse
 import signal
 from pathlib import Path
 
+from treespec.artifacts import load_manifest
 from treespec.errors import InputError
-from treespec.exporter.triton_repo import cache_root, default_repo_dir, ensure_triton_repo
+from treespec.exporter.triton_repo import BACKENDS, cache_root, default_repo_dir, ensure_triton_repo
+from treespec.runtime.triton.openai import OpenAIOptions
 from treespec.runtime.triton.schema import MAX_BODY_BYTES
 from treespec.runtime.triton.service import TritonService
 
@@ -24,9 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--repo", type=Path, help="model repository to write or reuse (default: a cache folder)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "tensorrt-rtx"])
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="how the model runs the graphs: torch is the fastest on CUDA (it runs on the CPU too)")
+    p.add_argument("--served-model-name", default="treespec",
+                   help="the model name OpenAI clients send (/v1/models lists it; default treespec)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--instances", type=int, default=1, help="model instances (processes) serving requests")
+    p.add_argument("--batch-slots", type=int, default=0,
+                   help="in-flight batching: concurrent requests share one running batch of this many slots "
+                        "(0, the default: one request after the other per instance)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per instance")
     p.add_argument("--drafter", help="lookup, medusa, draft or none (default: the manifest's)")
     p.add_argument("--tree", help="default tree: none, a preset name or inline JSON (requests may override)")
@@ -49,7 +57,8 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     repo = args.repo or default_repo_dir(args.artifacts, args.backend, args.device)
     reused = ensure_triton_repo(args.artifacts, repo, backend=args.backend, device=args.device,
-                                instances=args.instances, threads=args.threads, drafter=args.drafter, tree=args.tree)
+                                instances=args.instances, threads=args.threads, drafter=args.drafter, tree=args.tree,
+                                batch_slots=args.batch_slots)
     _print(f"model repository: {repo} ({'reused' if reused else 'written'})")
     log_file = args.log_file
     if log_file is None:  # kept after the server stops, unlike its temporary working directory
@@ -57,13 +66,17 @@ def serve(args: argparse.Namespace) -> int:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log_file.unlink(missing_ok=True)
     service = TritonService(repo, args.port, args.grpc_port, args.metrics_port, log_file=log_file,
-                            max_body=args.max_request_bytes, on_event=lambda m: _print(f"[supervisor] {m}"))
+                            max_body=args.max_request_bytes, on_event=lambda m: _print(f"[supervisor] {m}"),
+                            openai=OpenAIOptions(args.served_model_name,
+                                                 load_manifest(args.artifacts).dims.max_context))
     previous = signal.signal(signal.SIGTERM, _on_signal)
     try:
         _print("starting tritonserver (loading the model)...")
         service.start()
         _print(f"ready in {service.server.startup_s:.1f} s\n"
                f"  HTTP     {service.http_url}   (POST /v2/models/treespec/generate, /generate_stream)\n"
+               f"  OpenAI   {service.http_url}/v1   (completions, chat/completions, models: "
+               f"model {args.served_model_name!r})\n"
                f"  gRPC     {service.grpc_url}\n"
                f"  metrics  {service.metrics_url}\n"
                f"  log      {service.server.log_file}\n"

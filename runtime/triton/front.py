@@ -14,7 +14,9 @@ Why a front and not a tritonserver option: Triton 2.51 has no limit on HTTP inpu
 - forwards health and metadata GETs; model control, shared memory, logging and trace are not
   reachable through it (403), so no client can unload the model;
 - answers 503 (Retry-After) while tritonserver restarts, and 408 when a request ran out of its
-  own deadline; at most `max_connections` connections at a time (more get 503 at once).
+  own deadline; at most `max_connections` connections at a time (more get 503 at once);
+- answers the OpenAI protocol too (/v1/completions, /v1/chat/completions, /v1/models: runtime/triton/openai.py),
+  translated into the same checked generate requests.
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from treespec.errors import InputError
+from treespec.runtime.triton.openai import (CHAT, COMPLETIONS, MODELS, OpenAIError, OpenAIOptions, OpenAIRelay,
+                                            models_body, parse_call)
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, MAX_BODY_BYTES, MAX_TIMEOUT_S, check_request
 
 GENERATE = re.compile(r"/v2/models/([A-Za-z0-9_.-]+)(/versions/[0-9]+)?/(generate|generate_stream|infer)")
 READABLE = re.compile(r"/v2(/health/(live|ready)|/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?(/ready|/config|/stats)?)?")
+UPSTREAM_MODEL = "treespec"  # the orchestrator's name in the repository (exporter/triton_repo.py)
 RESTARTING = "is not healthy"  # Triton's answer (a 400) while a dead model instance is being replaced
 DRAIN_BYTES = 64 << 20  # of an oversize body, read and dropped after the 413 (then the connection closes)
 UPSTREAM_SLACK_S = 60.0  # beyond a request's deadline; the supervisor kills a stuck stub before this
@@ -145,6 +150,9 @@ class FrontHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a body on a GET is not read: the connection cannot be reused
+        if self.path.split("?", 1)[0] == MODELS:
+            self.reply(Reply(200, models_body(self.server.openai)))
+            return
         if not READABLE.fullmatch(self.path.split("?", 1)[0]):
             self.reply(error_reply(403 if self.path.startswith("/v2") else 404,
                                    f"{self.path[:80]} is not available on this port"), close=True)
@@ -152,6 +160,9 @@ class FrontHandler(BaseHTTPRequestHandler):
         self.reply(self.forward_get(self.path))
 
     def do_POST(self) -> None:
+        if self.path in (COMPLETIONS, CHAT):
+            self.openai(self.path == CHAT)
+            return
         match = GENERATE.fullmatch(self.path)
         if match is None:
             self.reply(error_reply(403 if self.path.startswith("/v2") else 404,
@@ -222,6 +233,28 @@ class FrontHandler(BaseHTTPRequestHandler):
         else:
             self.relay_events(response)
 
+    def openai(self, chat: bool) -> None:
+        """An OpenAI request: checked, sent as a generate request, answered in OpenAI's objects."""
+        body = self.read_body()
+        if body is None:
+            return
+        relay = OpenAIRelay(self, self.server.openai, upstream_error, UPSTREAM_SLACK_S)
+        try:
+            try:
+                call = parse_call(parse_json(body, "the body"), chat, self.server.openai)
+            except InputError as exc:
+                raise OpenAIError(400, str(exc)) from None
+            path = f"/v2/models/{UPSTREAM_MODEL}/{'generate_stream' if call.request.stream else 'generate'}"
+            if call.request.stream:
+                relay.stream(call, path)
+            else:
+                self.reply(Reply(200, relay.whole(call, path)))
+        except OpenAIError as exc:
+            self.reply(Reply(exc.status, exc.body()))
+        except (http.client.HTTPException, OSError) as exc:
+            reply = self.unreachable(exc)
+            self.reply(Reply(reply.status, OpenAIError(reply.status, json.loads(reply.body)["error"]).body()))
+
     def relay_events(self, response) -> None:
         """Server-sent events, one per decoding step, passed on as they come (then the connection closes)."""
         self.send_response(200)
@@ -247,10 +280,12 @@ class FrontServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], upstream: tuple[str, int], max_body: int = MAX_BODY_BYTES,
-                 max_timeout: float = MAX_TIMEOUT_S, max_connections: int = 128, read_timeout: float = 30.0):
+                 max_timeout: float = MAX_TIMEOUT_S, max_connections: int = 128, read_timeout: float = 30.0,
+                 openai: OpenAIOptions | None = None):
         handler = type("Handler", (FrontHandler,), {"timeout": read_timeout})  # a slow client's socket times out
         super().__init__(address, handler)
         self.upstream, self.max_body, self.max_timeout = upstream, max_body, max_timeout
+        self.openai = openai or OpenAIOptions()
         self._slots = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request, client_address) -> None:

@@ -11,6 +11,10 @@ included): a bad request costs microseconds, not the model's time. Each response
 text_output (the new text: the delta when streaming), output_ids, accepted_tokens (tokens this
 response adds) and steps (decoding steps it covers). With stream=true there is one response per step.
 
+In-flight batching: with the parameter `batch_slots` > 0 (treespec serve --batch-slots), requests
+are not served one after the other but join a running batch of slots at step boundaries
+(runtime/batching.py, runtime/triton/inflight.py); execute() then only checks and enqueues.
+
 Deadlines: a request holds the model at most its `timeout` (schema.py). The loop checks it at every
 step and answers "deadline exceeded"; and while it works the instance writes its deadline to
 $TREESPEC_TRITON_WATCH/<pid>.json, so the supervisor (runtime/triton/supervisor.py) can kill a stub
@@ -33,6 +37,8 @@ import triton_python_backend_utils as pb_utils
 import treespec
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.batching import BatchEngine
+from treespec.runtime.triton.inflight import slot_request
 from treespec.runtime.triton.env import WATCH_ENV
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, MAX_INPUT_IDS, GenerateRequest, check_request
 from treespec.runtime.trees.config import show_value
@@ -102,6 +108,10 @@ class TreespecModel:
         self.max_text_chars = 2 * longest * self.max_context
         watch = os.environ.get(WATCH_ENV)
         self.watch_file = os.path.join(watch, f"{os.getpid()}.json") if watch and os.path.isdir(watch) else None
+        slots = min(int(params.get("batch_slots") or 0), self.gen.manifest.profile("target").batch[2])
+        self.batch = None
+        if slots > 0:
+            self.batch = BatchEngine(self.gen.engine, slots, self.gen.manifest.profile("target").tree_tokens[2])
         pb_utils.Logger.log_info(
             f"treespec: loaded {artifact_dir} ({self.backend} on {device}) in {time.perf_counter() - t0:.1f} s")
         self._metrics()
@@ -151,18 +161,50 @@ class TreespecModel:
         return req
 
     @staticmethod
-    def _response(text: str, ids: list[int], accepted: int, steps: int):
+    def _response(text: str, ids: list[int], accepted: int, steps: int, prompt_tokens: int):
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int64)),
             pb_utils.Tensor("accepted_tokens", np.array([accepted], dtype=np.int32)),
             pb_utils.Tensor("steps", np.array([steps], dtype=np.int32)),
+            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
         ])
 
     def execute(self, requests):
         for request in requests:
-            self._serve(request)
+            if self.batch is None:
+                self._serve(request)
+            else:
+                self._enqueue(request)
         return None
+
+    def _enqueue(self, request) -> None:
+        """Checked now (a bad request is answered at once), decoded by the batch engine's thread."""
+        sender = request.get_response_sender()
+        try:
+            req = self._parse(request)
+            slot = slot_request(self, request, sender, req, time.monotonic())
+        except TreespecError as exc:  # InputError included
+            sender.send(_error(str(exc)), flags=FINAL)
+            self.m_requests["invalid"].increment(1)
+            return
+        self.batch.submit(slot if slot is not None else (lambda: self._serve(request, sender)))
+
+    # what runtime/triton/inflight.py's Responder uses
+    error_response = staticmethod(_error)
+
+    def response(self, *args):
+        return self._response(*args)
+
+    def count_step(self, accepted: int) -> None:
+        self.m_accepted.observe(accepted)
+        self.m_steps.increment(1)
+        self.total_steps += 1
+        self.total_accepted += accepted
+
+    def update_mean(self) -> None:
+        if self.total_steps:
+            self.m_mean.set(self.total_accepted / self.total_steps)
 
     def _watch(self, deadline: float | None) -> None:
         """Tell the supervisor until when this instance may work on the current request (None: idle)."""
@@ -176,8 +218,8 @@ class TreespecModel:
         except OSError:
             pass
 
-    def _serve(self, request) -> None:
-        sender = request.get_response_sender()
+    def _serve(self, request, sender=None) -> None:
+        sender = sender or request.get_response_sender()
         started = time.monotonic()
         try:
             req = self._parse(request)
@@ -205,8 +247,9 @@ class TreespecModel:
         self.m_requests[outcome].increment(1)
 
     def _generate(self, request, sender, req: GenerateRequest, deadline: float) -> str:
-        prompt = req.input_ids if req.input_ids is not None else req.text_input
-        chunks = self.gen.stream(prompt, max_new_tokens=req.max_tokens, temperature=req.temperature,
+        prompt = req.messages or (req.input_ids if req.input_ids is not None else req.text_input)
+        prompt_ids = self.gen.encode(prompt, req.raw)  # once: its length goes back as prompt_tokens
+        chunks = self.gen.stream(prompt_ids, max_new_tokens=req.max_tokens, temperature=req.temperature,
                                  top_p=req.top_p, top_k=req.top_k, seed=req.seed, tree=req.tree, raw=req.raw)
         text, ids, steps, first = [], [], 0, True
         sent_final = False
@@ -220,28 +263,27 @@ class TreespecModel:
                                         f"{len(ids) + len(chunk.token_ids)} tokens")
             if not first:  # the first chunk is the prefill's token; the rest are verification steps
                 steps += 1
-                self.m_accepted.observe(chunk.accepted)
-                self.m_steps.increment(1)
-                self.total_steps += 1
-                self.total_accepted += chunk.accepted
+                self.count_step(chunk.accepted)
             first = False
             self.m_tokens.increment(len(chunk.token_ids))
             if req.stream:
-                sender.send(self._response(chunk.text, chunk.token_ids, chunk.accepted, 1),
+                sender.send(self._response(chunk.text, chunk.token_ids, chunk.accepted, 1, len(prompt_ids)),
                             flags=FINAL if chunk.finished else 0)
                 sent_final = chunk.finished
             else:
                 text.append(chunk.text)
                 ids += chunk.token_ids
-        if self.total_steps:
-            self.m_mean.set(self.total_accepted / self.total_steps)
+        self.update_mean()
         if not req.stream:
-            sender.send(self._response("".join(text), ids, len(ids), steps), flags=FINAL)
+            sender.send(self._response("".join(text), ids, len(ids), steps, len(prompt_ids)),
+                        flags=FINAL)
         elif not sent_final:
             sender.send(flags=FINAL)
         return "success"
 
     def finalize(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.batch.close()
         gen = getattr(self, "gen", None)
         if gen is not None:
             gen.close()

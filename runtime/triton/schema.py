@@ -32,7 +32,9 @@ MAX_TOP_K = (1 << 31) - 1  # an INT32 tensor
 DEFAULT_TIMEOUT_S = 120.0
 MAX_TIMEOUT_S = 600.0
 DEADLINE_MESSAGE = "deadline exceeded"  # starts the model's error when a timeout runs out (front: 408)
-FIELDS = ("text_input", "input_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream",
+MAX_MESSAGES = 256  # chat messages in one request
+ROLES = ("system", "developer", "user", "assistant", "tool")
+FIELDS = ("text_input", "input_ids", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream",
           "tree", "raw", "timeout")
 
 
@@ -41,6 +43,7 @@ class GenerateRequest:
     """One checked request. max_tokens None: the model's default."""
     text_input: str | None = None
     input_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None  # chat messages: the model applies the chat template
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -54,7 +57,10 @@ class GenerateRequest:
     def to_json(self) -> dict[str, Any]:
         """The fields that were set, as the generate endpoint takes them."""
         defaults = GenerateRequest()
-        return {k: v for k, v in asdict(self).items() if v != getattr(defaults, k) or k == "stream"}
+        out = {k: v for k, v in asdict(self).items() if v != getattr(defaults, k) or k == "stream"}
+        if self.messages is not None:  # one BYTES tensor: the messages as JSON text
+            out["messages"] = json.dumps(self.messages)
+        return out
 
 
 def _is_int(value: Any) -> bool:
@@ -88,11 +94,45 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages: a list (or its JSON text) of {"role", "content"} with string contents (or lists of
+    {"type": "text", "text"} parts, joined)."""
+    if isinstance(messages, str):
+        if len(messages) > 2 * MAX_TEXT_CHARS:
+            raise InputError(f"messages has {len(messages)} characters, over the limit of {2 * MAX_TEXT_CHARS}")
+        try:
+            messages = json.loads(messages)
+        except (ValueError, RecursionError):
+            raise InputError("messages is not a JSON list of messages") from None
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InputError(f"messages has {len(messages)} messages, over the limit of {MAX_MESSAGES}")
+    out, chars = [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise InputError(f"messages[{i}] must be an object with a role in {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise InputError(f"messages[{i}].content must be a string (or a list of text parts), "
+                             f"got {show_value(content)}")
+        chars += len(content)
+        out.append({"role": message["role"], "content": _unicode(f"messages[{i}].content", content)})
+    if chars > MAX_TEXT_CHARS:
+        raise InputError(f"messages hold {chars} characters, over the limit of {MAX_TEXT_CHARS}")
+    return out
+
+
 def check_prompt(values: dict[str, Any], req: GenerateRequest) -> None:
-    text, ids = values.get("text_input"), values.get("input_ids")
-    if text is not None and ids is not None:
-        raise InputError("give either text_input or input_ids, not both")
-    if text is not None:
+    text, ids, messages = values.get("text_input"), values.get("input_ids"), values.get("messages")
+    if sum(v is not None for v in (text, ids, messages)) > 1:
+        raise InputError("give either text_input or input_ids or messages, only one of them")
+    if messages is not None:
+        req.messages = check_messages(messages)
+    elif text is not None:
         if not isinstance(text, str):
             raise InputError(f"text_input must be a string, got {show_value(text)}")
         if len(text) > MAX_TEXT_CHARS:
@@ -107,7 +147,7 @@ def check_prompt(values: dict[str, Any], req: GenerateRequest) -> None:
             raise InputError("input_ids must be non-negative integer token ids")
         req.input_ids = list(ids)
     else:
-        raise InputError("missing input: give text_input (text) or input_ids (token ids)")
+        raise InputError("missing input: give text_input (text), input_ids (token ids) or messages (chat)")
 
 
 def check_tree(tree: Any) -> str | None:

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from treespec.runtime.triton.env import ServerError
 from treespec.runtime.triton.front import Front
+from treespec.runtime.triton.openai import OpenAIOptions
 from treespec.runtime.triton.schema import MAX_BODY_BYTES
 from treespec.runtime.triton.server import HOST, TritonServer
 from treespec.runtime.triton.supervisor import Supervisor
@@ -23,12 +24,13 @@ class TritonService:
                  metrics_port: int | None = 8002, log_file: str | Path | None = None,
                  startup_timeout: float = 600.0, exit_timeout: int = 30, max_body: int = MAX_BODY_BYTES,
                  supervise_interval: float = 1.0, grace_s: float = 5.0, backoff_s: float = 1.0,
-                 on_event: Callable[[str], None] | None = None, models: Sequence[str] = ("treespec",)):
+                 on_event: Callable[[str], None] | None = None, models: Sequence[str] = ("treespec",),
+                 openai: OpenAIOptions | None = None):
         self.server = TritonServer(repo_dir, None, grpc_port, metrics_port, models=models, log_file=log_file,
                                    startup_timeout=startup_timeout, exit_timeout=exit_timeout)
         self.supervisor = Supervisor(self.server, interval=supervise_interval, grace_s=grace_s,
                                      backoff_s=backoff_s, on_event=on_event)
-        self._port, self._max_body = http_port or 0, max_body
+        self._port, self._max_body, self._openai = http_port or 0, max_body, openai
         self.front: Front | None = None
 
     @property
@@ -46,7 +48,8 @@ class TritonService:
     def start(self) -> "TritonService":
         # the public port first: a port in use is refused before the model loads
         try:
-            self.front = Front(HOST, self._port, (HOST, self.server.http_port), max_body=self._max_body)
+            self.front = Front(HOST, self._port, (HOST, self.server.http_port), max_body=self._max_body,
+                               openai=self._openai)
         except OSError as exc:
             raise ServerError(f"cannot listen on {HOST}:{self._port} ({exc.strerror}): choose another --port "
                               "or stop what uses it") from None

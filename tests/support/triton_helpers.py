@@ -226,3 +226,50 @@ def hostile_bodies():
                                       optional={k: _GOOD[k] | _ANY for k in FIELD_NAMES[3:]})
     trees = st.fixed_dictionaries({"text_input": st.just("Hi"), "max_tokens": st.just(4), "tree": tree_configs()})
     return st.one_of(st.binary(max_size=200), _ANY.map(lambda v: json.dumps(v).encode()), mixed, plausible, trees)
+
+
+def sse_parse(raw: bytes) -> list[str]:
+    """The data of each event of a text/event-stream, per the published protocol (WHATWG HTML, server-
+    sent events): lines end with CRLF, LF or CR; a blank line dispatches the event; `data:` lines (one
+    optional space after the colon) are joined with LF; comments (`:`) and other fields are ignored."""
+    text = raw.decode("utf-8")
+    events, data, started = [], [], False
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if not line:
+            if started:
+                events.append("\n".join(data))
+            data, started = [], False
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            data.append(value)
+            started = True
+    return events  # an event without its blank line (cut off) is not dispatched
+
+
+def openai_post(base: str, path: str, body: dict | bytes, timeout: float = TIMEOUT) -> tuple[int, bytes, str]:
+    """(status, body, content type) of a POST to the OpenAI-compatible front."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"{base}{path}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+
+
+def openai_stream_text(base: str, path: str, body: dict) -> tuple[str, list[dict]]:
+    """A streaming OpenAI request: its text (deltas joined) and its chunks; asserts the protocol's framing."""
+    code, raw, kind = openai_post(base, path, {**body, "stream": True})
+    assert code == 200 and kind.startswith("text/event-stream"), (code, raw[:300])
+    events = sse_parse(raw)
+    assert events and events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    chat = path.endswith("chat/completions")
+    text = "".join((c["choices"][0]["delta"].get("content") or "") if chat else c["choices"][0]["text"]
+                   for c in chunks)
+    return text, chunks
