@@ -48,6 +48,7 @@ class SlotRequest:
     sampling: SamplingParams
     seed: int | None
     emit: Callable[[list[int], bool], bool]
+    fail: Callable[[Exception], None] = lambda exc: None  # the engine failed it (a backend error)
 
 
 @dataclass
@@ -126,10 +127,28 @@ class BatchEngine:
             admit = []
             while pending and isinstance(pending[0], SlotRequest) and len(admit) < self.free():
                 admit.append(pending.pop(0))  # FIFO: a job waits for the batch to drain, later ones behind it
-            if admit:
-                self._admit(admit)
-            if any(self.slots):
-                self._step()
+            try:  # a backend failure fails the requests it touched; the engine serves on
+                if admit:
+                    self._admit(admit)
+            except Exception as exc:
+                self._fail_all(exc, admit)
+                continue
+            try:
+                if any(self.slots):
+                    self._step()
+            except Exception as exc:
+                self._fail_all(exc, [])
+
+    def _fail_all(self, exc: Exception, admitted: list[SlotRequest]) -> None:
+        failed = {id(r): r for r in admitted}
+        failed.update((id(s.req), s.req) for s in self.slots if s is not None)
+        self.slots = [None] * len(self.slots)
+        self._fresh = True
+        for req in failed.values():
+            try:
+                req.fail(exc)
+            except Exception:
+                pass
 
     def _drain(self, block: bool) -> list:
         items = []

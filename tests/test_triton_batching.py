@@ -112,3 +112,39 @@ def test_a_request_the_slots_cannot_carry_runs_alone_with_the_python_apis_answer
     gen.close()
     out = grpc_stream(service.grpc_url, PROMPTS[2], max_tokens=8, tree="auto")
     assert out.ok and out.ids == want, out.error
+
+
+def test_a_backend_failure_fails_the_running_requests_and_the_engine_serves_on(tiny_artifacts, expected):
+    """On the batch engine directly (the Python API's generator, whose checks it bypasses): a prompt over the
+    KV capacity makes the backend raise in the prefill; that request fails with the error, and the same
+    engine serves the next request correctly."""
+    from treespec.runtime.api import SpeculativeGenerator, check_request
+    from treespec.runtime.batching import BatchEngine, SlotRequest
+
+    gen = SpeculativeGenerator.from_artifacts(tiny_artifacts)
+    engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2])
+    try:
+        def submit(prompt: list[int]) -> tuple[threading.Event, dict]:
+            done, out = threading.Event(), {"ids": [], "error": None}
+
+            def emit(ids: list[int], finished: bool) -> bool:
+                out["ids"] += ids
+                if finished:
+                    done.set()
+                return True
+
+            def fail(exc: Exception) -> None:
+                out["error"] = exc
+                done.set()
+
+            engine.submit(SlotRequest(prompt, MAX_TOKENS, gen.default_tree, check_request(MAX_TOKENS),
+                                      None, emit, fail))
+            return done, out
+
+        done, out = submit([5] * (engine.capacity + 1))
+        assert done.wait(60) and out["error"] is not None, out
+        print(f"\nrefused by the backend: {out['error']}")
+        done, out = submit(gen.encode(PROMPTS[1]))
+        assert done.wait(60) and out["error"] is None and out["ids"] == expected[PROMPTS[1]], out
+    finally:
+        engine.close()

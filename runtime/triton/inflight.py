@@ -14,12 +14,14 @@ stops its slot when the client cancelled or the request's deadline ran out.
 from __future__ import annotations
 
 import time
+import traceback
 
 import triton_python_backend_utils as pb_utils
 
 from treespec.runtime.api import check_request as check_sampling
 from treespec.runtime.batching import SlotRequest, batchable
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, GenerateRequest
+from treespec.runtime.trees.config import show_value
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -38,6 +40,12 @@ class Responder:
         self.sender.send(self.model.error_response(message, code), flags=FINAL)
         self.model.m_requests[outcome].increment(1)
         return False
+
+    def fail(self, exc: Exception) -> None:
+        """The engine failed this request (a bug or a backend failure): reported, the engine serves on."""
+        pb_utils.Logger.log_error(f"treespec: batched request failed: {traceback.format_exception(exc)}")
+        self._stop(f"internal error: {type(exc).__name__}: {show_value(str(exc))}", pb_utils.TritonError.INTERNAL,
+                   "failed")
 
     def __call__(self, new: list[int], finished: bool) -> bool:
         if self.request.is_cancelled():
@@ -76,4 +84,4 @@ def slot_request(model, request, sender, req: GenerateRequest, started: float) -
     prompt = req.messages or (req.input_ids if req.input_ids is not None else req.text_input)
     ids = gen.encode(prompt, req.raw)
     responder = Responder(model, request, sender, req, started + req.timeout, len(ids))
-    return SlotRequest(ids, req.max_tokens, tree, sampling, req.seed, responder)
+    return SlotRequest(ids, req.max_tokens, tree, sampling, req.seed, responder, responder.fail)
