@@ -25,7 +25,7 @@ class _Refused(yaml.YAMLError):
     """Valid YAML that tree configs do not allow (aliases, deep nesting)."""
 
 
-class _BoundedLoader(yaml.SafeLoader):
+class _BoundedSafeLoader(yaml.SafeLoader):
     """SafeLoader that refuses aliases and nesting deeper than MAX_NESTING."""
 
     def __init__(self, stream: str):
@@ -54,7 +54,7 @@ def read_yaml(text: str, where: str) -> Any:
     """YAML (or JSON) text to Python values, within the size and nesting bounds."""
     _check_size(len(text.encode("utf-8", "surrogatepass")), where)
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_BoundedSafeLoader)
     except _Refused as exc:
         raise InputError(f"{where}: {exc}") from None
     except ValueError as exc:  # an integer over Python's 4300-digit limit
