@@ -7,7 +7,7 @@
 #      the TensorRT backend's own work around the stand-in engine, the EAGLE drafter);
 #   3. `treespec bench` (torch, batch 1, greedy): plain decoding, EAGLE with its trees and the
 #      other drafters with theirs, then the same EAGLE rows through the fused step.
-# Env: TESTS (pytest paths), TEST_LIMIT, PROMPTS, TOKENS, EAGLE_TREES, LIMIT (seconds, whole call).
+# Env: TESTS (pytest paths), TEST_LIMIT, EAGLE_LIMIT, PROMPTS, TOKENS, EAGLE_TREES, LIMIT (seconds, whole call).
 # Logs, JSON and PNG land in $OUT (8 files: what one call can bring back).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LIMIT=${LIMIT:-570}
@@ -28,7 +28,7 @@ echo "GPU tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed|^FAILED|^ERROR|kernels|ms/step|bitwise" "$OUT/gpu_tests.log" | tail -25
 for _ in $(seq 120); do [ -f "$A.done" ] && break; sleep 2; done
 cat /tmp/export.log
-TREESPEC_TEST_SMOLLM2_EAGLE=$A timeout 150 python3 -m pytest -m gpu tests/test_eagle_gpu.py -q -s \
+TREESPEC_TEST_SMOLLM2_EAGLE=$A timeout "${EAGLE_LIMIT:-120}" python3 -m pytest -m gpu tests/test_eagle_gpu.py -q -s \
   -p no:cacheprovider -o addopts="" > "$OUT/eagle_gpu.log" 2>&1
 echo "EAGLE GPU tests: exit $? after $(( $(date +%s) - start )) s"
 grep -E "passed|failed|^FAILED|^E  |eagle |EAGLE-2" "$OUT/eagle_gpu.log" | tail -15
