@@ -23,7 +23,7 @@ from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
 
 DEMO_ARTIFACTS = Path("artifacts/smollm2")
-DEMO_DRAFTERS = ["draft", "medusa", "lookup"]
+DEMO_DRAFTERS = ["draft", "medusa", "lookup", "eagle"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
