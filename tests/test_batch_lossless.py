@@ -12,20 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from support.tree_checks import POLICY_TREES
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.artifacts import load_manifest
 
 NEW_TOKENS = 20
-# Every policy (small sizes: the CPU budget), and a sampled-children preset run greedily.
-POLICY_TREES = {
-    "widths": {"policy": "widths", "widths": [3, 3, 2, 2]},
-    "depth_branching": "binary3",
-    "choices": "medusa-default",
-    "opt": {"policy": "opt", "budget": 16, "delta": 0.0, "max_depth": 6},
-    "adaptive": {"policy": "adaptive", "budget": 16, "max_width": 4, "max_depth": 6, "min_path_prob": 0.0},
-    "auto": {"policy": "auto", "budget": 16, "max_depth": 6},
-    "opt-sampled": "opt-sampled",
-}
+# Every policy, and a sampled-children preset run greedily.
+POLICY_TREES = {**POLICY_TREES, "opt-sampled": "opt-sampled"}
 
 
 def repetitive(seed: int, length: int) -> list[int]:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from support.tree_checks import POLICY_TREES
+from support.vocab8 import vocab8_backend, vocab8_model
 from test_sampling_distribution import GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution, full_tree
 from treespec.artifacts import load_manifest
 from treespec.exporter.eagle_export import INPUT_NAMES, OUTPUT_NAMES
-from treespec.exporter.onnx_export import export_tree_graph
 from treespec.exporter.pipeline import ExportOptions, run_export
 from treespec.models.eagle import eagle_from_weights, make_eagle_head
-from treespec.models.tree_model import TreeDecoder
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend, open_session
@@ -34,16 +34,8 @@ from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams
 
 NEW_TOKENS = 12
-POLICY_TREES = {
-    "eagle2": "eagle2-d4-k4-n16",
-    "eagle2-wide": {"policy": "eagle2", "depth": 3, "top_k": 6, "budget": 24},
-    "widths": {"policy": "widths", "widths": [3, 3, 2, 2]},
-    "depth_branching": "binary3",
-    "choices": "medusa-default",
-    "opt": {"policy": "opt", "budget": 16, "delta": 0.0, "max_depth": 6},
-    "adaptive": {"policy": "adaptive", "budget": 16, "max_width": 4, "max_depth": 6, "min_path_prob": 0.0},
-    "auto": {"policy": "auto", "budget": 16, "max_depth": 6},
-}
+POLICY_TREES = {"eagle2": "eagle2-d4-k4-n16",
+                "eagle2-wide": {"policy": "eagle2", "depth": 3, "top_k": 6, "budget": 24}, **POLICY_TREES}
 
 
 @pytest.fixture(scope="module")
@@ -168,20 +160,9 @@ def _paths(tree: Tree) -> set[tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def vocab8(tmp_path_factory):
-    """(ONNX Runtime target, the torch EAGLE head) of a random 8-token Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=7)
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # the same target as test_sampling_distribution's
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.25)
-    path = export_tree_graph(TreeDecoder(model), tmp_path_factory.mktemp("vocab8-eagle") / "target.onnx")
-    backend = OnnxRuntimeBackend(open_session(path, threads=1), num_layers=2, num_kv_heads=1, head_dim=16)
+    """(ONNX Runtime target, the torch EAGLE head) of the random 8-token Llama (tests/support/vocab8.py)."""
+    model = vocab8_model()
+    backend = vocab8_backend(model, tmp_path_factory.mktemp("vocab8-eagle"))
     torch.manual_seed(4)
     head = make_eagle_head(model).eval()
     yield backend, head

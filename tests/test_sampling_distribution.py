@@ -23,12 +23,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from support.vocab8 import VOCAB, vocab8_backend, vocab8_model
 from treespec.runtime.drafters.base import Candidates, Drafter
 from treespec.runtime.trees.policies import draft_trees, parse_tree_config
 from treespec.runtime.trees.tree import Tree
 from treespec.runtime.verify import SamplingParams, Verdict, sample_from, target_distribution, verify_sampling
 
-VOCAB = 8
 PROMPT = [1, 5, 3, 6]
 GENERATED = 3
 RUNS = 20_000
@@ -38,25 +38,8 @@ RUNS = 20_000
 
 @pytest.fixture(scope="module")
 def small_target(tmp_path_factory):
-    """(ONNX Runtime backend, manifest dims) of a random 8-token Llama exported by our exporter."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from treespec.exporter.onnx_export import export_tree_graph
-    from treespec.models.tree_model import TreeDecoder
-    from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend, open_session
-
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=7)
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked but not one-hot next-token distributions
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.25)
-    path = export_tree_graph(TreeDecoder(model), tmp_path_factory.mktemp("vocab8") / "target.onnx")
-    backend = OnnxRuntimeBackend(open_session(path, "cpu", threads=1), num_layers=2, num_kv_heads=1, head_dim=16)
+    """(ONNX Runtime backend) of the random 8-token Llama (tests/support/vocab8.py)."""
+    backend = vocab8_backend(vocab8_model(), tmp_path_factory.mktemp("vocab8"))
     yield backend
     backend.close()
 

@@ -1,9 +1,19 @@
-"""Assertions on trees and on the batched tree tensors, shared by the property and fuzz tests."""
+"""Assertions on trees and on the batched tree tensors, shared by the property and fuzz tests, and
+one small tree config per policy for the lossless tests (small sizes: the CPU budget)."""
 from __future__ import annotations
 
 import numpy as np
 
 from treespec.runtime.trees.tree import Tree, batch_tree_inputs
+
+POLICY_TREES: dict[str, str | dict] = {
+    "widths": {"policy": "widths", "widths": [3, 3, 2, 2]},
+    "depth_branching": "binary3",
+    "choices": "medusa-default",
+    "opt": {"policy": "opt", "budget": 16, "delta": 0.0, "max_depth": 6},
+    "adaptive": {"policy": "adaptive", "budget": 16, "max_width": 4, "max_depth": 6, "min_path_prob": 0.0},
+    "auto": {"policy": "auto", "budget": 16, "max_depth": 6},
+}
 
 
 def assert_tree_structure(tree: Tree) -> None:
