@@ -68,10 +68,7 @@ def _split(values) -> list[str]:
     out = []
     for value in values or []:
         value = value.strip()
-        if value.startswith("{"):
-            out.append(value)
-        else:
-            out += [v.strip() for v in value.split(",") if v.strip()]
+        out += [value] if value.startswith("{") else [v.strip() for v in value.split(",") if v.strip()]
     return out
 
 
