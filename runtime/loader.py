@@ -199,7 +199,8 @@ def load_hf_draft(manifest: Manifest, device: str) -> torch.nn.Module:
         draft = draft_from_weights(target, path, layers)
         if target.generation_config is not None:  # HF assisted generation edits it
             draft.generation_config = copy.deepcopy(target.generation_config)
-        _HF_DRAFTS[key] = draft.to(device=device, dtype=target.dtype).eval()
+        draft.model.layers.to(device=device, dtype=target.dtype)  # its own; the rest is the target's
+        _HF_DRAFTS[key] = draft.eval()
     return _HF_DRAFTS[key]
 
 
@@ -232,7 +233,7 @@ def _load_eagle(manifest: Manifest, spec: DrafterEntry, backend: str, device: st
     dims, top_k = manifest.dims, spec.top_k or EAGLE_TOP_K
     if backend == "torch":  # the head on the target's device; eagle2 trees drafted in one CUDA graph
         target = load_hf_model(manifest, device)
-        head = eagle_from_weights(target, _drafter_weights(manifest, spec)).to(device=device, dtype=target.dtype)
+        head = eagle_from_weights(target, _drafter_weights(manifest, spec)).place(device, target.dtype)
         runner = TorchEagleHead(head.eval(), dims.num_kv_heads, dims.head_dim, device)
         return TorchEagleDrafter(runner, dims.hidden_size, top_k)
     if backend not in ("onnxruntime", "onnxruntime-device"):

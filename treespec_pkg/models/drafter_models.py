@@ -69,6 +69,8 @@ def make_draft_model(target: nn.Module, num_layers: int, source_layers: list[int
     draft.model = copy.copy(target.model)
     draft.model._modules = dict(target.model._modules)
     draft.model.layers = nn.ModuleList(copy.deepcopy(target.model.layers[i]) for i in source_layers)
+    # Its own rotary embedding (a few floats): a cast of the draft must not change the target's.
+    draft.model.rotary_emb = copy.deepcopy(target.model.rotary_emb)
     draft.config = copy.deepcopy(target.config)
     draft.config.num_hidden_layers = num_layers
     for i, layer in enumerate(draft.model.layers):

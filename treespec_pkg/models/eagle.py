@@ -44,7 +44,9 @@ class EagleHead(nn.Module):
         hidden = cfg.hidden_size
         self.hidden_size = hidden
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
-        self.core = TreeLayers(nn.ModuleList([layer]), target.model.rotary_emb, cfg, attention)
+        # Its own copy of the rotary embedding: casting the head must never touch the target's modules
+        # (a cast of a shared rotary buffer changed the target under its captured CUDA graphs).
+        self.core = TreeLayers(nn.ModuleList([layer]), copy.deepcopy(target.model.rotary_emb), cfg, attention)
         self.embed = target.model.embed_tokens  # shared with the target, frozen, not stored
         self.lm_head = target.lm_head  # shared with the target, frozen, not stored
         self.embed.requires_grad_(False)
@@ -53,6 +55,14 @@ class EagleHead(nn.Module):
     @property
     def layer(self) -> nn.Module:
         return self.core.layers[0]
+
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> "EagleHead":
+        """Move the head's own modules (fc, layer, rotary: the rotary keeps its dtype) to device and
+        dtype. Never `.to()` the whole head: its embeddings and lm_head are the target's."""
+        self.fc.to(device=device, dtype=dtype)
+        self.layer.to(device=device, dtype=dtype)
+        self.core.rotary.to(device=device)
+        return self
 
     def forward(self, hidden_states, input_ids, position_ids, tree_mask, past_lengths, past_key_0, past_value_0):
         """-> logits [B,T,V] fp32, predicted features [B,T,H], new_key_0/new_value_0 [B,KVH,T,D]."""
@@ -149,7 +159,7 @@ def make_eagle_head(target: nn.Module, attention: str = "decomposed", init_layer
         head.fc.weight.normal_(0.0, 0.02 / hidden ** 0.5)
         head.fc.weight[:, hidden:] += torch.eye(hidden)
         head.fc.bias.zero_()
-    return head.to(next(layer.parameters()).dtype)
+    return head.place(head.embed.weight.device, next(layer.parameters()).dtype)
 
 
 def eagle_metadata(target_config, extra: dict[str, str] | None = None) -> dict[str, str]:
