@@ -5,8 +5,8 @@
 #   1. SmolLM2 + every committed drafter exported (fp16) in the background on the CPUs;
 #   2. the GPU tests of the code that changed (torch backend, ordered attention, the fused step,
 #      the TensorRT backend's own work around the stand-in engine, the EAGLE drafter);
-#   3. `treespec bench` (torch, batch 1, greedy): plain decoding, EAGLE with its trees and the
-#      other drafters with theirs, then the same EAGLE rows through the fused step.
+#   3. `treespec bench` (torch, batch 1, greedy, the fused step): plain decoding, EAGLE with its
+#      trees and the other drafters with theirs, then EAGLE through the unfused step.
 # Env: TESTS (pytest paths), TEST_LIMIT, EAGLE_LIMIT, PROMPTS, TOKENS, EAGLE_TREES, LIMIT (seconds, whole call).
 # Logs, JSON and PNG land in $OUT (8 files: what one call can bring back).
 set -uo pipefail
@@ -39,9 +39,9 @@ bench() {  # NAME DRAFTERS TREES SECONDS [bench options...]
     --drafters "$drafters" --trees "$trees" --baselines ar --time-budget $(( seconds - 25 )) \
     --json "$OUT/$name.json" --plot "$OUT/$name.png" "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -30
 }
-share=$(( $(left) / 7 ))  # eagle 3 shares, the other drafters 2, the fused step 2
+share=$(( $(left) / 7 ))  # eagle 3 shares, the other drafters 2, the unfused step 2
 bench h200-eagle eagle "$EAGLE_TREES" $(( 3 * share ))
 bench h200-drafters medusa,lookup,draft default $(( 2 * share )) --no-curves
-export TREESPEC_TORCH_FUSED=1  # the torch backend's few-kernel step (issue 16)
-bench h200-eagle-fused eagle default,eagle2-d5-k6-n32 $(( $(left) - 5 )) --no-curves
+export TREESPEC_TORCH_FUSED=0  # the torch backend's step before the fused one (issue 16)
+bench h200-eagle-unfused eagle default,eagle2-d5-k6-n32 $(( $(left) - 5 )) --no-curves
 echo "total $(( $(date +%s) - start )) s"
