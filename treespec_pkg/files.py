@@ -1,4 +1,4 @@
-"""Two file idioms every artifact writer and reader shares.
+"""The file idioms every artifact, cache and state writer and reader shares.
 
 `write_atomic`: write a temporary sibling, then rename it over the target, so a crash or a full
 disk never leaves a half-written manifest, sidecar or engine that a later load would half-read.
@@ -50,3 +50,13 @@ def read_json_object(path: Path, name: str | None = None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ArtifactError(f"{shown} is corrupt (not a JSON object)")
     return data
+
+
+def read_json_or_empty(path: Path) -> dict[str, Any]:
+    """A cache or state file's JSON object; {} when it is missing, unreadable or not an object
+    (such files are re-made, never trusted)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -20,7 +20,6 @@ ratio: E(n) = 1 + c * (v_1 + ... + v_n).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from treespec.files import read_json_or_empty, write_json
 from treespec.runtime.backends.base import StepInputs, TreeBackend
 
 CURVE_FILE = "latency_curves.json"
@@ -113,7 +113,7 @@ class LatencyCache:
 
     def get(self, max_size: int) -> LatencyCurve | None:
         for path in self.paths:
-            entry = _read(path).get("curves", {}).get(self.key)
+            entry = read_json_or_empty(path).get("curves", {}).get(self.key)
             if (isinstance(entry, dict) and entry.get("fingerprint") == self._fingerprint()
                     and entry.get("format") == FORMAT):
                 try:
@@ -130,28 +130,19 @@ class LatencyCache:
         entry = {**curve.as_dict(), "format": FORMAT, "fingerprint": self._fingerprint(),
                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         for path in self.paths:
-            data = _read(path)
+            data = read_json_or_empty(path)
             data.setdefault("curves", {})[self.key] = entry
             data["note"] = ("treespec --tree auto: seconds of one target pass vs tree tokens, "
                             "per backend/device/threads/host; delete to re-measure")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(data, indent=1))
-                os.replace(tmp, path)
+                write_json(path, data)
             except OSError:
                 continue
             self.used_path = path
             return path
         return None
 
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class AutoPlanner:

@@ -13,7 +13,6 @@ Every `interval` seconds it looks at three things and repairs what broke, loggin
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from treespec.files import read_json_or_empty
 from treespec.runtime.triton.env import ServerError
 from treespec.runtime.triton.server import TritonServer
 
@@ -129,7 +129,7 @@ class Supervisor:
         now = time.monotonic()
         stubs = set(self.server.stub_pids())
         for entry in watch.glob("*.json"):
-            state = _read_state(entry)
+            state = read_json_or_empty(entry)
             deadline, pid = state.get("deadline"), state.get("pid")
             if not isinstance(deadline, (int, float)) or pid not in stubs or now <= deadline + self.grace_s:
                 continue
@@ -142,10 +142,3 @@ class Supervisor:
             self.event(f"stub {pid} ({state.get('instance')}) held a request {now - deadline:.1f} s past its "
                        "deadline; killed it (the model is reloaded for the next request)")
 
-
-def _read_state(path: Path) -> dict:
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
