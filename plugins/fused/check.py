@@ -51,6 +51,20 @@ def _rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+
+def _rope_write_reference(x, cos, sin, pos, lengths, kc, vc, heads: int, kvh: int):
+    """Reference RoPE + cache write: x [B,T,H+2KVH,D] fp32; rotates Q and K, writes K/V rows at
+    each sequence's length into kc/vc (their dtype); returns the rotated Q [B,T,H,D]."""
+    tokens = x.shape[1]
+    c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+    q_ref, k_ref = _rotate(x[:, :, :heads], c, s), _rotate(x[:, :, heads:heads + kvh], c, s)
+    for b in range(x.shape[0]):
+        n = int(lengths[b])
+        kc[b, :, n:n + tokens] = k_ref[b].transpose(0, 1).to(kc.dtype)
+        vc[b, :, n:n + tokens] = x[b, :, heads + kvh:].transpose(0, 1).to(vc.dtype)
+    return q_ref
+
+
 def check_rope_write(device, dtype, gen) -> float:
     batch, tokens, heads, kvh, dim, rows = 2, 5, 6, 2, 32, 40
     qkv = torch.randn(batch * tokens, (heads + 2 * kvh) * dim, generator=gen).to(dtype)
@@ -64,12 +78,7 @@ def check_rope_write(device, dtype, gen) -> float:
     rope_write(q_dev, pos.to(device), lengths.to(device), cos.to(device), sin.to(device), kc_dev, vc_dev,
                tokens, heads, kvh)
     x = qkv.float().view(batch, tokens, heads + 2 * kvh, dim)
-    c, s = cos[pos][:, :, None], sin[pos][:, :, None]
-    q_ref, k_ref = _rotate(x[:, :, :heads], c, s), _rotate(x[:, :, heads:heads + kvh], c, s)
-    for b in range(batch):
-        n = int(lengths[b])
-        kc[b, :, n:n + tokens] = k_ref[b].transpose(0, 1).to(dtype)
-        vc[b, :, n:n + tokens] = x[b, :, heads + kvh:].transpose(0, 1).to(dtype)
+    q_ref = _rope_write_reference(x, cos, sin, pos, lengths, kc, vc, heads, kvh)
     got_q = q_dev.view(batch, tokens, -1)[..., :heads * dim].reshape(batch, tokens, heads, dim)
     return max(_err(got_q, q_ref), _err(kc_dev, kc), _err(vc_dev, vc))
 
@@ -117,12 +126,7 @@ def check_qkv_rope(device, dtype, gen) -> float:
                      dev[5], dev[6], kc_dev, vc_dev, tokens, heads, kvh)
         y = x.float() @ w.float().T + (bias.float() if bias is not None else 0)
         y = y.view(batch, tokens, heads + 2 * kvh, dim)
-        c, s = cos[pos][:, :, None], sin[pos][:, :, None]
-        q_ref, k_ref = _rotate(y[:, :, :heads], c, s), _rotate(y[:, :, heads:heads + kvh], c, s)
-        for b in range(batch):
-            n = int(lengths[b])
-            kc[b, :, n:n + tokens] = k_ref[b].transpose(0, 1).to(dtype)
-            vc[b, :, n:n + tokens] = y[b, :, heads + kvh:].transpose(0, 1).to(dtype)
+        q_ref = _rope_write_reference(y, cos, sin, pos, lengths, kc, vc, heads, kvh)
         worst = max(worst, _err(q.view(batch, tokens, heads, dim), q_ref), _err(kc_dev, kc), _err(vc_dev, vc))
     return worst
 
