@@ -16,7 +16,8 @@ import torch
 
 from support.tree_checks import POLICY_TREES
 from support.vocab8 import vocab8_backend, vocab8_model
-from test_sampling_distribution import GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution, full_tree
+from test_sampling_distribution import (GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution, full_tree,
+                                        sampled_run)
 from treespec.artifacts import load_manifest
 from treespec.exporter.eagle_export import INPUT_NAMES, OUTPUT_NAMES
 from treespec.exporter.pipeline import ExportOptions, run_export
@@ -192,11 +193,7 @@ def test_eagle_sampling_follows_the_target(vocab8, tree):
     counts: Counter = Counter()
     batch, runs, accepted = 8, 150, []
     for seed in range(runs):
-        out = [[] for _ in range(batch)]
-        for event in gen.run([list(PROMPT)] * batch, GENERATED, cfg, params, seed=seed):
-            for b, new in enumerate(event.new_tokens):
-                out[b] += new
-        counts.update(tuple(o) for o in out)
+        counts.update(sampled_run(gen, cfg, params, batch, seed))
         accepted += gen.stats.accepted
     assert gen.stats.lossless and max(accepted) >= 2
     assert gen.stats.sampled_children == bool(tree.get("sample_children"))

@@ -44,6 +44,15 @@ def small_target(tmp_path_factory):
     backend.close()
 
 
+def sampled_run(gen, cfg, params, batch: int, seed: int) -> list[tuple[int, ...]]:
+    """One seeded batched generation from PROMPT: each sequence's GENERATED tokens."""
+    out: list[list[int]] = [[] for _ in range(batch)]
+    for event in gen.run([list(PROMPT)] * batch, GENERATED, cfg, params, seed=seed):
+        for b, new in enumerate(event.new_tokens):
+            out[b] += new
+    return [tuple(o) for o in out]
+
+
 def full_tree(root: int, depth: int) -> tuple[Tree, list[tuple[int, ...]]]:
     """Every continuation of up to `depth` tokens as one tree; node i continues by prefixes[i]."""
     tree, prefixes = Tree.root_only(root), [()]
@@ -322,11 +331,7 @@ def test_generator_sampled_children_preserve_the_distribution(small_target, targ
     counts: Counter = Counter()
     batch, runs = 8, 500
     for seed in range(runs):
-        out = [[] for _ in range(batch)]
-        for event in gen.run([list(PROMPT)] * batch, GENERATED, cfg, T07, seed=seed):
-            for b, new in enumerate(event.new_tokens):
-                out[b] += new
-        counts.update(tuple(o) for o in out)
+        counts.update(sampled_run(gen, cfg, T07, batch, seed))
     stats = gen.stats.as_dict()
     assert stats["sampled_children"] and stats["lossless"] and checked
     assert chi_square_p(counts, exact_distribution(target_logits, T07), batch * runs) > 0.01
