@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train-medusa": Subcommand("train_medusa", "train Medusa heads by self-distillation"),
     "train-draft": Subcommand("train_draft", "train a small draft LM by self-distillation"),
     "train-eagle": Subcommand("train_eagle", "build the EAGLE head's data with the target and train it"),
+    "loadtest": Subcommand("loadtest", "concurrent streaming clients against treespec serve: tokens/s, latency, lossless"),
     "bench": Subcommand("bench", "benchmark backends x drafters x trees against baselines"),
 }
 

@@ -1,0 +1,120 @@
+"""The report of `treespec loadtest`: per-level statistics, the server's own counters, JSON and PNG."""
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from treespec.files import write_json as write_json_file
+
+# Gauges of the server's load-aware tree sizing (runtime/triton/model.py), shown per level as read after it
+SIZING_GAUGES = ("treespec_tree_budget", "treespec_batch_running", "treespec_acceptance_ema")
+
+
+def server_metrics(url: str) -> dict[str, float]:
+    """treespec_* samples of Triton's metrics endpoint, summed over label sets; {} when unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            lines = r.read().decode().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, float] = defaultdict(float)
+    for line in lines:
+        if line.startswith("treespec_"):
+            key, value = line.rsplit(" ", 1)
+            out[key.split("{", 1)[0]] += float(value)
+    return dict(out)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if values else None
+
+
+def level_summary(clients: int, mode: str, samples: list, before: dict, after: dict) -> dict:
+    """One level's numbers over its counted requests (errors and mismatches over all of them)."""
+    counted = [s for s in samples if s.counted]
+    ok = [s for s in counted if s.error is None]
+    tokens = sum(len(s.ids) for s in ok)
+    window = (max(s.start + s.latency_s for s in counted) - min(s.start for s in counted)) if counted else 0.0
+    per_request = [len(s.ids) / s.latency_s for s in ok if s.latency_s > 0]
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    latency = [s.latency_s for s in ok]
+    out = {
+        "mode": mode, "clients": clients, "requests": len(counted), "warmup_requests": len(samples) - len(counted),
+        "tokens": tokens, "window_s": round(window, 4),
+        "total_tokens_per_s": round(tokens / window, 2) if window > 0 else 0.0,
+        "per_request_tokens_per_s_p50": _pct(per_request, 50),
+        "per_request_tokens_per_s_mean": round(float(np.mean(per_request)), 2) if per_request else None,
+        "ttft_s_p50": _pct(ttft, 50), "ttft_s_p99": _pct(ttft, 99),
+        "latency_s_p50": _pct(latency, 50), "latency_s_p99": _pct(latency, 99),
+        "errors": sum(s.error is not None for s in samples),
+        "mismatches": sum(s.error is None and s.matches is False for s in samples),
+        "first_error": next((s.error for s in samples if s.error), None),
+    }
+    steps = after.get("treespec_steps_total", 0) - before.get("treespec_steps_total", 0)
+    made = after.get("treespec_tokens_total", 0) - before.get("treespec_tokens_total", 0)
+    if steps > 0:
+        out["server_tokens_per_step"] = round(made / steps, 3)  # per sequence and verification step
+    for gauge in SIZING_GAUGES:
+        if gauge in after:
+            out[gauge] = after[gauge]
+    return out
+
+
+def print_level(s: dict) -> None:
+    extra = f" budget {s['treespec_tree_budget']:.0f}" if "treespec_tree_budget" in s else ""
+    acc = f" acc/step {s['server_tokens_per_step']:.2f}" if "server_tokens_per_step" in s else ""
+    print(f"[{s['mode']}] {s['clients']:3d} streams: {s['total_tokens_per_s']:9.1f} tok/s total, "
+          f"{s['per_request_tokens_per_s_p50'] or 0:7.1f} tok/s per request (p50), ttft p50 "
+          f"{(s['ttft_s_p50'] or 0) * 1e3:7.1f} ms, latency p50/p99 {s['latency_s_p50'] or 0:6.2f}/"
+          f"{s['latency_s_p99'] or 0:6.2f} s, {s['requests']} requests, {s['errors']} errors, "
+          f"{s['mismatches']} mismatches{acc}{extra}", flush=True)
+
+
+def ratios(result: dict) -> list[dict]:
+    """Total tokens/s of each non-plain mode over plain ("none") at every level."""
+    by = {(r["mode"], r["clients"]): r["total_tokens_per_s"] for r in result["results"]}
+    out = []
+    for (mode, clients), value in sorted(by.items()):
+        plain = by.get(("none", clients))
+        if mode != "none" and plain:
+            out.append({"mode": mode, "clients": clients, "x_vs_plain": round(value / plain, 3)})
+    return out
+
+
+def write_json(prefix: Path, result: dict) -> Path:
+    result["x_vs_plain"] = ratios(result)
+    path = Path(f"{prefix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_file(path, result)
+    return path
+
+
+def plot(result: dict, prefix: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("total_tokens_per_s", "total tokens/s"), ("per_request_tokens_per_s_p50", "per-request tokens/s (p50)"),
+              ("ttft_s_p50", "time to first token p50 (s)"), ("latency_s_p99", "latency p99 (s)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for mode in result["modes"]:
+            rows = sorted((r["clients"], r[key]) for r in result["results"] if r["mode"] == mode and r[key] is not None)
+            label = "plain (tree none)" if mode == "none" else f"speculative ({mode})"
+            ax.plot([c for c, _ in rows], [v for _, v in rows], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"treespec loadtest: {result['num_prompts']} prompts, {result['max_tokens']} tokens each")
+    fig.tight_layout()
+    path = Path(f"{prefix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
