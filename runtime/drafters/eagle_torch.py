@@ -19,6 +19,8 @@ same function runs eagerly (CI exercises it); other policies grow trees through 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -40,7 +42,8 @@ class TorchEagleHead(TreeBackend):
 
     name = "torch-eagle"
 
-    def __init__(self, module: torch.nn.Module, num_kv_heads: int, head_dim: int, device: str):
+    def __init__(self, module: torch.nn.Module, num_kv_heads: int, head_dim: int, device: str,
+                 fused: bool | None = None):
         self.module = module
         self.kv_tail = (num_kv_heads, head_dim)
         self.device = torch.device(device)
@@ -50,6 +53,8 @@ class TorchEagleHead(TreeBackend):
         self.generation = 0  # bumped when the cache is reallocated: captured graphs are stale
         self._lengths = np.zeros(0, np.int64)
         self._capacity = 0
+        # the few-kernel forward of the eagle2 draft (None: the unfused head, the CPU default)
+        self.fused = _fused_head(module, fused, self.device.type == "cuda")
 
     def reset(self, batch_size: int, capacity: int) -> None:
         rows = -(-(capacity + SPARE_ROWS) // 256) * 256
@@ -58,6 +63,8 @@ class TorchEagleHead(TreeBackend):
             self.key = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.value = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.generation += 1
+        if self.fused is not None:
+            self.fused.rope_table(self.key.shape[2], self.device)
         self._lengths = np.zeros(batch_size, np.int64)
         self._capacity = capacity
 
@@ -200,11 +207,11 @@ class TorchEagleDrafter(EagleDrafter):
     def _run(self, buf: Eagle2Buffers) -> torch.Tensor:
         """The draft: replayed from its CUDA graph (captured on first use), or eagerly."""
         if not self.use_graphs:
-            return eagle2_draft(self.torch_head, buf)[0]
+            return eagle2_draft(self.torch_head, buf)
         if buf.graph is None or buf.generation != self.torch_head.generation:
             _capture(self.torch_head, buf)
         buf.graph.replay()
-        return buf.outputs[0]
+        return buf.outputs
 
 
 def _capture(head: TorchEagleHead, buf: Eagle2Buffers) -> None:
@@ -220,3 +227,22 @@ def _capture(head: TorchEagleHead, buf: Eagle2Buffers) -> None:
     with torch.inference_mode(), torch.cuda.graph(graph):
         buf.outputs = eagle2_draft(head, buf)
     buf.graph, buf.generation = graph, head.generation
+
+
+def _fused_head(module: torch.nn.Module, fused: bool | None, cuda: bool):
+    """The head's few-kernel forward (treespec.models.fused_eagle) when asked for (`fused` True), or
+    by default on CUDA unless TREESPEC_TORCH_FUSED=0 (the torch backend's switch) or the head dim
+    is one the ordered attention does not take. On the CPU it needs Triton's interpreter (tests)."""
+    asked = fused
+    if fused is None:
+        fused = cuda and os.environ.get("TREESPEC_TORCH_FUSED", "1") != "0"
+    if not fused or not isinstance(module, EagleHead):
+        return None
+    dim = module.core.head_dim
+    if asked is None and (dim & (dim - 1) or dim < 16):
+        return None
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError("the fused EAGLE head runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
+    from treespec.models.fused_eagle import FusedEagleHead  # Triton: an optional heavy dependency
+
+    return FusedEagleHead(module)

@@ -4,13 +4,24 @@ Why static: a CUDA graph replays a fixed sequence of kernels on fixed buffers, s
 drafts exactly K expanded nodes and every step keeps exactly min(N, K + (D-1)K^2) nodes; the
 dynamic part of EAGLE-2 (which nodes) lives in the values, not in the shapes. The steps are
 listed in runtime/drafters/eagle_torch.py; `eagle2_draft` below does them in that order.
+
+Why few kernels: on the H200 each kernel of the replayed graph costs a few microseconds whatever
+it does, so the draft's cost is its kernel count. The head runs one of two ways:
+* `_TreeKVLevels` (the fused head, default on CUDA): each level runs the head on its K new nodes
+  only; their K/V rows go past the rows of the earlier levels (cache row ctx + (level-1)K + j)
+  and each node attends to the cache plus its ancestors' rows there (the ordered attention reads
+  ancestor lists, kept per level with one gather). Everything else is a constant made with the
+  buffers (a host-to-device copy cannot be captured).
+* `_RecomputedLevels` (the unfused HF-style head, the CPU default and the reference): each level
+  runs the head on every expanded node so far (tree-masked), keeping the head's graph contract.
+Both grow the same tree: the same candidates, scores up to float rounding, the same stable rerank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
 
 @dataclass(frozen=True)
 class Eagle2Shape:
@@ -34,9 +45,14 @@ class Eagle2Shape:
     def kept(self) -> int:
         return min(self.budget, self.candidates)
 
+    @property
+    def tree_kv(self) -> bool:
+        """Whether the tree-KV levels fit the ordered attention's [K, K] ancestor lists."""
+        return self.depth - 1 <= self.top_k
+
 
 class Eagle2Buffers:
-    """Static inputs (host pinned + device), the outputs and (CUDA) the graph of one shape."""
+    """Static inputs (host pinned + device), constants, the outputs and (CUDA) the graph of one shape."""
 
     def __init__(self, shape: Eagle2Shape, hidden: int, dtype, device):
         b, p = shape.batch, shape.chain
@@ -45,148 +61,207 @@ class Eagle2Buffers:
         self.host = torch.zeros(b * p + 2 * b + 2 * b * p, dtype=torch.int64, pin_memory=cuda)
         self.ints = torch.zeros_like(self.host, device=device)
         self.feats = torch.zeros(b, p, hidden, dtype=dtype, device=device)
-        # each candidate's depth (made here: a host-to-device copy cannot be captured)
-        self.depths = torch.as_tensor(_candidate_depths(shape), device=device)
+        self.consts = _Constants.build(shape, device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple | None = None
+        self.outputs: torch.Tensor | None = None
         self.generation = -1
 
     def views(self):
         """(ids [B,P], lengths [B], count [B], gather_b [B*P], gather_row [B*P]) of the device ints."""
         b, p = self.shape.batch, self.shape.chain
-        cuts = np.cumsum([b * p, b, b, b * p])
-        ids, lengths, count, gather_b, gather_row = torch.tensor_split(self.ints, cuts.tolist())
+        ids, lengths, count, gather_b, gather_row = torch.split(self.ints, [b * p, b, b, b * p, b * p])
         return ids.view(b, p), lengths, count, gather_b, gather_row
 
 
 @dataclass
-class _Candidates:
+class _Constants:
+    """Index tensors of one shape, made once with the buffers. Candidates are numbered in the
+    'ext' order: 0 the root, then level 1's K, then each level's K^2, level-major."""
+
+    steps: torch.Tensor  # [P] 0..P-1
+    row_base: torch.Tensor  # [B] b*P, and row_last b*P - 1: the feed's last row per sequence
+    row_last: torch.Tensor
+    zero_f: torch.Tensor  # [B, 1] fp32 0 (the root's score)
+    zero_i: torch.Tensor  # [B, 1] int64 0 (the root's token / parent)
+    first_picks: torch.Tensor  # [B, K] 0..K-1: level 1 expands all its candidates
+    pick_base: torch.Tensor  # [1, 1 + (D-1)K]: ext id of an expanded node = its pick + base
+    parent_slot: torch.Tensor  # [B, 1 + C]: which expanded node (1-based, 0 the root) is the parent
+    node_numbers: torch.Tensor  # [B, N + 1] 0..N
+    chain_anc: torch.Tensor  # [B, P, P] int32 causal ancestor lists of the feed, chain_depth [B, P]
+    chain_depth: torch.Tensor
+    level_pos: torch.Tensor  # [D-1, 1, K] position offset of level l+1 (l), level_write [D-1, 1] lK
+    level_write: torch.Tensor
+    level_depth: torch.Tensor  # [D-1, B, K] int32 l
+    anc_step: torch.Tensor  # [D-1, B, K, K] int32: column l of level l+1's lists is lK + j
+
+    @staticmethod
+    def build(shape: Eagle2Shape, device) -> "_Constants":
+        b, p, k, d = shape.batch, shape.chain, shape.top_k, shape.depth
+        i64 = dict(dtype=torch.int64, device=device)
+        steps = torch.arange(p, **i64)
+        base = torch.tensor([0] + [1] * k + [1 + k + (m - 2) * k * k for m in range(2, d) for _ in range(k)], **i64)
+        slots = [0] * (1 + k) + [1 + (m - 2) * k + j for m in range(2, d + 1) for j in range(k) for _ in range(k)]
+        chain = torch.where(steps[None] <= steps[:, None], steps[None], 0).to(torch.int32)
+        levels = torch.arange(max(d - 1, 1), **i64)
+        anc_step = torch.zeros(len(levels), b, k, k, dtype=torch.int32, device=device)
+        for level in range(min(d - 1, k)):
+            anc_step[level, :, :, level] = (level * k + torch.arange(k, device=device)).to(torch.int32)
+        return _Constants(
+            steps=steps, row_base=torch.arange(b, **i64) * p, row_last=torch.arange(b, **i64) * p - 1,
+            zero_f=torch.zeros(b, 1, device=device), zero_i=torch.zeros(b, 1, **i64),
+            first_picks=torch.arange(k, **i64).expand(b, k).contiguous(), pick_base=base[None],
+            parent_slot=torch.tensor(slots, **i64).expand(b, -1).contiguous(),
+            node_numbers=torch.arange(shape.kept + 1, **i64).expand(b, -1).contiguous(),
+            chain_anc=chain.expand(b, p, p).contiguous(), chain_depth=steps.to(torch.int32).expand(b, p).contiguous(),
+            level_pos=levels[:, None, None].expand(-1, 1, k).contiguous(), level_write=levels[:, None] * k,
+            level_depth=levels.to(torch.int32)[:, None, None].expand(-1, b, k).contiguous(), anc_step=anc_step)
+
+
+def eagle2_draft(head, buf: Eagle2Buffers) -> torch.Tensor:
+    """The whole draft on buf's static inputs; returns packed [B, 3N] float32: tokens, parent node
+    indices and own log-probs of the N kept nodes, parents first."""
+    shape = buf.shape
+    batch, k = shape.batch, shape.top_k
+    fused = getattr(head, "fused", None) is not None and shape.tree_kv
+    levels = _TreeKVLevels(head, buf) if fused else _RecomputedLevels(head, buf)
+    scores, tokens = _top_children(levels.feed(), k)  # level 1: the root's children [B, K]
+    levels.first(tokens)
+    drafted = _Drafted([tokens], [scores], [buf.consts.first_picks])
+    for level in range(1, shape.depth):
+        logits, feat = levels.run(level)  # the K nodes expanded at `level`: [B, K, V], [B, K, H]
+        child_lp, child_tok = _top_children(logits, k)  # [B, K, K]
+        cum = (scores[:, :, None] + child_lp).view(batch, k * k)
+        flat_tok = child_tok.view(batch, k * k)
+        drafted.tokens.append(flat_tok)
+        drafted.scores.append(cum)
+        if level + 1 < shape.depth:  # EAGLE-2: expand the K best by cumulative log-probability
+            scores, pick = torch.topk(cum, k, dim=-1)
+            drafted.picks.append(pick)
+            levels.expand(level, torch.div(pick, k, rounding_mode="floor"), feat, torch.gather(flat_tok, 1, pick))
+    return _rerank(shape, buf.consts, drafted)
+
+
+def _top_children(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs fp32, tokens) of the k most likely next tokens of each row."""
+    return torch.topk(torch.log_softmax(logits, -1, dtype=torch.float32), k, dim=-1)
+
+
+@dataclass
+class _Drafted:
     """Every drafted candidate so far, level-major (a parent always has a smaller id)."""
 
     tokens: list[torch.Tensor]  # per level [B, n]
     scores: list[torch.Tensor]  # cumulative log-probabilities
-    parents: list[torch.Tensor]  # the parent's candidate id, -1 for the root
+    picks: list[torch.Tensor]  # per level 1..D-1 [B, K]: the expanded candidates, by index in their level
 
 
-@dataclass
-class _Expanded:
-    """The K nodes expanded per level, levels 1..D-1 side by side: what the head runs on."""
+class _TreeKVLevels:
+    """The fused head, each level on its K new nodes (module doc). Cache rows: the fed rows at
+    [L, L + P), then level l's K nodes at ctx + (l-1)K + j (ctx = L + count), all past the length."""
 
-    feats: torch.Tensor  # [B, E, H] each node's input: its parent's predicted feature
-    tokens: torch.Tensor  # [B, E]
-    positions: torch.Tensor  # [B, E]
-    ancestors: torch.Tensor  # bool [B, E, E]
-    scores: torch.Tensor  # [B, E]
-    ids: torch.Tensor  # [B, E] candidate ids
+    def __init__(self, head, buf: Eagle2Buffers):
+        self.head, self.fused, self.buf, self.c = head, head.fused, buf, buf.consts
 
+    def feed(self) -> torch.Tensor:
+        """Feed the pending (target feature, next token) rows, written in place; the root's logits."""
+        ids, lengths, count, _, _ = self.buf.views()
+        c, head = self.c, self.head
+        pos = lengths[:, None] + c.steps
+        pred = self.fused.forward(self.buf.feats, ids, pos, lengths, lengths, c.chain_anc, c.chain_depth,
+                                  head.key, head.value)  # [B*P, H]; rows >= count land past the new length
+        self.ctx = lengths + count
+        self.root_feat = pred.index_select(0, torch.maximum(count + c.row_last, c.row_base))  # [B, H]
+        self.pos = self.ctx[None, :, None] + c.level_pos  # [D-1, B, K]
+        self.write = self.ctx[None] + c.level_write  # [D-1, B]
+        return self.fused.logits(self.root_feat)
 
-def eagle2_draft(head, buf: Eagle2Buffers):
-    """The whole draft on buf's static inputs; returns (packed [B, 3N] float32: tokens, parent
-    node indices and own log-probs of the N kept nodes, parents first; ancestor mask bool
-    [B, N+1, N+1] and depths [B, N+1] of the tree with its root)."""
-    shape = buf.shape
-    ctx, root_feat, root_logits = _feed_pending(head, buf)
-    lp, tok = torch.topk(torch.log_softmax(root_logits.float(), -1), shape.top_k, dim=-1)  # [B, K]
-    exp = _first_level(shape, root_feat, tok, lp, ctx)
-    cands = _Candidates([tok], [lp], [torch.full_like(tok, -1)])
-    for level in range(1, shape.depth):
-        _next_level(head, shape, exp, cands, ctx, level)
-    return _rerank(shape, cands, buf.depths)
+    def first(self, tokens: torch.Tensor) -> None:
+        self.feats, self.tokens, self.anc = self.root_feat[:, None], tokens, self.c.anc_step[0]
 
+    def run(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i, (batch, k) = level - 1, self.tokens.shape
+        pred = self.fused.forward(self.feats, self.tokens, self.pos[i], self.write[i], self.ctx, self.anc,
+                                  self.c.level_depth[i], self.head.key, self.head.value)
+        feat = pred.view(batch, k, -1)
+        return self.fused.logits(feat), feat
 
-def _feed_pending(head, buf: Eagle2Buffers):
-    """Feed (target feature, next token) rows and commit them; the root row's outputs."""
-    ids, lengths, count, _, _ = buf.views()
-    batch, chain = ids.shape
-    steps = torch.arange(chain, device=ids.device)
-    pos = lengths[:, None] + steps[None]
-    causal = (steps[None, :] <= steps[:, None]).expand(batch, chain, chain)
-    logits, feat, key, value = head.forward(buf.feats, ids, pos, causal, lengths)
-    index = pos[:, None, :, None].expand(batch, key.shape[1], chain, key.shape[3])
-    head.key.scatter_(2, index, key.to(head.key.dtype))  # rows >= count land past the new length
-    head.value.scatter_(2, index, value.to(head.value.dtype))
-    last = (count - 1).clamp(min=0)
-    rows = torch.arange(batch, device=ids.device)
-    return lengths + count, feat[rows, last], logits[rows, last]
+    def expand(self, level: int, parent: torch.Tensor, feat: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The next level's nodes: parent [B, K] (which of this level's nodes), their tokens."""
+        k = tokens.shape[1]
+        self.feats = torch.gather(feat, 1, parent[..., None].expand(-1, -1, feat.shape[-1]))
+        self.tokens = tokens
+        self.anc = torch.gather(self.anc, 1, parent[..., None].expand(-1, -1, k)) + self.c.anc_step[level]
 
 
-def _first_level(shape: Eagle2Shape, root_feat, tok, lp, ctx) -> _Expanded:
-    batch, k = tok.shape
-    width = max(shape.depth - 1, 1) * k
-    device = tok.device
-    exp = _Expanded(feats=root_feat.new_zeros(batch, width, root_feat.shape[-1]),
-                    tokens=tok.new_zeros(batch, width), positions=tok.new_zeros(batch, width),
-                    ancestors=torch.zeros(batch, width, width, dtype=torch.bool, device=device),
-                    scores=lp.new_zeros(batch, width), ids=tok.new_zeros(batch, width))
-    exp.feats[:, :k] = root_feat[:, None]
-    exp.tokens[:, :k] = tok
-    exp.positions[:, :k] = ctx[:, None]  # a depth-d node's row sits at position ctx - 1 + d
-    exp.ancestors[:, :k, :k] = torch.eye(k, dtype=torch.bool, device=device)
-    exp.scores[:, :k] = lp
-    exp.ids[:, :k] = torch.arange(k, device=device)
-    return exp
+class _RecomputedLevels:
+    """The unfused head (module doc): level l runs on all (l)K expanded nodes, level-major, with
+    their ancestor mask; a depth-d node's row sits at position ctx - 1 + d."""
+
+    def __init__(self, head, buf: Eagle2Buffers):
+        self.head, self.buf = head, buf
+
+    def feed(self) -> torch.Tensor:
+        """Feed (target feature, next token) rows and commit them; the root row's logits."""
+        head = self.head
+        ids, lengths, count, _, _ = self.buf.views()
+        batch, chain = ids.shape
+        steps = torch.arange(chain, device=ids.device)
+        pos = lengths[:, None] + steps[None]
+        causal = (steps[None, :] <= steps[:, None]).expand(batch, chain, chain)
+        logits, feat, key, value = head.forward(self.buf.feats, ids, pos, causal, lengths)
+        index = pos[:, None, :, None].expand(batch, key.shape[1], chain, key.shape[3])
+        head.key.scatter_(2, index, key.to(head.key.dtype))  # rows >= count land past the new length
+        head.value.scatter_(2, index, value.to(head.value.dtype))
+        last = (count - 1).clamp(min=0)
+        rows = torch.arange(batch, device=ids.device)
+        self.ctx, self.root_feat = lengths + count, feat[rows, last]
+        return logits[rows, last]
+
+    def first(self, tokens: torch.Tensor) -> None:
+        shape = self.buf.shape
+        batch, k = tokens.shape
+        width, device = max(shape.depth - 1, 1) * k, tokens.device
+        self.feats = self.root_feat.new_zeros(batch, width, self.root_feat.shape[-1])
+        self.tokens, self.positions = tokens.new_zeros(batch, width), tokens.new_zeros(batch, width)
+        self.ancestors = torch.zeros(batch, width, width, dtype=torch.bool, device=device)
+        self.feats[:, :k] = self.root_feat[:, None]
+        self.tokens[:, :k] = tokens
+        self.positions[:, :k] = self.ctx[:, None]
+        self.ancestors[:, :k, :k] = torch.eye(k, dtype=torch.bool, device=device)
+
+    def run(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.buf.shape.top_k
+        hi = level * k
+        logits, feat, _, _ = self.head.forward(self.feats[:, :hi], self.tokens[:, :hi], self.positions[:, :hi],
+                                               self.ancestors[:, :hi, :hi], self.ctx, first_logits_row=hi - k)
+        return logits, feat[:, hi - k:]
+
+    def expand(self, level: int, parent: torch.Tensor, feat: torch.Tensor, tokens: torch.Tensor) -> None:
+        k = tokens.shape[1]
+        lo, hi = (level - 1) * k, level * k
+        new = slice(hi, hi + k)
+        self.tokens[:, new] = tokens
+        self.positions[:, new] = self.ctx[:, None] + level
+        self.feats[:, new] = torch.gather(feat, 1, parent[..., None].expand(-1, -1, feat.shape[-1]))
+        width = self.ancestors.shape[-1]
+        self.ancestors[:, new] = torch.gather(self.ancestors[:, lo:hi], 1, parent[..., None].expand(-1, -1, width))
+        self.ancestors[:, new, new] |= torch.eye(k, dtype=torch.bool, device=tokens.device)
 
 
-def _next_level(head, shape: Eagle2Shape, exp: _Expanded, cands: _Candidates, ctx, level: int) -> None:
-    """Draft the children of level `level`'s expanded nodes; expand the K best of them next."""
-    k = shape.top_k
-    hi = level * k
-    lo = hi - k
-    logits, feat, _, _ = head.forward(exp.feats[:, :hi], exp.tokens[:, :hi], exp.positions[:, :hi],
-                                      exp.ancestors[:, :hi, :hi], ctx, first_logits_row=lo)
-    child_lp, child_tok = torch.topk(torch.log_softmax(logits.float(), -1), k, dim=-1)  # [B,K,K]
-    batch = child_tok.shape[0]
-    cum = (exp.scores[:, lo:hi, None] + child_lp).reshape(batch, k * k)
-    flat_tok = child_tok.reshape(batch, k * k)
-    cands.tokens.append(flat_tok)
-    cands.scores.append(cum)
-    cands.parents.append(exp.ids[:, lo:hi].repeat_interleave(k, dim=1))
-    if level + 1 >= shape.depth:
-        return
-    best, pick = torch.topk(cum, k, dim=-1)  # [B, K]
-    parent = pick // k  # which of this level's expanded nodes
-    new = slice(hi, hi + k)
-    exp.scores[:, new] = best
-    exp.tokens[:, new] = torch.gather(flat_tok, 1, pick)
-    exp.ids[:, new] = k + (level - 1) * k * k + pick
-    exp.positions[:, new] = ctx[:, None] + level
-    exp.feats[:, new] = torch.gather(feat[:, lo:hi], 1, parent[..., None].expand(-1, -1, feat.shape[-1]))
-    width = exp.ancestors.shape[-1]
-    exp.ancestors[:, new] = torch.gather(exp.ancestors[:, lo:hi], 1, parent[..., None].expand(-1, -1, width))
-    exp.ancestors[:, new, new] |= torch.eye(k, dtype=torch.bool, device=pick.device)
-
-
-def _rerank(shape: Eagle2Shape, cands: _Candidates, depth_of: torch.Tensor):
-    """The best N candidates (stable: ties keep the parent first), parents first, as a tree."""
-    scores = torch.cat(cands.scores, 1)
-    tokens = torch.cat(cands.tokens, 1)
-    parents = torch.cat(cands.parents, 1)
-    batch, n, device = scores.shape[0], shape.kept, scores.device
-    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
-    picked = torch.sort(best, dim=1).values  # candidate ids ascending: parents before children
-    node_of = torch.zeros_like(scores, dtype=torch.int64)
-    node_of.scatter_(1, picked, torch.arange(1, n + 1, device=device).expand(batch, n))
-    parent_id = torch.gather(parents, 1, picked)
-    is_root = parent_id < 0
-    parent_node = torch.where(is_root, 0, torch.gather(node_of, 1, parent_id.clamp(min=0)))
-    own = torch.gather(scores, 1, picked) - torch.where(is_root, 0.0, torch.gather(scores, 1, parent_id.clamp(min=0)))
-    packed = torch.cat([torch.gather(tokens, 1, picked).float(), parent_node.float(), own.float()], 1)
-    zero = parent_node.new_zeros(batch, 1)
-    depths = torch.cat([zero, depth_of[picked]], 1)
-    return packed, _ancestor_mask(torch.cat([zero, parent_node], 1), shape.depth), depths
-
-
-def _ancestor_mask(parents, depth: int):
-    """bool [B, N+1, N+1]: each node and its ancestors, by walking up `depth` times."""
-    batch, size = parents.shape
-    mask = torch.zeros(batch, size, size, dtype=torch.bool, device=parents.device)
-    cur = torch.arange(size, device=parents.device).expand(batch, size).contiguous()
-    for _ in range(depth + 1):
-        mask.scatter_(2, cur[..., None], True)
-        cur = torch.gather(parents, 1, cur)
-    return mask
-
-
-def _candidate_depths(shape: Eagle2Shape) -> np.ndarray:
-    k = shape.top_k
-    return np.concatenate([np.ones(k, np.int64)] + [np.full(k * k, d, np.int64) for d in range(2, shape.depth + 1)])
+def _rerank(shape: Eagle2Shape, c: _Constants, drafted: _Drafted) -> torch.Tensor:
+    """The best N candidates (stable: ties keep the parent first), parents first, packed. The root
+    joins the sort as ext id 0 with score 0 >= every log-probability, so it is always picked first."""
+    n = shape.kept
+    scores = torch.cat([c.zero_f, *drafted.scores], 1)  # [B, 1 + C]
+    tokens = torch.cat([c.zero_i, *drafted.tokens], 1)
+    expanded = torch.cat([c.zero_i, *drafted.picks], 1) + c.pick_base  # ext id of each expanded node
+    parents = torch.gather(expanded, 1, c.parent_slot)  # [B, 1 + C] ext id of each candidate's parent
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n + 1]
+    picked = torch.sort(best, dim=1).values  # ext ids ascending: the root, then parents before children
+    node_of = torch.empty_like(tokens)  # only the picked entries are set, and only they are read
+    node_of.scatter_(1, picked, c.node_numbers)
+    parent = torch.gather(parents, 1, picked)
+    own = torch.gather(scores, 1, picked) - torch.gather(scores, 1, parent)
+    kept = slice(1, None)
+    return torch.cat([torch.gather(tokens, 1, picked)[:, kept].float(),
+                      torch.gather(node_of, 1, parent)[:, kept].float(), own[:, kept]], 1)

@@ -1,0 +1,258 @@
+"""The EAGLE head's fused forward (treespec.models.fused_eagle) and the tree-KV EAGLE-2 draft, on
+the CPU in fp32 under Triton's interpreter, against the unfused head (the reference): the forward
+(logits, predicted features, the cache rows it writes) within 1e-4; the whole draft over three
+rounds of a ragged batch (feed, levels, rerank; accepted rows fed back) growing the same trees;
+and the kernels one draft launches, counted (aten ops that are not views + Triton launches).
+
+TRITON_INTERPRET must be set before Triton is imported, so the checks run in a subprocess: this
+file run as a script prints one JSON line. The GPU half is tests/test_eagle_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+TOLERANCE = 1e-4  # fp32, relative to the reference's peak
+SHAPES = {"d4-k4-n16": (4, 4, 16), "d4-k3-n12": (4, 3, 12), "d3-k2-n6": (3, 2, 6)}
+# The fused draft's launches, derived: feed 21 (one head forward is 13, lm_head, index/position
+# arithmetic 7), per level 2..D about 18 + 8 on expanding levels (topk, gathers, ancestor lists),
+# the rerank about 20; for d4-k4-n16 that is 21 + 2 + 3*18 + 2*8 + 20 = 113 (the unfused draft: ~300).
+MAX_LAUNCHES = {"d4-k4-n16": 125}
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fused_head_forward_matches_unfused(result):
+    for key in ("logits", "predicted", "key_rows", "value_rows"):
+        assert result["forward"][key] < TOLERANCE, result["forward"]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_draft_grows_the_same_trees(result, shape):
+    draft = result["drafts"][shape]
+    assert draft["trees"] == 3 * 2 and draft["same_trees"] == draft["trees"], draft
+    assert draft["logprob_error"] < TOLERANCE, draft
+
+
+def test_fused_draft_launches_few_kernels(result):
+    launches = result["launches"]
+    print(json.dumps(launches))
+    assert launches["fused"] <= MAX_LAUNCHES["d4-k4-n16"], launches
+    assert launches["fused"] * 2 < launches["unfused"], launches
+
+
+# -- the checks, run as a script under TRITON_INTERPRET=1 ----------------------------------------
+
+def _tiny_head(seed: int = 0):
+    """A tiny random Llama target and an EAGLE head with random weights (not the near-identity
+    start of make_eagle_head, whose zeroed projections would hide the attention)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from treespec.models.checkpoint import tiny_random_config
+    from treespec.models.eagle import make_eagle_head
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_random_config(320)).eval()
+    head = make_eagle_head(model).eval()
+    with torch.no_grad():
+        for p in list(head.fc.parameters()) + list(head.layer.parameters()):
+            p.normal_(0.0, 0.15) if p.dim() == 2 else p.uniform_(0.8, 1.2)
+    return model, head
+
+
+def _err(got, ref) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+
+
+def check_forward(head) -> dict:
+    """A tree step with a past (two sequences, different lengths): fused vs unfused."""
+    import torch
+
+    from treespec.models.fused_eagle import FusedEagleHead
+    from treespec.plugins.tree_attention import ordered
+    from treespec.plugins.tree_attention.ordered_check import random_tree
+
+    gen = torch.Generator().manual_seed(1)
+    core, batch, tokens, rows = head.core, 2, 7, 40
+    lengths = torch.tensor([11, 5])
+    key = torch.randn(batch, core.num_kv_heads, rows, core.head_dim, generator=gen)
+    value = torch.randn(batch, core.num_kv_heads, rows, core.head_dim, generator=gen)
+    mask = torch.stack([random_tree(tokens, gen)[1] for _ in range(batch)])
+    pos = lengths[:, None] + mask.sum(-1) - 1
+    feats = torch.randn(batch, tokens, head.hidden_size, generator=gen)
+    ids = torch.randint(0, 320, (batch, tokens), generator=gen)
+    with torch.no_grad():
+        logits, predicted, new_key, new_value = head(feats, ids, pos, mask, lengths, key, value)
+        fused = FusedEagleHead(head)
+        ancestors, depths = ordered.tree_ancestors(mask)
+        got = fused.forward(feats, ids, pos, lengths, lengths, ancestors, depths, key, value)
+        got_logits = fused.logits(got)
+    written = [(key[b, :, int(n):int(n) + tokens], value[b, :, int(n):int(n) + tokens]) for b, n in enumerate(lengths)]
+    return {"logits": _err(got_logits.view(batch, tokens, -1), logits),
+            "predicted": _err(got.view(batch, tokens, -1), predicted),
+            "key_rows": _err(torch.stack([k for k, _ in written]), new_key),
+            "value_rows": _err(torch.stack([v for _, v in written]), new_value)}
+
+
+def _drafters(head):
+    from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleHead
+
+    return {name: TorchEagleDrafter(TorchEagleHead(head, head.core.num_kv_heads, head.core.head_dim, "cpu",
+                                                   fused=fused), head.hidden_size, top_k=4)
+            for name, fused in (("fused", True), ("unfused", False))}
+
+
+def _rounds(drafter, cfg, rounds: int = 3):
+    """Three drafts of a ragged batch of two; between them each sequence accepts a path of the
+    last tree (2 and 1 tokens) with random target features. Returns the trees."""
+    import numpy as np
+
+    from treespec.runtime.drafters.base import Features
+    from treespec.runtime.trees.policies import draft_trees
+
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 320, 9).tolist(), rng.integers(3, 320, 14).tolist()]
+    roots = [7, 11]
+    drafter.reset([p + [r] for p, r in zip(prompts, roots)], 128)
+    hidden = rng.standard_normal((2, 14, drafter.hidden_size)).astype(np.float32)
+    for b, p in enumerate(prompts):
+        drafter.accept(b, [], Features(hidden, b, list(range(len(p)))))
+    trees = []
+    for _ in range(rounds):
+        drafted = draft_trees(cfg, drafter, roots).trees
+        trees += drafted
+        hidden = rng.standard_normal((2, 3, drafter.hidden_size)).astype(np.float32)
+        for b, tree in enumerate(drafted):
+            path = tree.path_to(len(tree) - 1)[1:][:2 - b] or [0]
+            new = [tree.tokens[n] for n in path]
+            drafter.accept(b, new, Features(hidden, b, list(range(len(new)))))
+            roots[b] = new[-1]
+    return trees
+
+
+def check_drafts(head) -> dict:
+    import numpy as np
+
+    from treespec.runtime.trees.policies import parse_tree_config
+
+    out = {}
+    for name, (depth, top_k, budget) in SHAPES.items():
+        cfg = parse_tree_config({"policy": "eagle2", "depth": depth, "top_k": top_k, "budget": budget})
+        trees = {k: _rounds(d, cfg) for k, d in _drafters(head).items()}
+        pairs = list(zip(trees["fused"], trees["unfused"]))
+        same = sum((f.tokens, f.parents) == (u.tokens, u.parents) for f, u in pairs)
+        err = max(float(np.abs(np.subtract(f.logprobs, u.logprobs)).max()) for f, u in pairs)
+        out[name] = {"trees": len(pairs), "same_trees": same, "logprob_error": err}
+    return out
+
+
+class LaunchCounter:
+    """Counts the kernels a piece of PyTorch code launches, on any device: every aten op that
+    is not a view or an allocation (a TorchDispatchMode), plus every Triton launch (the aten
+    ops inside a launch, which the interpreter makes, are not counted)."""
+
+    FREE = ("empty", "empty_like", "empty_strided", "detach", "lift_fresh", "_local_scalar_dense")
+
+    def __init__(self):
+        self.ops: Counter = Counter()
+
+    def __enter__(self):
+        import triton
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter, inside = self, [0]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                if not inside[0] and name not in LaunchCounter.FREE and not _aliases(func, args, out):
+                    counter.ops[name] += 1
+                return out
+
+        def counted(run):
+            def launch(fn, *args, **kwargs):
+                counter.ops[f"triton:{getattr(fn, '__name__', 'kernel')}"] += 1
+                inside[0] += 1
+                try:
+                    return run(fn, *args, **kwargs)
+                finally:
+                    inside[0] -= 1
+            return launch
+
+        from triton.runtime import interpreter, jit
+
+        self._patched = [(cls, cls.run) for cls in (interpreter.InterpretedFunction, jit.JITFunction)]
+        for cls, run in self._patched:
+            cls.run = counted(run)
+        self._mode = Mode()
+        self._mode.__enter__()
+        del triton
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for cls, run in self._patched:
+            cls.run = run
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def _aliases(func, args, out) -> bool:
+    """A view op whose output shares its input's memory (aten.to is a 'view' that may copy)."""
+    import torch
+
+    if not func.is_view:
+        return False
+    if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+        return True
+    return out.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
+
+
+def check_launches(head) -> dict:
+    """Launches of one eagle2 draft (d4-k4-n16, batch 1), fused and unfused, after a warm draft."""
+    import torch
+
+    from treespec.runtime.drafters.eagle_tree import Eagle2Buffers, Eagle2Shape, eagle2_draft
+
+    out = {}
+    for name, drafter in _drafters(head).items():
+        runner = drafter.torch_head
+        runner.reset(1, 128)
+        buf = Eagle2Buffers(Eagle2Shape(1, 4, 4, 16), head.hidden_size, torch.float32, torch.device("cpu"))
+        with torch.inference_mode():
+            eagle2_draft(runner, buf)
+            with LaunchCounter() as counter:
+                eagle2_draft(runner, buf)
+        out[name] = counter.total
+        out[f"{name}_ops"] = dict(counter.ops.most_common())
+    return out
+
+
+def main() -> None:
+    import torch
+
+    _, head = _tiny_head()
+    with torch.no_grad():
+        result = {"forward": check_forward(head), "drafts": check_drafts(head), "launches": check_launches(head)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

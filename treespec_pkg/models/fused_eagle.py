@@ -1,0 +1,82 @@
+"""The EAGLE head's forward in the fused decoder's kernels: ~14 kernels a head forward instead of ~50.
+
+Why: an EAGLE-2 draft (depth 6) runs the head 6 times; through the HF-style layer
+(TreeLayers.decode_layers: ~40 small kernels plus the decomposed attention over the whole cache)
+it cost 2.1-2.3 ms on the H200, twice the target's fused verify step, because there a kernel costs
+a few microseconds whatever it does. Here a forward is: embedding, concat, fc GEMM, RMSNorm, QKV
+GEMM, RoPE + K/V write (Triton), position-ordered tree attention (Triton), o_proj GEMM, add+RMSNorm,
+gate/up GEMM, SiLU*mul, down GEMM, residual add; lm_head only on the rows the caller asks for.
+
+The head is EAGLE-1's: fc(concat(embed(x[t+1]), f[t])) -> one Llama layer -> the predicted feature
+(the residual stream, no final norm: EagleHead.forward returns decode_layers' output as it is) ->
+the target's lm_head. The cache is TorchEagleHead's [B, KVH, rows, D] pair. Unlike FusedDecoder,
+where a step's rows go to [L_b, L_b + T), the K/V write offset (`write_at`) is separate from the
+committed length (`lengths`): an EAGLE-2 level writes its K rows past the rows of the earlier
+levels and attends to the cache plus its ancestors' rows there (tree-KV), see
+runtime/drafters/eagle_tree.py. Triton kernels: on CUDA, or on the CPU under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from treespec.models.eagle import EagleHead
+from treespec.models.fused_decoder import _eps, fuse_layer
+from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul
+from treespec.plugins.tree_attention import ordered
+
+
+class FusedEagleHead:
+    """An EagleHead's weights, concatenated once (at load) for the fused kernels."""
+
+    def __init__(self, head: EagleHead):
+        core = head.core
+        if core.head_dim & (core.head_dim - 1) or core.head_dim < 16:
+            raise ValueError(f"the fused EAGLE head needs a power-of-two head dim >= 16, got {core.head_dim}")
+        with torch.no_grad():
+            self.layer = fuse_layer(head.layer)
+        self.fc_weight, self.fc_bias = head.fc.weight.detach(), head.fc.bias.detach()
+        self.embed = head.embed.weight.detach()
+        self.lm_weight = head.lm_head.weight.detach()
+        self.lm_bias = None if head.lm_head.bias is None else head.lm_head.bias.detach()
+        self.eps = _eps(head.layer.input_layernorm)
+        self.heads, self.kv_heads, self.head_dim = core.num_heads, core.num_kv_heads, core.head_dim
+        self.scale = core.scale
+        self.rotary = core.rotary
+        self.cos = self.sin = None  # [positions, D] fp32, grown to the cache's rows
+
+    def rope_table(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions 0..rows-1 from the head's own rotary module (fp32). Call it once
+        outside a CUDA graph capture (TorchEagleHead.reset does) so that forward only reads it."""
+        if self.cos is None or self.cos.shape[0] < rows or self.cos.device != device:
+            probe = torch.zeros(1, dtype=torch.float32, device=device)
+            cos, sin = self.rotary(probe, torch.arange(rows, device=device)[None])
+            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        return self.cos, self.sin
+
+    def forward(self, feats, ids, pos, write_at, lengths, ancestors, depths, key, value) -> torch.Tensor:
+        """feats [B,T,H] (any strides); ids, pos [B,T] int64 contiguous; write_at, lengths [B] int64;
+        ancestors [B,T,T] int32 (entry e: the ancestor at depth e, as a row offset from lengths[b])
+        and depths [B,T] int32, as the ordered attention reads them; key/value [B,KVH,rows,D].
+        Row t's K/V go to cache row write_at[b] + t; its query sees rows < lengths[b] and rows
+        lengths[b] + ancestors[b,t,e], e <= depths[b,t]. Returns predicted features [B*T, H]."""
+        batch, tokens = ids.shape
+        heads, dim, layer = self.heads, self.head_dim, self.layer
+        fused_in = torch.cat([F.embedding(ids, self.embed).to(feats.dtype), feats.expand(batch, tokens, -1)], -1)
+        residual = F.linear(fused_in, self.fc_weight, self.fc_bias).view(batch * tokens, -1)
+        normed = torch.empty_like(residual)
+        add_rmsnorm(residual, residual, normed, layer.input_norm, self.eps, add=False)
+        cos, sin = self.rope_table(key.shape[2], key.device)
+        qkv = F.linear(normed, layer.qkv, layer.qkv_bias)  # [B*T, (H + 2 KVH) * D]
+        rope_write(qkv, pos, write_at, cos, sin, key, value, tokens, heads, self.kv_heads)
+        q = qkv.view(batch, tokens, -1)[..., :heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
+        out = ordered.ordered_tree_attention(q, key, value, lengths, ancestors, depths, self.scale)
+        add_rmsnorm(F.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias),
+                    residual, normed, layer.post_norm, self.eps)
+        act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
+        return residual.add_(F.linear(act, layer.down, layer.down_bias))
+
+    def logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        """lm_head of predicted features [..., H] -> [..., V] in the model dtype (callers take
+        log_softmax in fp32: one kernel, no fp32 copy of the logits)."""
+        return F.linear(predicted.to(self.lm_weight.dtype), self.lm_weight, self.lm_bias)
