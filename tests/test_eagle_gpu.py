@@ -1,5 +1,7 @@
 """The EAGLE drafter on the GPU (torch backend, fp16, CUDA graphs): lossless on the bench prompts,
-the captured EAGLE-2 draft equal to the eager one, and the draft time per step.
+the captured EAGLE-2 draft equal to the eager one, the fused head's captured draft (tree-KV levels)
+equal to the unfused head's eager draft (fp32 copy of the head: no near-tie flips) and close to it
+in fp16, the kernels one draft launches (torch.profiler) and the draft time per step.
 
 Needs an NVIDIA GPU (skipped where none is present). SmolLM2-135M-Instruct is exported with the
 committed EAGLE weights when weights/smollm2/eagle.safetensors exists (else an untrained head: still
@@ -8,13 +10,16 @@ Numbers (tokens/step, draft ms/step) are printed for the report: run with -s.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 from treespec.artifacts import load_manifest
 from treespec.exporter.pipeline import ExportOptions, run_export
@@ -22,7 +27,8 @@ from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.device_tensors import LazyHost
 from treespec.runtime.drafters.base import Features
-from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter
+from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleHead
+from treespec.runtime.drafters.eagle_tree import eagle2_draft
 from treespec.runtime.trees.policies import draft_trees, parse_tree_config
 from treespec.runtime.trees.presets import load_tree_preset
 from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
@@ -32,6 +38,11 @@ REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "smollm2" / "eagle.safetensors"
 TREES = [None, "eagle2-d6-k8-n64", "eagle2-d5-k6-n32", "eagle2-d4-k4-n16", "opt64"]
 DRAFT_MS_TARGET = 0.4  # issue 15: depth 6, 64 tree tokens, batch 1, H200
+# Kernels of one fused d6-k8-n64 draft at batch 1. Counted on the CPU (tests/test_eagle_fused.py's
+# LaunchCounter, same shape): 149 launches = 6 head forwards x 13 + 6 lm_heads + 6 log_softmax +
+# 10 topk + 18 gathers + ~30 small index/cat/sort ops; the unfused draft: 472. On CUDA a topk or
+# a sort may take 2-3 kernels (radix select, sort of the k results), hence the margin.
+MAX_DRAFT_KERNELS = 200
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +57,8 @@ def eagle_gen(tmp_path_factory):
                                  drafter_weights=weights), progress=lambda m: None)
     gen = SpeculativeGenerator.from_artifacts(out, "torch", "cuda", drafter="eagle")
     assert isinstance(gen.drafter, TorchEagleDrafter) and gen.drafter.use_graphs
+    fused = os.environ.get("TREESPEC_TORCH_FUSED", "1") != "0"
+    assert (gen.drafter.torch_head.fused is not None) == fused, "on CUDA the head is fused by default"
     yield gen
     gen.close()
 
@@ -77,9 +90,9 @@ def test_eagle_batched_cuda_lossless(eagle_gen, bench_prompts):
     assert got == plain
 
 
-def _fresh_draft(gen, prompt_ids: list[int], cfg, graphs: bool):
+def _fresh_draft(gen, prompt_ids: list[int], cfg, graphs: bool, drafter: TorchEagleDrafter | None = None):
     """One EAGLE-2 draft from a fresh prefill of `prompt_ids` (the drafter as the generator primes it)."""
-    target, drafter = gen.target, gen.drafter
+    target, drafter = gen.target, drafter or gen.drafter
     drafter.use_graphs = graphs
     target.reset(1, 1024)
     out = target.step(StepInputs(*batch_tree_inputs([chain_tree(prompt_ids)], target.lengths)))
@@ -98,6 +111,71 @@ def test_captured_draft_equals_eager(eagle_gen, bench_prompts):
         assert (eager.tokens, eager.parents) == (captured.tokens, captured.parents)
         assert len(captured) == 64
     eagle_gen.drafter.use_graphs = True
+
+
+def _drafter_over(module, fused: bool, top_k: int) -> TorchEagleDrafter:
+    """A drafter over the head `module` with its own cache, the fused or the unfused head."""
+    core = module.core
+    return TorchEagleDrafter(TorchEagleHead(module, core.num_kv_heads, core.head_dim, "cuda", fused=fused),
+                             module.hidden_size, top_k)
+
+
+def _paths(tree) -> set[tuple[int, ...]]:
+    return {tuple(tree.tokens[n] for n in tree.path_to(i)[1:]) for i in range(1, len(tree))}
+
+
+def test_fused_draft_equals_unfused(eagle_gen, bench_prompts):
+    """The fused head's captured draft (tree-KV levels) against the unfused head's eager draft.
+    In fp32 (a copy of the head that owns fp32 copies of the target's embeddings and lm_head) the
+    trees are the same; in the served dtype the kernels round differently, so near ties may swap
+    a few of the last-ranked nodes: most paths are still shared."""
+    cfg = parse_tree_config(load_tree_preset("eagle2-d6-k8-n64"))
+    module, top_k = eagle_gen.drafter.torch_head.module, eagle_gen.drafter.top_k
+    head32 = copy.deepcopy(module).float()
+    shared = []
+    for text in bench_prompts[:5]:
+        ids = eagle_gen.encode(text)
+        for head, exact in ((head32, True), (module, False)):
+            fused = _fresh_draft(eagle_gen, ids, cfg, True, _drafter_over(head, True, top_k))
+            unfused = _fresh_draft(eagle_gen, ids, cfg, False, _drafter_over(head, False, top_k))
+            assert len(fused) == len(unfused) == 64
+            if exact:
+                assert (fused.tokens, fused.parents) == (unfused.tokens, unfused.parents)
+                np.testing.assert_allclose(fused.logprobs, unfused.logprobs, atol=1e-3)
+            else:
+                shared.append(len(_paths(fused) & _paths(unfused)) / 63)
+    print(f"fused vs unfused draft in {module.fc.weight.dtype}: {np.mean(shared):.3f} of the paths shared")
+    assert np.mean(shared) >= 0.8
+
+
+def _draft_kernels(drafter: TorchEagleDrafter) -> Counter:
+    """CUDA kernels of one eager eagle2_draft on the drafter's buffers (torch.profiler)."""
+    buf = next(iter(drafter._buffers.values()))
+    with torch.inference_mode():
+        eagle2_draft(drafter.torch_head, buf)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            eagle2_draft(drafter.torch_head, buf)
+            torch.cuda.synchronize()
+    return Counter(e.name[:80] for e in prof.events() if e.device_type == DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset")))
+
+
+def test_draft_kernel_count(eagle_gen, bench_prompts):
+    """Kernels of the captured draft d6-k8-n64 (the same launches, profiled eagerly): fused under
+    MAX_DRAFT_KERNELS, and under a third of the unfused head's."""
+    cfg = parse_tree_config(load_tree_preset("eagle2-d6-k8-n64"))
+    module, top_k = eagle_gen.drafter.torch_head.module, eagle_gen.drafter.top_k
+    ids = eagle_gen.encode(bench_prompts[0])
+    counts = {}
+    for fused in (True, False):
+        drafter = _drafter_over(module, fused, top_k)
+        _fresh_draft(eagle_gen, ids, cfg, False, drafter)
+        counts[fused] = _draft_kernels(drafter)
+    print(f"EAGLE-2 draft d6 k8 n64 kernels: fused {sum(counts[True].values())}, unfused "
+          f"{sum(counts[False].values())}; fused by name: {dict(counts[True].most_common(20))}")
+    assert sum(counts[True].values()) <= MAX_DRAFT_KERNELS
+    assert sum(counts[True].values()) * 3 < sum(counts[False].values())
 
 
 def test_draft_time_per_step(eagle_gen, bench_prompts):

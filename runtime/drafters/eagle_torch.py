@@ -1,21 +1,22 @@
 """The EAGLE drafter on PyTorch (torch backend): EAGLE-2 trees drafted whole on the device.
 
-Why: on the H200 a verify step of the target costs ~3 ms and a CUDA-graph replay ~0.8 us per
-small kernel, while the same draft run level by level from the host costs a sync and a host
-round trip per level (the draft LM spent 4.2 ms per step that way). So for the `eagle2` policy the
-whole draft is ONE captured CUDA graph with static shapes (batch, depth D, top-k K, budget N):
+Why: on the H200 a verify step of the target costs ~1 ms and a replayed kernel a few microseconds,
+while the same draft run level by level from the host costs a sync and a host round trip per level
+(the draft LM spent 4.2 ms per step that way). So for the `eagle2` policy the whole draft is ONE
+captured CUDA graph with static shapes (batch, depth D, top-k K, budget N):
   1. feed the pending (target feature, next token) rows, at most D + 1 per sequence, and commit
      them to the head's cache (rows past a sequence's count land beyond its length: never seen);
   2. level 1: the top-K children of the root from the last fed row;
-  3. levels 2..D: run the head on every expanded node so far (level-major, tree-masked; earlier
-     levels are recomputed, which keeps the head's contract and costs no extra launches), take
-     the top-K children of each of the K newest, keep the K best by cumulative log-probability
-     as the next expanded nodes (EAGLE-2's topK_genrate);
+  3. levels 2..D: run the head on the K nodes expanded at the previous level (the fused head: on
+     those K rows, attending to their ancestors' K/V rows written past the length; the unfused
+     head: on every expanded node so far, tree-masked), take the top-K children of each, keep the
+     K best by cumulative log-probability as the next expanded nodes (EAGLE-2's topK_genrate);
   4. rerank all K + (D-1)K^2 drafted candidates with a STABLE sort, so on equal scores a parent
-     (drafted earlier) comes first and the best N are ancestor-closed; order them parents first
-     and build their parent indices, depths and ancestor mask on the device.
-Only the tree (tokens, parents, log-probs: [B, 3N] float32) crosses to the host. On the CPU the
-same function runs eagerly (CI exercises it); other policies grow trees through `expand`.
+     (drafted earlier) comes first and the best N are ancestor-closed; order them parents first.
+Only the tree (tokens, parents, log-probs: [B, 3N] float32) crosses to the host. The head's
+forward is fused (treespec.models.fused_eagle, ~14 kernels instead of ~50) on CUDA by default
+(TREESPEC_TORCH_FUSED=0: the unfused head); on the CPU the unfused draft runs eagerly (CI
+exercises both); other policies grow trees through `expand`, unfused.
 """
 from __future__ import annotations
 
