@@ -20,10 +20,13 @@ import pytest
 
 TOLERANCE = 1e-4  # fp32, relative to the reference's peak
 SHAPES = {"d4-k4-n16": (4, 4, 16), "d4-k3-n12": (4, 3, 12), "d3-k2-n6": (3, 2, 6)}
-# The fused draft's launches, derived: feed 21 (one head forward is 13, lm_head, index/position
-# arithmetic 7), per level 2..D about 18 + 8 on expanding levels (topk, gathers, ancestor lists),
-# the rerank about 20; for d4-k4-n16 that is 21 + 2 + 3*18 + 2*8 + 20 = 113 (the unfused draft: ~300).
-MAX_LAUNCHES = {"d4-k4-n16": 125}
+# The fused draft's launches, derived: each of the D head runs (the feed, levels 2..D) is 13 for
+# the forward + lm_head + log_softmax + topk = 16; the feed's index arithmetic 7 (positions,
+# lengths, last row, the levels' positions and write rows); level 1 into the scratch 2; one
+# bookkeeping kernel per level 2..D; one rerank: 17D + 9 (d4: 77; d6: 111). Slack for an op that
+# a PyTorch version splits in two. The unfused draft: ~300 at d4.
+DEPTH = 4
+MAX_LAUNCHES = 17 * DEPTH + 9 + 4
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,9 @@ def test_fused_draft_grows_the_same_trees(result, shape):
 def test_fused_draft_launches_few_kernels(result):
     launches = result["launches"]
     print(json.dumps(launches))
-    assert launches["fused"] <= MAX_LAUNCHES["d4-k4-n16"], launches
-    assert launches["fused"] * 2 < launches["unfused"], launches
+    assert launches["fused"] <= MAX_LAUNCHES, launches
+    assert launches["fused"] * 3 < launches["unfused"], launches
+    assert launches["fused_ops"]["triton:expand_level_kernel"] == DEPTH - 1, launches
 
 
 # -- the checks, run as a script under TRITON_INTERPRET=1 ----------------------------------------
@@ -235,7 +239,7 @@ def check_launches(head) -> dict:
     for name, drafter in _drafters(head).items():
         runner = drafter.torch_head
         runner.reset(1, 128)
-        buf = Eagle2Buffers(Eagle2Shape(1, 4, 4, 16), head.hidden_size, torch.float32, torch.device("cpu"))
+        buf = Eagle2Buffers(Eagle2Shape(1, DEPTH, 4, 16), head.hidden_size, torch.float32, torch.device("cpu"))
         with torch.inference_mode():
             eagle2_draft(runner, buf)
             with LaunchCounter() as counter:

@@ -47,8 +47,9 @@ class Eagle2Shape:
 
     @property
     def tree_kv(self) -> bool:
-        """Whether the tree-KV levels fit the ordered attention's [K, K] ancestor lists."""
-        return self.depth - 1 <= self.top_k
+        """Whether the tree-KV levels fit the ordered attention's [K, K] ancestor lists and the
+        bookkeeping kernels' one-program-per-sequence tiles."""
+        return self.depth - 1 <= self.top_k <= 16 and self.candidates < 4096
 
 
 class Eagle2Buffers:
@@ -62,6 +63,7 @@ class Eagle2Buffers:
         self.ints = torch.zeros_like(self.host, device=device)
         self.feats = torch.zeros(b, p, hidden, dtype=dtype, device=device)
         self.consts = _Constants.build(shape, device)
+        self.scratch = _Scratch.build(shape, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: torch.Tensor | None = None
         self.generation = -1
@@ -117,13 +119,60 @@ class _Constants:
             level_depth=levels.to(torch.int32)[:, None, None].expand(-1, b, k).contiguous(), anc_step=anc_step)
 
 
+@dataclass
+class _Scratch:
+    """Static device tensors the tree-KV draft's kernels write, in ext order; the root's entries
+    (and level 1's expanded nodes, ext ids 1..K) are constants set here."""
+
+    scores: torch.Tensor  # [B, 1 + C] fp32 cumulative log-probabilities
+    tokens: torch.Tensor  # [B, 1 + C] int64
+    expanded: torch.Tensor  # [B, 1 + (D-1)K] int64 ext ids of the expanded nodes
+    node_of: torch.Tensor  # [B, 1 + C] int32 the rerank's node numbers
+
+    @staticmethod
+    def build(shape: Eagle2Shape, device) -> "_Scratch":
+        b, k, c1 = shape.batch, shape.top_k, 1 + shape.candidates
+        expanded = torch.zeros(b, 1 + max(shape.depth - 1, 1) * k, dtype=torch.int64, device=device)
+        expanded[:, :k + 1] = torch.arange(k + 1, device=device)
+        return _Scratch(torch.zeros(b, c1, device=device), torch.zeros(b, c1, dtype=torch.int64, device=device),
+                        expanded, torch.zeros(b, c1, dtype=torch.int32, device=device))
+
+
 def eagle2_draft(head, buf: Eagle2Buffers) -> torch.Tensor:
     """The whole draft on buf's static inputs; returns packed [B, 3N] float32: tokens, parent node
     indices and own log-probs of the N kept nodes, parents first."""
+    if getattr(head, "fused", None) is not None and buf.shape.tree_kv:
+        return _draft_tree_kv(head, buf)
+    return _draft_recomputed(head, buf)
+
+
+def _draft_tree_kv(head, buf: Eagle2Buffers) -> torch.Tensor:
+    """The fused head's draft: bookkeeping in eagle2_kernels (one kernel a level, one rerank)."""
+    from treespec.runtime.drafters import eagle2_kernels  # Triton: an optional heavy dependency
+
+    shape, c, s = buf.shape, buf.consts, buf.scratch
+    k, levels = shape.top_k, _TreeKVLevels(head, buf)
+    scores, tokens = _top_children(levels.feed(), k)  # level 1: the root's children [B, K]
+    s.scores[:, 1:k + 1].copy_(scores)
+    s.tokens[:, 1:k + 1].copy_(tokens)
+    levels.first(tokens)
+    for level in range(1, shape.depth):
+        logits, feat = levels.run(level)  # the K nodes expanded at `level`: [B, K, V], [B, K, H]
+        child_lp, child_tok = _top_children(logits, k)  # [B, K, K]
+        expand = level + 1 < shape.depth
+        out = eagle2_kernels.expand_level(scores, child_lp, child_tok, feat, levels.anc,
+                                          c.anc_step[level if expand else 0], s.scores, s.tokens, s.expanded,
+                                          1 + k + (level - 1) * k * k, 1 + level * k, expand)
+        if expand:
+            scores, levels.tokens, levels.feats, levels.anc = out
+    return eagle2_kernels.rerank(s.scores, s.tokens, s.expanded, c.parent_slot[0], s.node_of, shape.kept)
+
+
+def _draft_recomputed(head, buf: Eagle2Buffers) -> torch.Tensor:
+    """The unfused head's draft in PyTorch ops (the reference; runs anywhere)."""
     shape = buf.shape
     batch, k = shape.batch, shape.top_k
-    fused = getattr(head, "fused", None) is not None and shape.tree_kv
-    levels = _TreeKVLevels(head, buf) if fused else _RecomputedLevels(head, buf)
+    levels = _RecomputedLevels(head, buf)
     scores, tokens = _top_children(levels.feed(), k)  # level 1: the root's children [B, K]
     levels.first(tokens)
     drafted = _Drafted([tokens], [scores], [buf.consts.first_picks])
@@ -184,13 +233,6 @@ class _TreeKVLevels:
                                   self.c.level_depth[i], self.head.key, self.head.value)
         feat = pred.view(batch, k, -1)
         return self.fused.logits(feat), feat
-
-    def expand(self, level: int, parent: torch.Tensor, feat: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The next level's nodes: parent [B, K] (which of this level's nodes), their tokens."""
-        k = tokens.shape[1]
-        self.feats = torch.gather(feat, 1, parent[..., None].expand(-1, -1, feat.shape[-1]))
-        self.tokens = tokens
-        self.anc = torch.gather(self.anc, 1, parent[..., None].expand(-1, -1, k)) + self.c.anc_step[level]
 
 
 class _RecomputedLevels:
