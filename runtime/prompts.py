@@ -37,6 +37,14 @@ def read_prompts(path: Path, limit: int | None = None) -> list[Any]:
     return prompts[:limit] if limit else prompts
 
 
+def read_categories(path: Path, limit: int | None = None) -> list[str | None]:
+    """The "category" of each prompt of a file read_prompts accepted (None where a line has none),
+    for per-category acceptance in the bench."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    categories = [str(r["category"]) if isinstance(r.get("category"), str) else None for r in rows]
+    return categories[:limit] if limit else categories
+
+
 class PromptEncoder:
     """Prompts to token ids, with user text kept as plain text.
 

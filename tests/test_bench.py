@@ -21,3 +21,7 @@ def test_bench_cpu(tiny_artifacts, tmp_path):
     assert data["verify_curve_ms"]["torch"] and data["verify_curve_ms"]["onnxruntime"]
     assert "onnxruntime --tree none" in names
     assert png.stat().st_size > 10_000
+    assert data["prompt_categories"] == ["qa", "qa"]  # the first two bench prompts
+    best = next(c for c in data["configs"] if c["name"] == data["summary"]["best_mean_accepted_any"]["name"])
+    assert data["summary"]["best_mean_accepted_by_category"] == {
+        "qa": round(sum(best["mean_accepted_all"]) / 2, 3)}

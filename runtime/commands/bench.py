@@ -32,7 +32,7 @@ from treespec.runtime.commands.bench_kernels import step_profile
 from treespec.runtime.commands.bench_report import plot, print_table, summary
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_hf_draft, load_hf_model
-from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
+from treespec.runtime.prompts import BUNDLED_BENCH, read_categories, read_prompts
 from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams
 
@@ -113,6 +113,7 @@ def _summarise(name: str, runs: list[dict], reference: list[list[int]] | None) -
     if stats:
         steps = [s["steps"] for s in stats]
         row["mean_accepted"] = _median([s["mean_accepted"] for s in stats])
+        row["mean_accepted_all"] = [round(s["mean_accepted"], 4) for s in stats]
         row["mean_tree_size"] = _median([s["mean_tree_size"] for s in stats])
         hist: list[int] = []
         for s in stats:
@@ -370,6 +371,7 @@ def _start(args, device: str) -> tuple[BenchRun, SpeculativeGenerator]:
                                                 threads=args.threads, drafter="none")
     prompts = [first.encode(t) for t in texts]
     result["prompt_tokens"] = [len(p) for p in prompts]
+    result["prompt_categories"] = read_categories(args.prompts, args.num_prompts)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     return BenchRun(args, device, result, prompts, [prompts[longest]], _Progress(0)), first
 

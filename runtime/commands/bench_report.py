@@ -29,7 +29,18 @@ def summary(result: dict) -> dict:
         out["x_vs_best_hf_assisted"] = round(best["tokens_per_s"] / max(assisted), 3)
     best_acc = max(configs, key=lambda c: c.get("mean_accepted") or 0)
     out["best_mean_accepted_any"] = {"name": best_acc["name"], "mean_accepted": best_acc.get("mean_accepted")}
+    by_category = accepted_by_category(best_acc, result.get("prompt_categories") or [])
+    if by_category:
+        out["best_mean_accepted_by_category"] = by_category
     return out
+
+
+def accepted_by_category(config: dict, categories: list) -> dict:
+    """Mean accepted tokens per verify step of one configuration, averaged over each category's prompts."""
+    groups: dict[str, list[float]] = {}
+    for category, accepted in zip(categories, config.get("mean_accepted_all") or []):
+        groups.setdefault(category or "uncategorised", []).append(accepted)
+    return {c: round(sum(v) / len(v), 3) for c, v in sorted(groups.items())}
 
 
 def print_table(result: dict) -> None:
