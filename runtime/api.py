@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from treespec.runtime.trees.auto import LatencyCache
+from treespec.runtime.trees.auto import LatencyCache, machine_default_tree
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_target, load_tokenizer
@@ -113,7 +113,8 @@ class SpeculativeGenerator:
         self.target = load_target(manifest, backend, device, threads)
         self.drafter = load_drafter(manifest, backend, device, threads, drafter)
         if tree is None:
-            tree = manifest.default_tree(self.drafter.kind if self.drafter else None)
+            kind = self.drafter.kind if self.drafter else None
+            tree = machine_default_tree(manifest.default_tree(kind), kind, device)
         self.default_tree = self.resolve_tree(tree)
         self.engine = TreeGenerator(self.target, self.drafter, manifest.eos_token_ids,
                                     manifest.dims.max_context,

@@ -107,6 +107,7 @@ class TreeGenerator:
         self.stats = Stats()
         self.latency_cache = latency_cache  # where `auto` keeps its measured latency curve
         self.latency: LatencyCurve | None = None  # set to skip measuring (tests, a known device)
+        self.planner: AutoPlanner | None = None  # `auto`: kept between generations
 
     def latency_curve(self, max_size: int) -> LatencyCurve:
         """The verify latency curve up to `max_size` tree tokens: cached, or measured now (which
@@ -141,9 +142,7 @@ class TreeGenerator:
                            and sampling.acceptance == "exact")
         if drafter is not None:
             drafter.return_distributions = sample_children
-        planner = None
-        if drafter is not None and tree.policy == "auto":
-            planner = AutoPlanner(self.latency_curve(tree.max_nodes), tree.budget)
+        planner = self._planner(tree) if drafter is not None and tree.policy == "auto" else None
         self.stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless)
         longest = max(len(p) for p in prompts)
         capacity = min(self.max_context, longest + max_new_tokens) + tree.levels + 2
@@ -151,6 +150,15 @@ class TreeGenerator:
         return _Run(tree, sampling, np.random.default_rng(seed), drafter, sample_children, planner, capacity,
                     limits=[min(max_new_tokens, self.max_context - len(p)) for p in prompts],
                     produced=[0] * len(prompts), finished=[False] * len(prompts))
+
+    def _planner(self, tree: TreeConfig) -> AutoPlanner:
+        """The `auto` planner, kept across generations with the same settings: what it learnt
+        (calibration, step costs, the planned size) carries over to the next request."""
+        curve = self.latency_curve(tree.max_nodes)
+        if self.planner is None or not self.planner.fits(curve, tree.budget, tree.levels):
+            self.planner = AutoPlanner(curve, tree.budget, tree.levels)
+        self.planner.begin()
+        return self.planner
 
     def _prefill(self, state: _Run, prompts: list[list[int]]) -> StepEvent:
         """Every prompt in one step; the first token from its last position; the drafter primed."""

@@ -26,11 +26,20 @@ class MedusaDrafter(Drafter):
         self.output_names = [o.name for o in session.get_outputs()] if session is not None else []
         self.heads: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
 
+        self.pending: list[np.ndarray | None] = []  # hidden state the heads have not run on yet
+
     def reset(self, contexts: list[list[int]], capacity: int) -> None:
         self.heads = [(np.zeros((0, 0), np.int64), np.zeros((0, 0)), None) for _ in contexts]
+        self.pending = [None for _ in contexts]
 
     def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
-        feed = {"hidden_states": features.last().astype(self.dtype).reshape(1, 1, -1)}
+        # The heads run when a tree is drafted (expand), not here: a step that drafts nothing
+        # (`auto` planned a plain step) then costs what a plain step costs.
+        self.pending[b] = features.last().copy()
+
+    def _run_heads(self, b: int) -> None:
+        hidden, self.pending[b] = self.pending[b], None
+        feed = {"hidden_states": hidden.astype(self.dtype).reshape(1, 1, -1)}
         wanted = self.output_names if self.return_distributions else ["topk_ids", "topk_logprobs"]
         outs = dict(zip(wanted, self.session.run(wanted, feed)))
         probs = None
@@ -43,6 +52,8 @@ class MedusaDrafter(Drafter):
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
         out = []
         for b, (tree, frontier) in enumerate(zip(trees, frontiers)):
+            if frontier and self.pending[b] is not None:
+                self._run_heads(b)
             ids, logprobs, probs = self.heads[b]
             per_node = []
             for node in frontier:

@@ -146,18 +146,40 @@ class LatencyCache:
 
 
 class AutoPlanner:
-    """Chooses the `auto` policy's node budget per step from the latency curve."""
+    """Chooses the `auto` policy's node budget per step from the latency curve.
 
-    def __init__(self, curve: LatencyCurve, max_budget: int):
+    With `plan: after` (the default) the tree is drafted to the configured budget and cut to the
+    best size. With `plan: ahead` the budget and depth are chosen BEFORE drafting (`plan`), from
+    the previous drafted tree's calibrated values, the measured cost of a drafted level and the
+    verify time this machine really takes with a drafter beside the target (the curve is measured
+    alone, so it is scaled by what the steps took); a plan of 0 nodes is a plain step, with a
+    cheap probe now and then (further apart each time it fails) to notice when drafting pays."""
+
+    def __init__(self, curve: LatencyCurve, max_budget: int, max_levels: int = 8):
         self.curve = curve
         self.max_budget = max_budget
+        self.max_levels = max(1, max_levels)
         self.next_budget: int | None = None  # sampling mode: learnt from the previous step
         self.history: list[int] = []
         self.predicted = 0.0  # decayed sums: drafted tokens the values predicted / were accepted
         self.observed = 0.0
+        self.costs = StepCosts(curve)
+        self.shape = StepShape(max_budget, min(2, self.max_levels))  # plan-ahead: the next step's
+        self.plain_steps = 0  # consecutive planned plain steps
+        self.probe_gap = 1  # plain steps before the next probe (doubles while probes fail)
 
     DECAY = 0.9
     PRIOR = 0.5  # pseudo-count: start from trusting the drafter
+    MAX_PROBE_GAP = 64
+
+    def fits(self, curve: LatencyCurve, max_budget: int, max_levels: int) -> bool:
+        """Whether this planner (and what it learnt) can serve a generation with these settings."""
+        return (self.curve is curve and self.max_budget == max_budget
+                and self.max_levels == max(1, max_levels))
+
+    def begin(self) -> None:
+        """A new generation: the time since the last step is not a step's time."""
+        self.costs.forget_step()
 
     @property
     def calibration(self) -> float:
@@ -172,6 +194,15 @@ class AutoPlanner:
 
     def choose(self, values_per_seq: list[list[float]], draft_s: float) -> int:
         """The shared budget n maximising sum_b E_b(n) / (draft_s + latency(n + 1))."""
+        gain = self._gain(values_per_seq)
+        n = np.arange(len(gain))
+        cost = draft_s + np.array([self.costs.verify_s(int(k) + 1) for k in n])
+        best = int(np.argmax(gain / np.maximum(cost, 1e-9)))
+        self.history.append(best)
+        return best
+
+    def _gain(self, values_per_seq: list[list[float]]) -> np.ndarray:
+        """sum_b E_b(n) for n = 0 .. the most nodes drafted, values calibrated, best first."""
         c = self.calibration
         probs = [c * np.sort(np.exp(np.asarray(v, dtype=np.float64)))[::-1] for v in values_per_seq]
         longest = max((len(p) for p in probs), default=0)
@@ -179,11 +210,7 @@ class AutoPlanner:
         for p in probs:
             cum = np.concatenate([[0.0], np.cumsum(p)])
             gain += 1.0 + np.concatenate([cum, np.full(longest + 1 - len(cum), cum[-1])])
-        n = np.arange(longest + 1)
-        cost = draft_s + np.array([self.curve(int(k) + 1) for k in n])
-        best = int(np.argmax(gain / np.maximum(cost, 1e-9)))
-        self.history.append(best)
-        return best
+        return gain
 
     def budget_for_sampling(self, max_budget: int) -> int:
         return min(self.next_budget or max_budget, max_budget)
@@ -194,6 +221,145 @@ class AutoPlanner:
         used = max((len(v) for v in values_per_seq), default=0)
         best = self.choose(values_per_seq, draft_s)
         self.next_budget = max(1, min(self.max_budget, 2 * used if best >= used else best))
+
+    # -- plan ahead: the budget chosen before drafting ----------------------------------------------
+    def plan(self) -> StepShape:
+        """This step's shape, chosen before drafting: StepShape(0, 0) is a plain step."""
+        self.costs.start_step()
+        if self.costs.drafting_is_free(self.max_levels):  # draft all, cut after (nothing to save)
+            return StepShape(self.max_budget, self.max_levels)
+        if self.shape.budget > 0:
+            return self.shape
+        if self.plain_steps < self.probe_gap:
+            self.plain_steps += 1
+            self.costs.planned(1)
+            return StepShape(0, 0)
+        self.plain_steps = 0
+        self.probe_gap = min(2 * self.probe_gap, self.MAX_PROBE_GAP)  # back to 1 once a probe pays
+        return StepShape(min(2, self.max_budget), 1)
+
+    def drafted(self, values_per_seq: list[list[float]], depths_per_seq: list[list[int]],
+                draft_s: float, levels: int) -> int:
+        """After drafting a planned shape: the budget to keep (the tree is cut to it), and the
+        next step's shape from these values (grown by one level / twice the nodes when the whole
+        drafted tree was worth it, so a plan can grow again)."""
+        if levels > 0:
+            self.costs.drafted(levels, draft_s)
+        keep = self.choose(values_per_seq, draft_s)
+        self.costs.planned(keep + 1)
+        nodes, depth, pays = self._best_shape(values_per_seq, depths_per_seq)
+        if not pays:
+            self.shape = StepShape(0, 0)
+            return keep
+        self.probe_gap = 1
+        drafted_nodes = max((len(v) for v in values_per_seq), default=0)
+        drafted_depth = max((max(d, default=0) for d in depths_per_seq), default=0)
+        grow = nodes >= drafted_nodes and levels >= drafted_depth  # everything drafted was worth it
+        self.shape = StepShape(min(self.max_budget, 2 * nodes if grow else nodes),
+                               min(self.max_levels, depth + 1 if grow else depth))
+        return keep
+
+    def _best_shape(self, values_per_seq: list[list[float]],
+                    depths_per_seq: list[list[int]]) -> tuple[int, int, bool]:
+        """(nodes, levels, whether drafting them beats a plain step) for trees like these: the
+        best n nodes of a tree need its deepest one drafted, each level at its measured cost."""
+        gain = self._gain(values_per_seq)
+        levels = np.zeros(len(gain), dtype=np.int64)  # levels[n]: depth the best n nodes need
+        for values, depths in zip(values_per_seq, depths_per_seq):
+            ranked = [d for _, d in sorted(zip(values, depths), key=lambda t: (-t[0], t[1]))]
+            deepest = np.maximum.accumulate(ranked) if ranked else np.zeros(0, np.int64)
+            needed = np.full(len(gain), deepest[-1] if len(ranked) else 0, dtype=np.int64)
+            needed[0] = 0
+            needed[1:1 + len(deepest)] = deepest
+            levels = np.maximum(levels, needed)
+        cost = np.array([self.costs.step_s(int(n) + 1, int(levels[n])) for n in range(len(gain))])
+        rate = gain / np.maximum(cost, 1e-9)
+        best = int(np.argmax(rate))
+        return best, int(levels[best]), best > 0
+
+
+@dataclass
+class StepShape:
+    """A planned step: drafted nodes and drafted levels (0, 0: a plain step)."""
+
+    budget: int
+    levels: int
+
+
+class StepCosts:
+    """What a step really costs here, learnt online: seconds to draft L levels (per L: a Medusa
+    step costs its heads whatever the depth, a draft model's grows per level), and the factor
+    between the verify(+host) time steps took and the curve's (measured once, maybe under another
+    load: the factor follows the load now, so that it and a level's cost are measured alike)."""
+
+    DECAY = 0.8
+    FREE = 0.05  # drafting every level costs under this fraction of a plain step: draft it all
+    MARGIN = 1.05  # drafting must beat a plain step by this factor (noise; a cut tree still runs)
+
+    def __init__(self, curve: LatencyCurve):
+        self.curve = curve
+        self.draft_times: dict[int, float] = {}  # levels -> seconds to draft them (decayed mean)
+        self.scale = 1.0  # verify(+host) time measured / the curve's
+        self._draft_end: float | None = None
+        self._tokens = 1
+
+    def forget_step(self) -> None:
+        self._draft_end = None
+
+    def start_step(self) -> None:
+        """A step begins: the previous step's verify + host time is now known."""
+        now = time.perf_counter()
+        if self._draft_end is not None:
+            ratio = float(np.clip((now - self._draft_end) / max(self.curve(self._tokens), 1e-9), 0.2, 5.0))
+            self.scale = self.DECAY * self.scale + (1 - self.DECAY) * ratio
+        self._draft_end = None
+
+    def planned(self, tokens: int) -> None:
+        """Drafting is over; the target will verify `tokens` tree tokens."""
+        self._draft_end = time.perf_counter()
+        self._tokens = tokens
+
+    def drafted(self, levels: int, seconds: float) -> None:
+        known = self.draft_times.get(levels)
+        self.draft_times[levels] = seconds if known is None else self.DECAY * known + (1 - self.DECAY) * seconds
+
+    def draft_s(self, levels: int) -> float:
+        """Seconds to draft `levels` levels: as measured, else scaled from the nearest depth
+        measured (0 while nothing was: a first plan drafts and learns)."""
+        if levels <= 0 or not self.draft_times:
+            return 0.0
+        if levels in self.draft_times:
+            return self.draft_times[levels]
+        near = min(self.draft_times, key=lambda k: (abs(k - levels), k))
+        return self.draft_times[near] * levels / near
+
+    def drafting_is_free(self, levels: int) -> bool:
+        return bool(self.draft_times) and self.draft_s(levels) < self.FREE * self.verify_s(1)
+
+    def verify_s(self, tokens: int) -> float:
+        return self.curve(tokens) * self.scale
+
+    def step_s(self, tokens: int, levels: int) -> float:
+        """A step's seconds; a drafting one carries the margin."""
+        cost = self.draft_s(levels) + self.verify_s(tokens)
+        return cost * self.MARGIN if tokens > 1 else cost
+
+
+# On a CPU a verify step grows with the tree (the curve of a 135M model on 2 cores roughly
+# doubles by 32 tokens) and a drafted level costs a fair part of a target step, so the default
+# tree there is small and sized per step: (node budget, levels) caps for `auto` with plan ahead.
+CPU_TREE_CAPS = {"lookup": (16, 8)}  # drafting an n-gram lookup is free: longer chains pay
+CPU_TREE_CAPS_DEFAULT = (8, 4)
+
+
+def machine_default_tree(manifest_default: dict, kind: str | None, device: str) -> dict:
+    """The tree a request gets when it names none. On the CPU: `auto` with the budget planned
+    before drafting (a plain step when drafting does not pay here); elsewhere the manifest's
+    default (the GPU trees the exporter chose, e.g. eagle2 d6 k8 n64 for EAGLE)."""
+    if device != "cpu" or kind is None or manifest_default.get("policy", "none") == "none":
+        return manifest_default
+    budget, levels = CPU_TREE_CAPS.get(kind, CPU_TREE_CAPS_DEFAULT)
+    return {"policy": "auto", "plan": "ahead", "budget": budget, "max_depth": levels}
 
 
 def expected_tokens_per_second(values: list[float], draft_s: float, curve: LatencyCurve) -> float:

@@ -23,6 +23,7 @@ MAX_DEPTH = 64  # drafted levels
 MAX_WIDTH = 1024  # nodes per level, children per node, a top-k index
 MAX_NODES = 4096  # drafted nodes in one tree (budget, choice paths)
 SHOWN_CHARS = 80
+AUTO_PLANS = ("after", "ahead")  # auto: budget chosen after drafting (cut) or before (sized)
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 4, 40, 40
@@ -59,6 +60,7 @@ class TreeConfig:
     unsure: float = 0.3  # top-1 probability at or below which a level gets max_width nodes
     min_path_prob: float = 0.05  # no new level once the best path's probability is below this
     top_k: int = 8  # eagle2: children drafted per expanded node, and nodes expanded per level
+    plan: str = "after"  # auto: cut the drafted tree ("after"), or size it before drafting ("ahead")
     sample_children: bool = False
 
     @property
@@ -173,6 +175,14 @@ def _opt(raw: dict, cfg: TreeConfig) -> int:
     return DEFAULT_MAX_DEPTH
 
 
+def _auto(raw: dict, cfg: TreeConfig) -> int:
+    plan = raw.get("plan", "after")
+    if plan not in AUTO_PLANS:
+        raise InputError(f"tree config: 'plan' must be one of {', '.join(AUTO_PLANS)}, got {show_value(plan)}")
+    cfg.plan = plan
+    return _opt(raw, cfg)
+
+
 def _adaptive(raw: dict, cfg: TreeConfig) -> int:
     cfg.max_width = bounded_int(raw, "max_width", MAX_WIDTH, 8)
     cfg.min_width = bounded_int(raw, "min_width", MAX_WIDTH, 1)
@@ -214,7 +224,7 @@ POLICY_SPECS: dict[str, PolicySpec] = {
     "opt": PolicySpec(frozenset({"delta"}), _opt),
     "adaptive": PolicySpec(frozenset({"max_width", "min_width", "confident", "unsure", "min_path_prob"}),
                            _adaptive),
-    "auto": PolicySpec(frozenset({"delta"}), _opt),
+    "auto": PolicySpec(frozenset({"delta", "plan"}), _auto),
     "eagle2": PolicySpec(frozenset({"depth", "top_k"}), _eagle2),
 }
 POLICIES = tuple(POLICY_SPECS)

@@ -152,14 +152,25 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
         expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in whole]
         return DraftedTrees(whole, [{} for _ in whole], time.perf_counter() - t0, None, expected)
     if cfg.policy != "none" and drafter is not None:
-        budget = cfg.budget
+        budget, levels = cfg.budget, None
+        ahead = cfg.policy == "auto" and planner is not None and cfg.plan == "ahead" and not sample
         if cfg.policy == "auto" and planner is not None and sample:
             budget = chosen = planner.budget_for_sampling(cfg.budget)
-        _grow(cfg, drafter, seqs, budget, rng if sample else None, temperature)
-        if cfg.policy == "auto" and planner is not None:
+        if ahead:  # sized before drafting (0 nodes: a plain step, nothing drafted)
+            shape = planner.plan()
+            budget, levels = shape.budget, shape.levels
+            chosen = 0
+        drafted_levels = _grow(cfg, drafter, seqs, budget, rng if sample else None, temperature, levels) \
+            if budget > 0 else 0
+        if cfg.policy == "auto" and planner is not None and (budget > 0 or not ahead):
             draft_s = time.perf_counter() - t0
             if sample:  # sampled children cannot be cut: learn the budget for the next step
                 planner.observe([s.drafted_values() for s in seqs], draft_s)
+            elif ahead:
+                depths = [[s.records[r].depth for r in s.selected[1:]] for s in seqs]
+                chosen = planner.drafted([s.drafted_values() for s in seqs], depths, draft_s, drafted_levels)
+                for s in seqs:
+                    s.rebuild(sorted(s.selected[1:], key=lambda i: _rank_key(s.records[i]))[:chosen])
             else:
                 chosen = planner.choose([s.drafted_values() for s in seqs], draft_s)
                 for s in seqs:
@@ -173,10 +184,12 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
 
 
 def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
-          rng: np.random.Generator | None, temperature: float) -> None:
-    levels = cfg.levels
+          rng: np.random.Generator | None, temperature: float, max_levels: int | None = None) -> int:
+    """Draft level by level; returns how many levels were drafted (drafter calls)."""
+    levels = cfg.levels if max_levels is None else min(cfg.levels, max_levels)
     if drafter.max_depth is not None:
         levels = min(levels, drafter.max_depth)
+    drafted = 0
     global_opt = cfg.policy in ("opt", "auto") and rng is None
     eagle2 = cfg.policy == "eagle2" and rng is None
     for level in range(levels):
@@ -185,6 +198,7 @@ def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
         trees = [s.tree for s in seqs]
         frontiers = [[s.node_of[r] for r in s.frontier] for s in seqs]
         candidates = drafter.expand(trees, frontiers)
+        drafted += 1
         for s, cands in zip(seqs, candidates):
             if not s.frontier:
                 continue
@@ -196,6 +210,7 @@ def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
             else:
                 picked = _select(cfg, level, s, cands, budget)
                 _place(s, picked, cands, rng, temperature)
+    return drafted
 
 
 def _options(s: _Seq, cands: list[Candidates]):
