@@ -49,6 +49,7 @@ class SlotRequest:
     seed: int | None
     emit: Callable[[list[int], bool], bool]
     fail: Callable[[Exception], None] = lambda exc: None  # the engine failed it (a backend error)
+    cancelled: Callable[[], bool] = lambda: False  # its client left: not admitted, its slot freed
 
 
 @dataclass
@@ -75,6 +76,7 @@ class EngineStats:
     jobs: int = 0
     peak: int = 0  # most slots running at once
     tokens: int = 0
+    cancelled: int = 0  # slots freed because their client left
 
 
 def batchable(engine: TreeGenerator, tree: TreeConfig, sampling: SamplingParams) -> bool:
@@ -124,6 +126,7 @@ class BatchEngine:
             if not running and pending and isinstance(pending[0], _Job):
                 self._exclusive(pending.pop(0))
                 continue
+            pending = [p for p in pending if not (isinstance(p, SlotRequest) and p.cancelled())]
             admit = []
             while pending and isinstance(pending[0], SlotRequest) and len(admit) < self.free():
                 admit.append(pending.pop(0))  # FIFO: a job waits for the batch to drain, later ones behind it
@@ -133,6 +136,7 @@ class BatchEngine:
             except Exception as exc:
                 self._fail_all(exc, admit)
                 continue
+            self._free_cancelled()
             try:
                 if any(self.slots):
                     self._step()
@@ -159,6 +163,13 @@ class BatchEngine:
         except queue.Empty:
             pass
         return [i for i in items if i is not None]
+
+    def _free_cancelled(self) -> None:
+        """Slots whose client left are freed before the next step (their answer went out already)."""
+        for b, slot in enumerate(self.slots):
+            if slot is not None and slot.req.cancelled():
+                self.slots[b] = None
+                self.stats.cancelled += 1
 
     def free(self) -> int:
         return sum(s is None for s in self.slots)

@@ -26,9 +26,12 @@ import re
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from treespec.errors import InputError
+from treespec.runtime.triton.client_watch import ClientWatch, mark_cancelled, new_request_id, shut_down
 from treespec.runtime.triton.openai import (CHAT, COMPLETIONS, MODELS, OpenAIError, OpenAIOptions, OpenAIRelay,
                                             models_body, parse_call)
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, MAX_BODY_BYTES, MAX_TIMEOUT_S, check_request
@@ -200,8 +203,20 @@ class FrontHandler(BaseHTTPRequestHandler):
 
     def _send(self, method: str, path: str, body: bytes | None, headers: dict, timeout: float):
         conn = http.client.HTTPConnection(*self.server.upstream, timeout=timeout)
+        self.upstream_conn = conn  # what watch_client shuts down when the client leaves
         conn.request(method, path, body=body, headers=headers)
         return conn.getresponse()
+
+    def watch_client(self) -> ClientWatch:
+        """While a generate request runs: a client that leaves cancels it in the model (client_watch.py).
+        Sets the id that the upstream request carries (`request_id`)."""
+        self.request_id = new_request_id()
+
+        def left() -> None:
+            mark_cancelled(self.server.cancel_dir(), self.request_id)
+            shut_down(getattr(self, "upstream_conn", None))
+
+        return ClientWatch(self.connection, left)
 
     @staticmethod
     def unreachable(exc: Exception) -> Reply:
@@ -216,15 +231,21 @@ class FrontHandler(BaseHTTPRequestHandler):
         if values.get("stream") is True and not streaming:
             raise InputError("stream=true needs the generate_stream endpoint")
         req = check_request(values, self.server.max_timeout)
-        data = json.dumps(req.to_json()).encode()
         headers = {"Content-Type": "application/json"}
         timeout = req.timeout + UPSTREAM_SLACK_S
+        with self.watch_client() as watch:
+            data = json.dumps({**req.to_json(), "id": self.request_id}).encode()
+            self._forward_generate(data, headers, timeout, streaming, watch)
+
+    def _forward_generate(self, data: bytes, headers: dict, timeout: float, streaming: bool,
+                          watch: ClientWatch) -> None:
         try:
             response = self._send("POST", self.path, data, headers, timeout)
             if response.status >= 400 or not streaming:
                 payload = response.read()
         except (http.client.HTTPException, OSError) as exc:
-            self.reply(self.unreachable(exc))
+            if not watch.left:
+                self.reply(self.unreachable(exc))
             return
         if response.status >= 400:
             self.reply(upstream_error(response.status, payload))
@@ -245,10 +266,11 @@ class FrontHandler(BaseHTTPRequestHandler):
             except InputError as exc:
                 raise OpenAIError(400, str(exc)) from None
             path = f"/v2/models/{UPSTREAM_MODEL}/{'generate_stream' if call.request.stream else 'generate'}"
-            if call.request.stream:
-                relay.stream(call, path)
-            else:
-                self.reply(Reply(200, relay.whole(call, path)))
+            with self.watch_client():
+                if call.request.stream:
+                    relay.stream(call, path)
+                else:
+                    self.reply(Reply(200, relay.whole(call, path)))
         except OpenAIError as exc:
             self.reply(Reply(exc.status, exc.body()))
         except (http.client.HTTPException, OSError) as exc:
@@ -281,11 +303,12 @@ class FrontServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], upstream: tuple[str, int], max_body: int = MAX_BODY_BYTES,
                  max_timeout: float = MAX_TIMEOUT_S, max_connections: int = 128, read_timeout: float = 30.0,
-                 openai: OpenAIOptions | None = None):
+                 openai: OpenAIOptions | None = None, cancel_dir: Callable[[], Path | None] = lambda: None):
         handler = type("Handler", (FrontHandler,), {"timeout": read_timeout})  # a slow client's socket times out
         super().__init__(address, handler)
         self.upstream, self.max_body, self.max_timeout = upstream, max_body, max_timeout
         self.openai = openai or OpenAIOptions()
+        self.cancel_dir = cancel_dir  # where a departed client's request is marked (the server's watch folder)
         self._slots = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request, client_address) -> None:

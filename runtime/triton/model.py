@@ -38,7 +38,8 @@ import treespec
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.batching import BatchEngine
-from treespec.runtime.triton.inflight import slot_request
+from treespec.runtime.triton.client_watch import take_cancelled
+from treespec.runtime.triton.inflight import ResponseWorker, slot_request
 from treespec.runtime.triton.env import WATCH_ENV
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, MAX_INPUT_IDS, GenerateRequest, check_request
 from treespec.runtime.trees.config import show_value
@@ -107,10 +108,12 @@ class TreespecModel:
         longest = max((len(t) for t in self.gen.tokenizer.get_vocab()), default=64)
         self.max_text_chars = 2 * longest * self.max_context
         watch = os.environ.get(WATCH_ENV)
+        self.cancel_dir = watch if watch and os.path.isdir(watch) else None  # the front's cancellation markers
         self.watch_file = os.path.join(watch, f"{os.getpid()}.json") if watch and os.path.isdir(watch) else None
         slots = min(int(params.get("batch_slots") or 0), self.gen.manifest.profile("target").batch[2])
         self.batch = None
         if slots > 0:
+            self.responses = ResponseWorker(self.cancel_dir)
             self.batch = BatchEngine(self.gen.engine, slots, self.gen.manifest.profile("target").tree_tokens[2])
         pb_utils.Logger.log_info(
             f"treespec: loaded {artifact_dir} ({self.backend} on {device}) in {time.perf_counter() - t0:.1f} s")
@@ -254,7 +257,7 @@ class TreespecModel:
         text, ids, steps, first = [], [], 0, True
         sent_final = False
         for chunk in chunks:
-            if request.is_cancelled():
+            if take_cancelled(self.cancel_dir, request.request_id()) or request.is_cancelled():
                 chunks.close()  # releases the generator at once
                 raise _Cancelled
             if time.monotonic() > deadline and not chunk.finished:
@@ -284,6 +287,7 @@ class TreespecModel:
     def finalize(self) -> None:
         if getattr(self, "batch", None) is not None:
             self.batch.close()
+            self.responses.close()
         gen = getattr(self, "gen", None)
         if gen is not None:
             gen.close()

@@ -233,7 +233,7 @@ class OpenAIRelay:
         self.upstream_error, self.slack = upstream_error, timeout_slack
 
     def post(self, call: OpenAICall, path: str):
-        data = json.dumps(call.request.to_json()).encode()
+        data = json.dumps({**call.request.to_json(), "id": getattr(self.handler, "request_id", "")}).encode()
         try:
             return self.handler._send("POST", path, data, {"Content-Type": "application/json"},
                                       call.request.timeout + self.slack)

@@ -49,7 +49,7 @@ class TritonService:
         # the public port first: a port in use is refused before the model loads
         try:
             self.front = Front(HOST, self._port, (HOST, self.server.http_port), max_body=self._max_body,
-                               openai=self._openai)
+                               openai=self._openai, cancel_dir=lambda: self.server.watch_dir)
         except OSError as exc:
             raise ServerError(f"cannot listen on {HOST}:{self._port} ({exc.strerror}): choose another --port "
                               "or stop what uses it") from None
