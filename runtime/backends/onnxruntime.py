@@ -23,36 +23,12 @@ class CudaGraphsUnavailable(RuntimeError):
     """The CUDA provider refused graph capture (e.g. nodes placed on the CPU): open without."""
 
 
-_shared_pool: list[int | None] = []  # the intra-op thread count of the process-wide CPU pool, once set
-
-
-def _share_cpu_threads(options, threads: int | None) -> None:
-    """CPU sessions share one intra-op thread pool. Each session's own pool spins after its run,
-    and on 2 cores the target's and a drafter's spinning pools slowed each other's steps by up to
-    2x (measured: a 2-token verify after an EAGLE draft took 2x a plain step, 1.3x shared)."""
-    import onnxruntime.capi._pybind_state as ort_state
-
-    if not _shared_pool:
-        try:
-            ort_state.set_global_thread_pool_sizes(threads or 0, 1)
-        except Exception:  # the environment exists already: keep per-session pools
-            _shared_pool.append(-1)
-            return
-        _shared_pool.append(threads)
-    if _shared_pool[0] == threads:
-        options.use_per_session_threads = False
-    elif threads:
-        options.intra_op_num_threads = threads
-
-
 def open_session(path: Path, device: str = "cpu", threads: int | None = None, cuda_graphs: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if device == "cpu":
-        _share_cpu_threads(options, threads)
-    elif threads:
+    if threads:
         options.intra_op_num_threads = threads
     if device == "cuda":
         import torch  # noqa: F401  (loads the CUDA libraries the provider links against)
