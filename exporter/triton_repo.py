@@ -36,6 +36,7 @@ ORCHESTRATOR = "treespec"
 GRAPHS = ("target", "draft", "medusa")
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx", "torch")  # torch: the artifacts' torch_weights
 DEVICES = ("cpu", "cuda")
+TREE_SIZING = ("load", "fixed")  # batched greedy trees: sized per step for the load, or as configured
 DEFAULT_MAX_TOKENS = 128
 
 # name, Triton type, dims, optional: Triton's LLM conventions (the generate endpoints map JSON
@@ -115,7 +116,8 @@ def _instance_group(pb, device: str, count: int):
 
 def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances: int = 1,
                         threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                        drafter: str | None = None, tree: str | None = None, batch_slots: int = 0):
+                        drafter: str | None = None, tree: str | None = None, batch_slots: int = 0,
+                        tree_sizing: str = "load"):
     pb, _ = _pb()
     cfg = pb.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
@@ -130,6 +132,7 @@ def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances
         "tree": tree or "",  # empty: that drafter's default tree; requests may override it
         "default_max_tokens": str(max_tokens),
         "batch_slots": str(batch_slots),  # > 0: in-flight batching over that many slots (runtime/batching.py)
+        "tree_sizing": tree_sizing,  # load: batched trees sized per step for the load (runtime/batch_sizing.py)
         "python_path": json.dumps(python_path()),
         "treespec_root": _treespec_root(),
     }
@@ -213,7 +216,7 @@ def _manifest_digest(artifact_dir: Path) -> str:
 def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
               instances: int = 1, threads: int | None = None, graphs: bool = True,
               link: str = "symlink", drafter: str | None = None, tree: str | None = None,
-              batch_slots: int = 0) -> dict[str, str | Path]:
+              batch_slots: int = 0, tree_sizing: str = "load") -> dict[str, str | Path]:
     """Everything the repository holds: relative path -> text, or -> a source file to link/copy."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -223,6 +226,8 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise InputError(f"instances must be a positive integer, got {instances!r}")
     if isinstance(batch_slots, bool) or not isinstance(batch_slots, int) or not 0 <= batch_slots <= 256:
         raise InputError(f"batch_slots must be an integer in [0, 256], got {batch_slots!r}")
+    if tree_sizing not in TREE_SIZING:
+        raise InputError(f"tree_sizing must be one of {', '.join(TREE_SIZING)}, got '{tree_sizing}'")
     if link not in ("symlink", "copy"):
         raise InputError(f"link must be 'symlink' or 'copy', got '{link}'")
     artifact_dir = Path(artifact_dir).resolve()
@@ -241,7 +246,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise ArtifactError(f"these artifacts have no '{drafter}' drafter (they have: "
                             f"{', '.join(manifest.drafters) or 'none'})")
     cfg = orchestrator_config(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree,
-                              batch_slots=batch_slots)
+                              batch_slots=batch_slots, tree_sizing=tree_sizing)
     plan[f"{ORCHESTRATOR}/config.pbtxt"] = config_text(cfg)
     plan[f"{ORCHESTRATOR}/1/model.py"] = model_py()
     if graphs:
@@ -255,7 +260,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
     stamp = {"treespec_version": _version(), "artifact_dir": str(artifact_dir),
              "manifest_sha256": _manifest_digest(artifact_dir), "backend": backend, "device": device,
              "instances": instances, "threads": threads, "link": link, "drafter": drafter, "tree": tree,
-             "batch_slots": batch_slots, "models": sorted({k.split("/")[0] for k in plan})}
+             "batch_slots": batch_slots, "tree_sizing": tree_sizing, "models": sorted({k.split("/")[0] for k in plan})}
     plan[STAMP] = json.dumps(stamp, indent=2) + "\n"
     return plan
 
@@ -286,7 +291,8 @@ def _matches(out_dir: Path, plan: dict[str, str | Path], link: str) -> bool:
 def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: str = "onnxruntime",
                       device: str = "cpu", force: bool = False, instances: int = 1,
                       threads: int | None = None, graphs: bool = True, link: str = "symlink",
-                      drafter: str | None = None, tree: str | None = None, batch_slots: int = 0) -> Path:
+                      drafter: str | None = None, tree: str | None = None, batch_slots: int = 0,
+                      tree_sizing: str = "load") -> Path:
     """Write the model repository for `artifact_dir` into `out_dir` and return out_dir.
 
     backend: how the orchestrator runs the graphs (onnxruntime, tensorrt, tensorrt-rtx, torch); device:
@@ -298,7 +304,8 @@ def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: st
     holds exactly this repository is left untouched; any other non-empty out_dir needs force.
     """
     out_dir = Path(out_dir)
-    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link, drafter, tree, batch_slots)
+    plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link, drafter, tree, batch_slots,
+                     tree_sizing)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -338,7 +345,8 @@ def read_stamp(repo_dir: str | Path) -> dict[str, Any] | None:
 
 def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: str = "onnxruntime",
                        device: str = "cpu", instances: int = 1, threads: int | None = None,
-                       drafter: str | None = None, tree: str | None = None, batch_slots: int = 0) -> bool:
+                       drafter: str | None = None, tree: str | None = None, batch_slots: int = 0,
+                       tree_sizing: str = "load") -> bool:
     """Reuse repo_dir when it already is this repository (returns True), else (re)write it.
 
     A folder that treespec wrote for other artifacts or options is rewritten; a non-empty folder
@@ -346,12 +354,12 @@ def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: 
     """
     repo_dir = Path(repo_dir)
     plan = plan_repo(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree,
-                     batch_slots=batch_slots)
+                     batch_slots=batch_slots, tree_sizing=tree_sizing)
     if repo_dir.is_dir() and any(repo_dir.iterdir()) and _matches(repo_dir, plan, "symlink"):
         return True
     ours = read_stamp(repo_dir) is not None
     write_triton_repo(artifact_dir, repo_dir, backend, device, force=ours, instances=instances, threads=threads,
-                      drafter=drafter, tree=tree, batch_slots=batch_slots)
+                      drafter=drafter, tree=tree, batch_slots=batch_slots, tree_sizing=tree_sizing)
     return False
 
 

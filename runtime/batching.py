@@ -14,29 +14,41 @@ A request never waits for a batch to fill: an idle engine admits the first reque
 
 Lossless: a slot's tokens are what the same request gives alone (greedy, or sampled with its own
 seed: its rng is used in the same order). Requests the slots cannot carry exactly -- trees whose
-children are sampled from the drafter, `auto` budgets, typical acceptance, drafters with their
-own KV cache (draft LM, EAGLE) -- run alone as exclusive jobs between batches (`batchable`).
+children are sampled from the drafter, sampled `auto` trees, typical acceptance, the draft LM
+(its own KV cache) -- run alone as exclusive jobs between batches (`batchable`). EAGLE's slots
+are reset per request (runtime/slot_drafters.py).
+
+Load: the batch width (the slots the backend steps, padding included) follows demand: when the
+engine is empty it allocates the smallest width in WIDTHS that holds the requests seen over the
+last SHRINK_AFTER_S, and when more requests wait than it holds it stops admitting until its
+running requests finish, then grows (one request's time, once per rise in load). At one stream
+it steps a batch of 1, like the Python API. The node budget of greedy requests' trees is chosen
+per step for the current width (runtime/batch_sizing.py), down to plain decoding.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from treespec.runtime.backends.base import StepInputs, StepOutputs
+from treespec.runtime.batch_sizing import LoadSizer, max_budget, sized
 from treespec.runtime.drafters.base import Features
-from treespec.runtime.drafters.lookup import LookupDrafter, NgramIndex
 from treespec.runtime.generator import TreeGenerator
+from treespec.runtime.slot_drafters import SLOT_DRAFTERS, pin_pending, reset_slot
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.policies import draft_trees
 from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams, sample_from, target_distribution, verify_tree
 
-SLOT_DRAFTERS = ("lookup", "medusa")  # per-slot state that a newcomer's prefill fully replaces
 PAD_TREE = chain_tree([0])
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHRINK_AFTER_S = 2.0  # a width holds while demand was that high this recently
 
 
 @dataclass
@@ -77,6 +89,10 @@ class EngineStats:
     peak: int = 0  # most slots running at once
     tokens: int = 0
     cancelled: int = 0  # slots freed because their client left
+    width: int = 0  # the batch the backend steps now
+    running: int = 0
+    budget: int = 0  # nodes per sequence the last sized step drafted (0: plain decoding)
+    resizes: int = 0
 
 
 def batchable(engine: TreeGenerator, tree: TreeConfig, sampling: SamplingParams) -> bool:
@@ -86,20 +102,28 @@ def batchable(engine: TreeGenerator, tree: TreeConfig, sampling: SamplingParams)
     if tree.policy == "none":
         return True
     kind = getattr(engine.drafter, "kind", None)
-    return (kind in SLOT_DRAFTERS and tree.policy != "auto"
-            and (sampling.greedy or not tree.sample_children))
+    return (kind in SLOT_DRAFTERS and (sampling.greedy or (tree.policy != "auto" and not tree.sample_children)))
 
 
 class BatchEngine:
     """The slots over one TreeGenerator's target and drafter, stepped by one thread."""
 
-    def __init__(self, engine: TreeGenerator, slots: int, max_tree_tokens: int):
+    def __init__(self, engine: TreeGenerator, slots: int, max_tree_tokens: int, sizing: bool = True,
+                 elastic: bool = True, budget: int = 63):
+        """slots: the most requests decoded at once; sizing: choose greedy trees' budgets per step
+        (runtime/batch_sizing.py) from latency curves measured up to `budget` nodes (the default tree's);
+        elastic: the batch width follows demand (else always `slots`)."""
         self.engine, self.target = engine, engine.target
-        # only a drafter whose per-slot state a prefill replaces; with others, slots carry plain decoding only
+        # only a drafter whose per-slot state reset_slot replaces; with others, slots carry plain decoding only
         self.drafter = engine.drafter if getattr(engine.drafter, "kind", None) in SLOT_DRAFTERS else None
-        self.slots: list[_Slot | None] = [None] * slots
+        self.max_slots, self.elastic = slots, elastic
+        self.slots: list[_Slot | None] = []
         self.capacity = engine.max_context + max_tree_tokens + 2
+        self.sizer = LoadSizer(max_tree_tokens) if sizing else None
+        self.measure_budget = budget
         self.stats = EngineStats()
+        self._demand: deque = deque()  # (time, requests running + waiting)
+        self._growing = False  # more wait than the width holds: admit none until the batch drains
         self._queue: queue.Queue = queue.Queue()
         self._waiting: list[SlotRequest] = []
         self._fresh = True  # the cache needs a reset (first use, or after an exclusive job)
@@ -127,8 +151,10 @@ class BatchEngine:
                 self._exclusive(pending.pop(0))
                 continue
             pending = [p for p in pending if not (isinstance(p, SlotRequest) and p.cancelled())]
+            self._fit_width(pending)
             admit = []
-            while pending and isinstance(pending[0], SlotRequest) and len(admit) < self.free():
+            while (not self._growing and pending and isinstance(pending[0], SlotRequest)
+                   and len(admit) < self.free()):
                 admit.append(pending.pop(0))  # FIFO: a job waits for the batch to drain, later ones behind it
             try:  # a backend failure fails the requests it touched; the engine serves on
                 if admit:
@@ -142,6 +168,33 @@ class BatchEngine:
                     self._step()
             except Exception as exc:
                 self._fail_all(exc, [])
+
+    def _fit_width(self, pending: list) -> None:
+        """The batch width for the demand (see the module's head); resized only while no slot runs."""
+        running = sum(s is not None for s in self.slots)
+        waiting = sum(isinstance(p, SlotRequest) for p in pending)
+        now = time.monotonic()
+        self._demand.append((now, running + waiting))
+        while self._demand and now - self._demand[0][0] > SHRINK_AFTER_S:
+            self._demand.popleft()
+        want = self.max_slots
+        if self.elastic:
+            demand = max(d for _, d in self._demand)
+            want = next((w for w in WIDTHS if w >= demand), WIDTHS[-1])
+            want = min(want, self.max_slots)
+        if running:
+            self._growing = want > len(self.slots) and waiting > self.free()
+            return
+        self._growing = False
+        if want != len(self.slots) and (waiting or not self.slots):
+            self._resize(want)
+
+    def _resize(self, width: int) -> None:
+        self.slots = [None] * width
+        self._fresh = True
+        self.stats.width, self.stats.resizes = width, self.stats.resizes + 1
+        if self.sizer is not None and self.drafter is not None and self.sizer.needs_curve(width):
+            self.sizer.measure(self.target, width, self.capacity, self.measure_budget)
 
     def _fail_all(self, exc: Exception, admitted: list[SlotRequest]) -> None:
         failed = {id(r): r for r in admitted}
@@ -195,6 +248,7 @@ class BatchEngine:
             self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit)
             self.target.lengths[b] = 0  # the slot's old rows are dead: past_lengths masks them
         trees = [chain_tree(placed[b].req.prompt) if b in placed else PAD_TREE for b in range(len(self.slots))]
+        pin_pending(self.drafter)  # the running slots' features would not survive this step's outputs
         out = self._target_step(trees)
         self.target.commit(out, [list(range(len(placed[b].req.prompt))) if b in placed else []
                                  for b in range(len(self.slots))])
@@ -202,7 +256,7 @@ class BatchEngine:
         for b, slot in placed.items():
             last = len(slot.req.prompt) - 1
             slot.root = self._first_token(out, b, last, slot)
-            self._reset_drafter(b, slot.req.prompt + [slot.root])
+            reset_slot(self.drafter, b, slot.req.prompt + [slot.root])
             if self.drafter is not None:
                 self.drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(slot.req.prompt)))))
             self._emit(b, [slot.root])
@@ -213,31 +267,36 @@ class BatchEngine:
             return int(out.argmax[b, last]) if out.argmax is not None else int(out.logits[b, last].argmax())
         return sample_from(target_distribution(out.logits[b, last], slot.req.sampling), slot.rng)
 
-    def _reset_drafter(self, b: int, context: list[int]) -> None:
-        """The slot's drafter state for a new sequence (medusa: the prefill's accept replaces it)."""
-        if isinstance(self.drafter, LookupDrafter):
-            index = NgramIndex(self.drafter.max_ngram)
-            index.extend(context)
-            self.drafter.indexes[b] = index
-
     def _target_step(self, trees: list[Tree]) -> StepOutputs:
         ids, pos, mask = batch_tree_inputs(trees, self.target.lengths)
         return self.target.step(StepInputs(ids, pos, mask))
 
     # one step of every running slot -------------------------------------------------------------
-    def _draft(self) -> tuple[list[Tree], list[dict]]:
+    def _configs(self) -> dict[int, TreeConfig]:
+        """Each running slot's tree config for this step: greedy slots' budgets sized for the load."""
+        configs = {b: s.req.tree for b, s in enumerate(self.slots) if s is not None}
+        if self.sizer is None or self.drafter is None:
+            return configs
+        greedy = [b for b in configs if self.slots[b].req.sampling.greedy]
+        full = max((max_budget(configs[b]) for b in greedy), default=0)
+        if full <= 0:
+            return configs
+        budget = self.sizer.choose(len(self.slots), full)
+        self.stats.budget = budget
+        return {b: sized(cfg, budget) if b in greedy else cfg for b, cfg in configs.items()}
+
+    def _draft(self, configs: dict[int, TreeConfig]) -> tuple[list[Tree], list[dict]]:
         """Each running slot's tree, grown by its own config (slots sharing a config draft together)."""
         roots = [s.root if s else 0 for s in self.slots]
         trees: list[Tree] = [PAD_TREE] * len(self.slots)
         proposals: list[dict] = [{} for _ in self.slots]
         groups: dict[str, list[int]] = {}
-        for b, s in enumerate(self.slots):
-            if s is not None:
-                groups.setdefault(repr(s.req.tree), []).append(b)
+        for b, cfg in configs.items():
+            groups.setdefault(repr(cfg), []).append(b)
         if self.drafter is not None:
             self.drafter.return_distributions = False
         for members in groups.values():
-            cfg = self.slots[members[0]].req.tree
+            cfg = configs[members[0]]
             drafter = self.drafter if cfg.policy != "none" else None
             drafted = draft_trees(cfg, drafter, roots, active=[b in members for b in range(len(self.slots))])
             for b in members:
@@ -245,14 +304,21 @@ class BatchEngine:
         return trees, proposals
 
     def _step(self) -> None:
-        trees, proposals = self._draft()
+        configs = self._configs()
+        t0 = time.perf_counter()
+        trees, proposals = self._draft(configs)
+        draft_s = time.perf_counter() - t0
         out = self._target_step(trees)
         verdicts = {b: verify_tree(trees[b], out, b, s.req.sampling, s.rng, proposals[b])
                     for b, s in enumerate(self.slots) if s is not None}
         self.target.commit(out, [verdicts[b].path if b in verdicts else [] for b in range(len(self.slots))])
         self.stats.steps += 1
         self.stats.slot_steps += len(verdicts)
+        self.stats.running = len(verdicts)
         self.stats.peak = max(self.stats.peak, len(verdicts))
+        if self.sizer is not None:
+            self.sizer.record(self.stats.budget, draft_s, [(trees[b], v) for b, v in verdicts.items()
+                                                           if configs[b].policy != "none" and self.slots[b].req.sampling.greedy])
         for b, verdict in verdicts.items():
             slot = self.slots[b]
             slot.root = verdict.tokens[-1]

@@ -1,8 +1,9 @@
 """`treespec loadtest` against the real tritonserver (CPU, tiny model, in-flight batching over 4 slots).
 
 Two levels (1 and 3 streams), speculative (the server's default tree) and plain (`tree: none`)
-through the same server: every output equals the same request sent alone, and the JSON and PNG
-hold each level's numbers. Bad input (no server, bad levels) is one line and exit 2.
+through the same server: every output equals the same request sent alone, the JSON and PNG hold
+each level's numbers, and the metrics endpoint shows the load-aware tree sizing (budget, batch
+width, tokens per step). Bad input (no server, bad levels) is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 
 import pytest
 
+from support.triton_helpers import metrics
 from treespec.runtime.cli import main
 
 SLOTS = 4
@@ -46,6 +48,10 @@ def test_loadtest_compares_speculative_and_plain_through_one_server_losslessly(s
     assert result["reference"]["default"]["ids"] == result["reference"]["none"]["ids"]
     assert {r["mode"] for r in result["x_vs_plain"]} == {"default"}
     assert out.with_suffix(".png").stat().st_size > 10_000
+    # the metrics endpoint shows the load-aware sizing: the chosen budget, the width, the acceptance
+    gauges = {k.split("{")[0]: v for k, v in metrics(service).items()}
+    assert {"treespec_tree_budget", "treespec_batch_width", "treespec_tokens_per_step"} <= set(gauges)
+    assert gauges["treespec_tokens_per_step"] >= 1.0 and 1 <= gauges["treespec_batch_width"] <= SLOTS
 
 
 def test_loadtest_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

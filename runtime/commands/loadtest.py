@@ -31,7 +31,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from treespec.errors import InputError
-from treespec.runtime.commands.loadtest_report import level_summary, plot, print_level, server_metrics, write_json
+from treespec.runtime.commands.loadtest_report import (GaugeSampler, level_summary, plot, print_level, server_metrics,
+                                                       write_json)
 from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
 
 DEFAULT_LEVELS = "1,8,32,64"
@@ -246,11 +247,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{mode}] reference pass: {len(prompts)} prompts alone, {alone_tok_s:.1f} tok/s", flush=True)
         for clients in levels:
             before = server_metrics(metrics_url)
-            level = run_level(args, prompts, mode, clients)
+            with GaugeSampler(metrics_url) as gauges:
+                level = run_level(args, prompts, mode, clients)
             after = server_metrics(metrics_url)
             for s in level.samples:
                 s.matches = s.error is None and s.ids == ref_ids[s.prompt]
-            summary = level_summary(level.clients, mode, level.samples, before, after)
+            summary = {**level_summary(level.clients, mode, level.samples, before, after), **gauges.summary()}
             bad += summary["errors"] + summary["mismatches"]
             result["results"].append({**summary, "samples": [asdict(s) for s in level.samples]})
             print_level(summary)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 from treespec.files import write_json as write_json_file
 
 # Gauges of the server's load-aware tree sizing (runtime/triton/model.py), shown per level as read after it
-SIZING_GAUGES = ("treespec_tree_budget", "treespec_batch_running", "treespec_acceptance_ema")
+SIZING_GAUGES = ("treespec_tree_budget", "treespec_batch_width", "treespec_batch_running", "treespec_tokens_per_step")
 
 
 def server_metrics(url: str) -> dict[str, float]:
@@ -25,7 +26,11 @@ def server_metrics(url: str) -> dict[str, float]:
     for line in lines:
         if line.startswith("treespec_"):
             key, value = line.rsplit(" ", 1)
-            out[key.split("{", 1)[0]] += float(value)
+            name = key.split("{", 1)[0]
+            if name in SIZING_GAUGES:  # per instance: the largest
+                out[name] = max(out.get(name, float(value)), float(value))
+            else:
+                out[name] += float(value)
     return dict(out)
 
 
@@ -58,14 +63,48 @@ def level_summary(clients: int, mode: str, samples: list, before: dict, after: d
     made = after.get("treespec_tokens_total", 0) - before.get("treespec_tokens_total", 0)
     if steps > 0:
         out["server_tokens_per_step"] = round(made / steps, 3)  # per sequence and verification step
-    for gauge in SIZING_GAUGES:
-        if gauge in after:
-            out[gauge] = after[gauge]
     return out
 
 
+class GaugeSampler:
+    """The server's sizing gauges, read every `every_s` while a level runs (a context manager)."""
+
+    def __init__(self, url: str, every_s: float = 0.5):
+        self.url, self.every_s = url, every_s
+        self.samples: list[dict[str, float]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "GaugeSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every_s):
+            values = server_metrics(self.url)
+            if "treespec_tree_budget" in values:
+                self.samples.append({k: values[k] for k in SIZING_GAUGES if k in values})
+
+    def summary(self) -> dict:
+        busy = [s for s in self.samples if s.get("treespec_batch_running", 0) > 0]
+        if not busy:
+            return {}
+        budgets = [s["treespec_tree_budget"] for s in busy]
+        rates = [s["treespec_tokens_per_step"] for s in busy if "treespec_tokens_per_step" in s]
+        return {"budget_p50": float(np.median(budgets)), "budget_min": min(budgets), "budget_max": max(budgets),
+                "width_max": max(s.get("treespec_batch_width", 0) for s in busy),
+                "running_max": max(s["treespec_batch_running"] for s in busy),
+                "tokens_per_step_gauge": round(float(np.median(rates)), 3) if rates else None}
+
+
 def print_level(s: dict) -> None:
-    extra = f" budget {s['treespec_tree_budget']:.0f}" if "treespec_tree_budget" in s else ""
+    extra = ""
+    if "budget_p50" in s:
+        extra = f" budget p50 {s['budget_p50']:.0f} (range {s['budget_min']:.0f}-{s['budget_max']:.0f}), width {s['width_max']:.0f}"
     acc = f" acc/step {s['server_tokens_per_step']:.2f}" if "server_tokens_per_step" in s else ""
     print(f"[{s['mode']}] {s['clients']:3d} streams: {s['total_tokens_per_s']:9.1f} tok/s total, "
           f"{s['per_request_tokens_per_s_p50'] or 0:7.1f} tok/s per request (p50), ttft p50 "

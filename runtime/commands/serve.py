@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-slots", type=int, default=0,
                    help="in-flight batching: concurrent requests share one running batch of this many slots "
                         "(0, the default: one request after the other per instance)")
+    p.add_argument("--tree-sizing", default="load", choices=["load", "fixed"],
+                   help="with --batch-slots: greedy requests' tree budgets chosen per step from the verify-latency "
+                        "curve at the current batch width, down to plain decoding (load, the default), or as "
+                        "configured (fixed)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per instance")
     p.add_argument("--drafter", help="lookup, medusa, draft or none (default: the manifest's)")
     p.add_argument("--tree", help="default tree: none, a preset name or inline JSON (requests may override)")
@@ -58,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
     repo = args.repo or default_repo_dir(args.artifacts, args.backend, args.device)
     reused = ensure_triton_repo(args.artifacts, repo, backend=args.backend, device=args.device,
                                 instances=args.instances, threads=args.threads, drafter=args.drafter, tree=args.tree,
-                                batch_slots=args.batch_slots)
+                                batch_slots=args.batch_slots, tree_sizing=args.tree_sizing)
     _print(f"model repository: {repo} ({'reused' if reused else 'written'})")
     log_file = args.log_file
     if log_file is None:  # kept after the server stops, unlike its temporary working directory

@@ -39,6 +39,7 @@ from treespec.runtime.trees.config import show_value
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05
+GAUGES_S = 0.5  # how often the engine's load gauges are published
 
 
 class Responder:
@@ -120,8 +121,9 @@ class Responder:
 class ResponseWorker:
     """One thread that answers every batched request (see the module's head for why)."""
 
-    def __init__(self, cancel_dir: str | None = None):
+    def __init__(self, cancel_dir: str | None = None, gauges=lambda: None):
         self.cancel_dir = cancel_dir  # where the front marks requests whose client left (client_watch.py)
+        self.gauges, self._published = gauges, 0.0
         self._queue: queue.Queue = queue.Queue()
         self._live: set[Responder] = set()
         self._thread = threading.Thread(target=self._loop, name="treespec-responses", daemon=True)
@@ -146,6 +148,9 @@ class ResponseWorker:
             try:
                 self._answer(items)
                 self._poll_cancelled()
+                if time.monotonic() - self._published > GAUGES_S:
+                    self._published = time.monotonic()
+                    self.gauges()
             except Exception:  # never let one bad response end the thread that answers everyone
                 pb_utils.Logger.log_error(f"treespec: response worker: {traceback.format_exc()}")
 

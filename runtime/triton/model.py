@@ -37,6 +37,7 @@ import triton_python_backend_utils as pb_utils
 import treespec
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.api import SpeculativeGenerator
+from treespec.runtime.batch_sizing import max_budget
 from treespec.runtime.batching import BatchEngine
 from treespec.runtime.triton.client_watch import take_cancelled
 from treespec.runtime.triton.inflight import ResponseWorker, slot_request
@@ -112,12 +113,14 @@ class TreespecModel:
         self.watch_file = os.path.join(watch, f"{os.getpid()}.json") if watch and os.path.isdir(watch) else None
         slots = min(int(params.get("batch_slots") or 0), self.gen.manifest.profile("target").batch[2])
         self.batch = None
+        self._metrics()
         if slots > 0:
-            self.responses = ResponseWorker(self.cancel_dir)
-            self.batch = BatchEngine(self.gen.engine, slots, self.gen.manifest.profile("target").tree_tokens[2])
+            self.batch = BatchEngine(self.gen.engine, slots, self.gen.manifest.profile("target").tree_tokens[2],
+                                     sizing=params.get("tree_sizing", "load") != "fixed",
+                                     budget=max_budget(self.gen.default_tree))
+            self.responses = ResponseWorker(self.cancel_dir, gauges=self.update_engine_gauges)
         pb_utils.Logger.log_info(
             f"treespec: loaded {artifact_dir} ({self.backend} on {device}) in {time.perf_counter() - t0:.1f} s")
-        self._metrics()
 
     @staticmethod
     def _check_treespec(expected: str | None) -> None:
@@ -140,6 +143,13 @@ class TreespecModel:
             "mean": pb_utils.MetricFamily("treespec_mean_accepted_tokens",
                                           "Mean tokens per verification step since the instance started "
                                           "(per instance; the histogram's sum/count covers all)", gauge),
+            # in-flight batching (runtime/batching.py, runtime/batch_sizing.py), per instance
+            "budget": pb_utils.MetricFamily("treespec_tree_budget", "Drafted nodes per sequence of the last "
+                                            "batched step, chosen for the load (0: plain decoding)", gauge),
+            "width": pb_utils.MetricFamily("treespec_batch_width", "Batch width the backend steps", gauge),
+            "running": pb_utils.MetricFamily("treespec_batch_running", "Requests in the running batch", gauge),
+            "rate": pb_utils.MetricFamily("treespec_tokens_per_step", "Tokens per sequence and speculative "
+                                          "batched step (moving average: the acceptance)", gauge),
         }
         self.m_requests = {o: self._fam["requests"].Metric(labels={**label, "outcome": o})
                            for o in ("success", "invalid", "failed", "cancelled")}
@@ -147,6 +157,8 @@ class TreespecModel:
         self.m_steps = self._fam["steps"].Metric(labels=label)
         self.m_accepted = self._fam["accepted"].Metric(labels=label, buckets=ACCEPTED_BUCKETS)
         self.m_mean = self._fam["mean"].Metric(labels={**label, "instance": self.instance})
+        self.m_engine = {k: self._fam[k].Metric(labels={**label, "instance": self.instance})
+                         for k in ("budget", "width", "running", "rate")}
         self.total_accepted = 0
         self.total_steps = 0
 
@@ -204,6 +216,15 @@ class TreespecModel:
         self.m_steps.increment(1)
         self.total_steps += 1
         self.total_accepted += accepted
+
+    def update_engine_gauges(self) -> None:
+        """The batch engine's load and tree sizing on the metrics endpoint (called by the response thread)."""
+        stats, sizer = self.batch.stats, self.batch.sizer
+        self.m_engine["budget"].set(stats.budget)
+        self.m_engine["width"].set(stats.width)
+        self.m_engine["running"].set(sum(s is not None for s in self.batch.slots))
+        if sizer is not None:
+            self.m_engine["rate"].set(sizer.tokens_per_step)
 
     def update_mean(self) -> None:
         if self.total_steps:

@@ -1,0 +1,174 @@
+"""Load-aware tree sizing for the batch engine (runtime/batching.py): the node budget per sequence
+from the verify-latency curve measured at the current batch width, down to plain decoding when
+speculation stops paying (issue 17).
+
+Why: a tree of n nodes per sequence makes the target step verify W x (n + 1) tokens for a batch of
+W. At batch 1 the device is latency bound and a 64-node tree costs about what one token costs; at
+batch 64 the same trees are 4096 tokens and the step is compute bound, so the trees that paid at
+batch 1 can make speculation slower than plain decoding (vLLM reports 1.4-1.8x slowdowns at high
+request rates). So the engine picks the budget n per step that maximises tokens per second:
+
+    E(n) / (draft_s(n) + L_W(n + 1))
+
+* L_W: seconds of one target step [W, T] against T, a LatencyCurve (runtime/trees/auto.py) per
+  batch width W, measured when the engine first runs at W (it is idle then: measuring resets the
+  cache). W is the width the engine steps (all of its slots), not the number of running requests.
+* E(n): tokens a sequence gains per step with n nodes. After each verified step, for every
+  candidate n <= the drafted nodes, the tokens that step would have given had its tree been cut to
+  its n best nodes by cumulative draft log-probability (what every policy keeps when its budget is
+  smaller; ancestor-closed, since a child never scores above its parent) follow from the ranks of
+  the accepted path's nodes. An exponential moving average per n. E(0) = 1: plain decoding.
+* draft_s(n): the measured draft time of steps drafted with n nodes (a moving average; a budget
+  not yet drafted borrows the nearest larger one's).
+Every EXPLORE_EVERY steps the full budget is drafted, so the estimates of larger budgets follow the
+text (acceptance changes with the prompt). Lossless whatever n is: verification is exact, and
+only greedy requests are sized (a sampled request keeps its tree, so its random draws stay those
+of the request sent alone).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from treespec.runtime.backends.base import StepInputs, TreeBackend
+from treespec.runtime.trees.auto import LatencyCurve
+from treespec.runtime.trees.config import TreeConfig
+from treespec.runtime.trees.policies import path_values
+from treespec.runtime.trees.tree import Tree
+from treespec.runtime.verify import Verdict
+
+CANDIDATES = (0, 2, 4, 8, 16, 24, 32, 48, 63, 96, 127)  # node budgets per sequence (+ the config's own)
+EXPLORE_EVERY = 16
+EMA = 0.1
+MEASURE_PAST = 64  # cached tokens per sequence while the curve is measured
+MEASURE_REPS = 3
+MEASURED_TOKENS = 64  # tree tokens per sequence measured (larger trees: the curve's last segment extrapolated)
+PLAIN = TreeConfig(policy="none")
+
+
+def sized(cfg: TreeConfig, budget: int) -> TreeConfig:
+    """The slot's tree config with `budget` drafted nodes (0: plain decoding). `auto` grows an OPT
+    tree to its budget and cuts it by its own batch-1 planner: here the engine sizes it instead."""
+    if budget <= 0 or cfg.policy == "none":
+        return PLAIN
+    if cfg.policy == "auto":
+        return TreeConfig(policy="opt", budget=budget, delta=cfg.delta, max_depth=cfg.max_depth)
+    return replace(cfg, budget=min(budget, cfg.budget))
+
+
+def max_budget(cfg: TreeConfig) -> int:
+    return 0 if cfg.policy == "none" else cfg.budget
+
+
+def measure_width(backend: TreeBackend, width: int, capacity: int, sizes: list[int]) -> LatencyCurve:
+    """Seconds of one target step [width, T] for each T in sizes, against MEASURE_PAST cached tokens
+    per sequence. Resets the backend's cache (only while the engine is idle)."""
+    backend.reset(width, capacity)
+    past = min(MEASURE_PAST, capacity - max(sizes) - 1)
+    ids = np.zeros((width, past), np.int64)
+    pos = np.broadcast_to(np.arange(past, dtype=np.int64), (width, past)).copy()
+    mask = np.broadcast_to(np.tril(np.ones((past, past), np.bool_)), (width, past, past)).copy()
+    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))] * width)
+    seconds = []
+    for size in sizes:
+        inputs = StepInputs(np.zeros((width, size), np.int64),
+                            np.broadcast_to(past + np.arange(size, dtype=np.int64), (width, size)).copy(),
+                            np.broadcast_to(np.tril(np.ones((size, size), np.bool_)), (width, size, size)).copy())
+        backend.step(inputs)  # warm-up: allocations, kernel choice, CUDA graph capture
+        times = []
+        for _ in range(MEASURE_REPS):
+            t0 = time.perf_counter()
+            backend.step(inputs)
+            times.append(time.perf_counter() - t0)
+        seconds.append(float(np.median(times)))
+    return LatencyCurve(list(sizes), seconds)
+
+
+def tokens_if_cut(tree: Tree, verdict: Verdict, budgets: list[int]) -> dict[int, int]:
+    """For each budget n <= the tree's drafted nodes: the tokens this step gives with the tree cut to
+    its n best nodes (by cumulative log-probability, ties to the earlier node: parents first)."""
+    drafted = len(tree) - 1
+    values = path_values(tree)
+    order = sorted(range(1, len(tree)), key=lambda i: (-values[i], i))
+    rank = {node: r for r, node in enumerate(order)}
+    prefix, worst = [], -1
+    for node in verdict.path[1:]:  # the accepted drafted nodes, root's child first
+        worst = max(worst, rank[node])
+        prefix.append(worst)
+    return {n: 1 + sum(r < n for r in prefix) for n in budgets if n <= drafted}
+
+
+@dataclass
+class LoadSizer:
+    """Chooses the shared node budget of each batched step; see the module's head."""
+
+    max_tree_tokens: int  # the target graph's profile: T per sequence at most
+    curves: dict[int, LatencyCurve] = field(default_factory=dict)
+    gain: dict[int, float] = field(default_factory=dict)  # E(n)
+    draft_s: dict[int, float] = field(default_factory=dict)
+    steps: int = 0
+    budget: int = 0  # the last choice (metrics)
+    tokens_per_step: float = 0.0  # moving average over speculative slot-steps (metrics)
+
+    def candidates(self, full: int) -> list[int]:
+        return sorted({n for n in CANDIDATES if n < full and n + 1 <= self.max_tree_tokens} | {full})
+
+    def sizes(self, full: int) -> list[int]:
+        return sorted({n + 1 for n in self.candidates(full)} | {1})
+
+    def needs_curve(self, width: int) -> bool:
+        return width not in self.curves
+
+    def measure(self, backend: TreeBackend, width: int, capacity: int, budget: int = MEASURED_TOKENS) -> LatencyCurve:
+        """The curve at `width` for trees up to `budget` nodes (at least 15, at most what the target takes
+        and MEASURED_TOKENS - 1; larger trees extrapolate the last segment)."""
+        full = min(self.max_tree_tokens, MEASURED_TOKENS, max(budget, 15) + 1) - 1
+        self.curves[width] = measure_width(backend, width, capacity, self.sizes(full))
+        return self.curves[width]
+
+    def choose(self, width: int, full: int) -> int:
+        """The budget for the next step of a batch of `width` whose configs allow up to `full` nodes."""
+        self.steps += 1
+        if full <= 0:
+            self.budget = 0
+        elif not self.gain or self.steps % EXPLORE_EVERY == 0 or width not in self.curves:
+            self.budget = full  # explore: every candidate's estimate is refreshed from this step
+        else:
+            curve = self.curves[width]
+            rate = {n: self._gain(n) / (self._draft(n) + curve(n + 1)) for n in self.candidates(full)}
+            self.budget = max(rate, key=lambda n: (rate[n], -n))
+        return self.budget
+
+    def _gain(self, n: int) -> float:
+        if n == 0:
+            return 1.0
+        known = [m for m in self.gain if m <= n]
+        return self.gain[max(known)] if known else 1.0  # never drafted at or below n: assume nothing
+
+    def _draft(self, n: int) -> float:
+        if n == 0:
+            return 0.0
+        larger = sorted(m for m in self.draft_s if m >= n)
+        if larger:
+            return self.draft_s[larger[0]]
+        return self.draft_s[max(self.draft_s)] if self.draft_s else 0.0
+
+    def record(self, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
+        """After a verified step drafted with `budget` nodes: its draft time and, per candidate n,
+        the tokens its trees would have given cut to n nodes."""
+        if budget <= 0 or not steps:
+            return
+        self.draft_s[budget] = _ema(self.draft_s.get(budget), draft_s)
+        sums: dict[int, list[int]] = {}
+        for tree, verdict in steps:
+            for n, tokens in tokens_if_cut(tree, verdict, self.candidates(budget)).items():
+                sums.setdefault(n, []).append(tokens)
+        for n, values in sums.items():
+            self.gain[n] = _ema(self.gain.get(n), float(np.mean(values)))
+        self.tokens_per_step = _ema(self.tokens_per_step or None, float(np.mean([len(v.tokens) for _, v in steps])))
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA) * old + EMA * new

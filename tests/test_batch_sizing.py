@@ -1,0 +1,107 @@
+"""Load-aware tree sizing and the elastic batch width of the batch engine (runtime/batch_sizing.py,
+runtime/batching.py), on the engine directly (CPU, tiny random model).
+
+The sizer's arithmetic on hand-made trees: the tokens a verified tree would have given cut to its
+n best nodes, plain decoding chosen when verification is dear and drafts are rarely accepted, the
+full tree when it is cheap and accepted. The engine: every output equals the request sent alone
+(greedy: lossless) with the budgets it chose, for the lookup drafter (ONNX Runtime) and EAGLE
+(torch, its whole-tree draft, per-slot state reset); one request runs at width 1, a burst grows
+the width, and the verify-latency curve is measured per width.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from treespec.runtime.batch_sizing import EXPLORE_EVERY, LoadSizer, sized, tokens_if_cut
+from treespec.runtime.trees.auto import LatencyCurve
+from treespec.runtime.trees.config import TreeConfig
+from treespec.runtime.trees.tree import Tree
+from treespec.runtime.verify import Verdict
+
+MAX_TOKENS = 24
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.",
+           "Explain what a CPU does in one sentence.", "Name a fruit that is yellow.", "What is 12 times 12?"]
+
+
+def _tree() -> Tree:
+    """root -> a (p 0.9), root -> b (p 0.37), a -> c (p 0.82): ranks a 0, c 1, b 2."""
+    tree = Tree.root_only(7)
+    a = tree.add(0, 1, -0.1)
+    tree.add(0, 2, -1.0)
+    tree.add(a, 3, -0.2)
+    return tree
+
+
+def test_tokens_if_cut_follows_the_ranks_of_the_accepted_path():
+    tree = _tree()
+    assert tokens_if_cut(tree, Verdict([0, 1, 3], [1, 3, 9]), [0, 1, 2, 3, 4]) == {0: 1, 1: 2, 2: 3, 3: 3}
+    assert tokens_if_cut(tree, Verdict([0, 2], [2, 9]), [0, 1, 2, 3]) == {0: 1, 1: 1, 2: 1, 3: 2}
+    assert tokens_if_cut(tree, Verdict([0], [9]), [0, 3]) == {0: 1, 3: 1}
+
+
+def test_the_sizer_goes_plain_when_speculation_stops_paying_and_full_when_it_pays():
+    steep, flat = LatencyCurve([1, 64], [1e-3, 64e-3]), LatencyCurve([1, 64], [1e-3, 1.1e-3])
+    sizer = LoadSizer(64, curves={8: steep, 1: flat}, gain={0: 1.0, 2: 1.1, 16: 1.2, 63: 1.3})
+    assert sizer.choose(8, 63) == 0  # 8 x 64 tokens cost 64x one token; 1.3 tokens per step do not pay
+    knee = LatencyCurve([1, 16, 64], [1e-3, 1.2e-3, 8e-3])
+    sizer = LoadSizer(64, curves={8: knee, 1: flat}, gain={0: 1.0, 2: 1.8, 16: 3.0, 63: 3.4})
+    assert sizer.choose(1, 63) == 63  # nearly free at batch 1: the whole tree
+    assert sizer.choose(8, 63) == 16  # at batch 8 the curve's knee: the tree that still fits before it
+    chosen = [sizer.choose(8, 63) for _ in range(2 * EXPLORE_EVERY)]
+    assert chosen.count(63) >= 2  # the full tree is still drafted now and then: estimates stay current
+    assert sized(TreeConfig(policy="auto", budget=16), 8).policy == "opt"
+    assert sized(TreeConfig(policy="eagle2", budget=63, depth=6, top_k=8), 16).budget == 16
+    assert sized(TreeConfig(policy="eagle2", budget=63), 0).policy == "none"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from treespec.exporter.pipeline import ExportOptions, run_export
+
+    out = tmp_path_factory.mktemp("sizing") / "tiny"
+    run_export(ExportOptions(model="tiny-random", out=out, max_context=256, drafters=["lookup", "eagle"]),
+               progress=lambda m: None)
+    return out
+
+
+def _run_engine(engine, gen, prompts: list[str]) -> dict[int, list[int]]:
+    from treespec.runtime.api import check_request
+    from treespec.runtime.batching import SlotRequest
+
+    outs: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    done = [threading.Event() for _ in prompts]
+    for i, prompt in enumerate(prompts):
+        def emit(ids, finished, i=i):
+            outs[i].extend(ids)
+            if finished:
+                done[i].set()
+            return True
+
+        engine.submit(SlotRequest(gen.encode(prompt), MAX_TOKENS, gen.default_tree, check_request(MAX_TOKENS),
+                                  None, emit, lambda exc: pytest.fail(f"engine failed: {exc}")))
+    assert all(d.wait(300) for d in done)
+    return outs
+
+
+@pytest.mark.parametrize("backend, drafter, tree", [("onnxruntime", "lookup", None),
+                                                    ("torch", "eagle", "eagle2-d4-k4-n16")])
+def test_sized_batches_are_lossless_and_the_width_follows_demand(artifacts, backend, drafter, tree):
+    from treespec.runtime.api import SpeculativeGenerator
+    from treespec.runtime.batching import BatchEngine
+
+    gen = SpeculativeGenerator.from_artifacts(artifacts, backend=backend, drafter=drafter, tree=tree)
+    alone = {i: list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for i, p in enumerate(PROMPTS)}
+    engine = BatchEngine(gen.engine, 8, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
+    try:
+        assert _run_engine(engine, gen, PROMPTS[:1]) == {0: alone[0]}
+        assert engine.stats.width == 1  # one request: a batch of one, like the Python API
+        outs = _run_engine(engine, gen, PROMPTS)
+        assert outs == alone
+        assert engine.stats.width == 8 and set(engine.sizer.curves) == {1, 8}
+        assert engine.sizer.gain and engine.sizer.steps > 0
+        print(f"\n{drafter}: budgets {sorted(engine.sizer.gain)}, gain {engine.sizer.gain}, last {engine.stats.budget}")
+    finally:
+        engine.close()
+        gen.close()
