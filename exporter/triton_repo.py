@@ -19,6 +19,7 @@ which is what lets `treespec serve` reuse a repository unchanged across restarts
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -80,18 +81,36 @@ def model_py() -> str:
 def _pb():
     try:
         from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
     except ImportError as exc:
-        raise InputError(f"writing a Triton repository needs tritonclient and protobuf "
-                         f"(pip install 'tritonclient[all]' protobuf): {exc}") from None
-    return model_config_pb2, text_format
+        raise InputError(f"writing a Triton repository needs protobuf (pip install protobuf): {exc}") from None
+    return _model_config_pb2(), text_format
+
+
+def _model_config_pb2():
+    """tritonclient's ModelConfig protobuf module. Its package imports grpc first; where grpcio is
+    missing (the GPU machine's carried wheels) the module file, which needs protobuf only, is loaded alone."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+        return model_config_pb2
+    except (ImportError, RuntimeError) as exc:  # tritonclient.grpc raises RuntimeError without grpcio
+        spec = importlib.util.find_spec("tritonclient")
+        path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py" if spec else None
+        if path is None or not path.is_file():
+            raise InputError(f"writing a Triton repository needs tritonclient (pip install 'tritonclient[grpc]'): "
+                             f"{exc}") from None
+        module_spec = importlib.util.spec_from_file_location("treespec_model_config_pb2", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
 
 
 def python_path() -> list[str]:
-    """This environment's package folders for the stub's sys.path: its site-packages (and the user
-    site, when enabled). Deliberately not sys.path, which depends on how the writer was started
-    (pytest, PYTHONPATH, the cwd): the same environment must give the same repository."""
-    out = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    """This environment's package folders for the stub's sys.path: the folders of PYTHONPATH (how
+    the GPU machine's carried wheels and an uninstalled treespec are found: tools/gpu_env.sh), its
+    site-packages (and the user site, when enabled). Deliberately not sys.path, which depends on
+    how the writer was started (pytest, the cwd): the same environment must give the same repository."""
+    out = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.isdir(p)]
+    out += [p for p in site.getsitepackages() if os.path.isdir(p) and p not in out]
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         out.append(site.getusersitepackages())
     return out

@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             bad += summary["errors"] + summary["mismatches"]
             result["results"].append({**summary, "samples": [asdict(s) for s in level.samples]})
             print_level(summary)
+            write_json(args.out, result)  # after every level: a run cut short still leaves its numbers
     out_json = write_json(args.out, result)
     print(f"wrote {out_json}")
     if not args.no_plot:
