@@ -27,7 +27,7 @@ from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.device_tensors import LazyHost
 from treespec.runtime.drafters.base import Features
-from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleHead
+from treespec.runtime.drafters.eagle_torch import FUSED_HEAD_ENV, TorchEagleDrafter, TorchEagleHead
 from treespec.runtime.drafters.eagle_tree import eagle2_draft
 from treespec.runtime.trees.policies import draft_trees, parse_tree_config
 from treespec.runtime.trees.presets import load_tree_preset
@@ -59,8 +59,8 @@ def eagle_gen(tmp_path_factory):
                                  drafter_weights=weights), progress=lambda m: None)
     gen = SpeculativeGenerator.from_artifacts(out, "torch", "cuda", drafter="eagle")
     assert isinstance(gen.drafter, TorchEagleDrafter) and gen.drafter.use_graphs
-    fused = os.environ.get("TREESPEC_TORCH_FUSED", "1") != "0"
-    assert (gen.drafter.torch_head.fused is not None) == fused, "on CUDA the head is fused by default"
+    fused = os.environ.get(FUSED_HEAD_ENV, "0") == "1"
+    assert (gen.drafter.torch_head.fused is not None) == fused, "the fused head is opt-in (TREESPEC_EAGLE_FUSED=1)"
     yield gen
     gen.close()
 

@@ -13,10 +13,17 @@ captured CUDA graph with static shapes (batch, depth D, top-k K, budget N):
      K best by cumulative log-probability as the next expanded nodes (EAGLE-2's topK_genrate);
   4. rerank all K + (D-1)K^2 drafted candidates with a STABLE sort, so on equal scores a parent
      (drafted earlier) comes first and the best N are ancestor-closed; order them parents first.
-Only the tree (tokens, parents, log-probs: [B, 3N] float32) crosses to the host. The head's
-forward is fused (treespec.models.fused_eagle, ~14 kernels instead of ~50) on CUDA by default
-(TREESPEC_TORCH_FUSED=0: the unfused head); on the CPU the unfused draft runs eagerly (CI
-exercises both); other policies grow trees through `expand`, unfused.
+Only the tree (tokens, parents, log-probs: [B, 3N] float32) crosses to the host. Other policies
+grow trees through `expand`, unfused.
+
+The fused head (treespec.models.fused_eagle, ~14 kernels a forward instead of ~50, with the
+tree-KV levels and the Triton bookkeeping of eagle2_kernels) is OPT-IN: TREESPEC_EAGLE_FUSED=1.
+On the H200 it drafted in 0.49 ms (random SmolLM2-shaped weights) against 1.9-2.1 ms, but with the
+trained head and the real target the captured draft hit a device-side assert (an index_select out
+of range inside the graph replay, 256-token generations; a 32-token one was lossless) and an earlier
+version's captured draft differed from its eager run. Until that is found and the fix has run on a
+GPU, the default on CUDA is the unfused head (the draft measured lossless on the H200); the CPU
+tests under Triton's interpreter check the fused path against it.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
 
 SPARE_ROWS = 128  # head cache rows past the capacity: where the padded pending rows land
+FUSED_HEAD_ENV = "TREESPEC_EAGLE_FUSED"  # "1": the fused head on CUDA (opt-in, module doc)
 
 
 class TorchEagleHead(TreeBackend):
@@ -231,12 +239,12 @@ def _capture(head: TorchEagleHead, buf: Eagle2Buffers) -> None:
 
 
 def _fused_head(module: torch.nn.Module, fused: bool | None, cuda: bool):
-    """The head's few-kernel forward (treespec.models.fused_eagle) when asked for (`fused` True), or
-    by default on CUDA unless TREESPEC_TORCH_FUSED=0 (the torch backend's switch) or the head dim
-    is one the ordered attention does not take. On the CPU it needs Triton's interpreter (tests)."""
+    """The head's few-kernel forward (treespec.models.fused_eagle) when asked for (`fused` True, or
+    TREESPEC_EAGLE_FUSED=1 on CUDA; opt-in: module doc), unless the head dim is one the ordered
+    attention does not take. On the CPU it needs Triton's interpreter (tests)."""
     asked = fused
     if fused is None:
-        fused = cuda and os.environ.get("TREESPEC_TORCH_FUSED", "1") != "0"
+        fused = cuda and os.environ.get(FUSED_HEAD_ENV, "0") == "1"
     if not fused or not isinstance(module, EagleHead):
         return None
     dim = module.core.head_dim
