@@ -365,13 +365,12 @@ def _start(args, device: str) -> tuple[BenchRun, SpeculativeGenerator]:
         "max_new_tokens": args.max_new_tokens, "device": device, "batch": 1, "sampling": "greedy",
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "torch": torch.__version__,
         "transformers": transformers.__version__, "configs": [], "baselines": [], "verify_curve_ms": {},
-        "skipped": [],
+        "skipped": [], "prompt_categories": read_categories(args.prompts, args.num_prompts),
     }
     first = SpeculativeGenerator.from_artifacts(args.artifacts, _split([args.backends])[0], device,
                                                 threads=args.threads, drafter="none")
     prompts = [first.encode(t) for t in texts]
     result["prompt_tokens"] = [len(p) for p in prompts]
-    result["prompt_categories"] = read_categories(args.prompts, args.num_prompts)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     return BenchRun(args, device, result, prompts, [prompts[longest]], _Progress(0)), first
 
