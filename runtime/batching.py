@@ -49,6 +49,7 @@ from treespec.runtime.verify import SamplingParams, sample_from, target_distribu
 PAD_TREE = chain_tree([0])
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHRINK_AFTER_S = 2.0  # a width holds while demand was that high this recently
+RECORD_SLOTS = 8  # slots per step whose trees feed the sizer's estimates (~0.1 ms each on the host)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class _Slot:
     produced: int = 0
     root: int = 0
     done: bool = False
+    tree_key: str = ""  # repr of its tree config, once: slots with equal configs draft together
 
 
 @dataclass
@@ -120,6 +122,7 @@ class BatchEngine:
         self.slots: list[_Slot | None] = []
         self.capacity = engine.max_context + max_tree_tokens + 2
         self.sizer = LoadSizer(max_tree_tokens) if sizing else None
+        self._sized: dict[tuple[str, int], TreeConfig] = {}  # (tree key, budget) -> the sized config
         self.measure_budget = budget
         self.stats = EngineStats()
         self._demand: deque = deque()  # (time, requests running + waiting)
@@ -245,7 +248,7 @@ class BatchEngine:
         for req in requests:
             b = self.slots.index(None)
             limit = min(req.max_new_tokens, self.engine.max_context - len(req.prompt))
-            self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit)
+            self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit, tree_key=repr(req.tree))
             self.target.lengths[b] = 0  # the slot's old rows are dead: past_lengths masks them
         trees = [chain_tree(placed[b].req.prompt) if b in placed else PAD_TREE for b in range(len(self.slots))]
         pin_pending(self.drafter)  # the running slots' features would not survive this step's outputs
@@ -272,31 +275,36 @@ class BatchEngine:
         return self.target.step(StepInputs(ids, pos, mask))
 
     # one step of every running slot -------------------------------------------------------------
-    def _configs(self) -> dict[int, TreeConfig]:
-        """Each running slot's tree config for this step: greedy slots' budgets sized for the load."""
-        configs = {b: s.req.tree for b, s in enumerate(self.slots) if s is not None}
+    def _configs(self) -> dict[int, tuple[str, TreeConfig]]:
+        """Each running slot's (group key, tree config) for this step: greedy slots' budgets sized for
+        the load. Equal keys draft together."""
+        configs = {b: (s.tree_key, s.req.tree) for b, s in enumerate(self.slots) if s is not None}
         if self.sizer is None or self.drafter is None:
             return configs
         greedy = [b for b in configs if self.slots[b].req.sampling.greedy]
-        full = max((max_budget(configs[b]) for b in greedy), default=0)
+        full = max((max_budget(configs[b][1]) for b in greedy), default=0)
         if full <= 0:
             return configs
-        budget = self.sizer.choose(len(self.slots), full)
-        self.stats.budget = budget
-        return {b: sized(cfg, budget) if b in greedy else cfg for b, cfg in configs.items()}
+        budget = self.stats.budget = self.sizer.choose(len(self.slots), full)
+        for b in greedy:
+            key, cfg = configs[b]
+            if (key, budget) not in self._sized:
+                self._sized[(key, budget)] = sized(cfg, budget)
+            configs[b] = (f"{key}@{budget}", self._sized[(key, budget)])
+        return configs
 
-    def _draft(self, configs: dict[int, TreeConfig]) -> tuple[list[Tree], list[dict]]:
+    def _draft(self, configs: dict[int, tuple[str, TreeConfig]]) -> tuple[list[Tree], list[dict]]:
         """Each running slot's tree, grown by its own config (slots sharing a config draft together)."""
         roots = [s.root if s else 0 for s in self.slots]
         trees: list[Tree] = [PAD_TREE] * len(self.slots)
         proposals: list[dict] = [{} for _ in self.slots]
         groups: dict[str, list[int]] = {}
-        for b, cfg in configs.items():
-            groups.setdefault(repr(cfg), []).append(b)
+        for b, (key, _) in configs.items():
+            groups.setdefault(key, []).append(b)
         if self.drafter is not None:
             self.drafter.return_distributions = False
         for members in groups.values():
-            cfg = configs[members[0]]
+            cfg = configs[members[0]][1]
             drafter = self.drafter if cfg.policy != "none" else None
             drafted = draft_trees(cfg, drafter, roots, active=[b in members for b in range(len(self.slots))])
             for b in members:
@@ -317,8 +325,9 @@ class BatchEngine:
         self.stats.running = len(verdicts)
         self.stats.peak = max(self.stats.peak, len(verdicts))
         if self.sizer is not None:
-            self.sizer.record(self.stats.budget, draft_s, [(trees[b], v) for b, v in verdicts.items()
-                                                           if configs[b].policy != "none" and self.slots[b].req.sampling.greedy])
+            sized_slots = [b for b in verdicts if configs[b][1].policy != "none" and self.slots[b].req.sampling.greedy]
+            self.sizer.record(self.stats.budget, draft_s, [(trees[b], verdicts[b]) for b in
+                                                           _sample(sized_slots, RECORD_SLOTS, self.stats.steps)])
         for b, verdict in verdicts.items():
             slot = self.slots[b]
             slot.root = verdict.tokens[-1]
@@ -345,3 +354,11 @@ class BatchEngine:
             self.slots[b] = None
             return False
         return True
+
+
+def _sample(items: list[int], count: int, turn: int) -> list[int]:
+    """At most `count` of `items`, a different window each turn (every slot is seen in turn)."""
+    if len(items) <= count:
+        return items
+    start = (turn * count) % len(items)
+    return (items + items)[start:start + count]
