@@ -128,21 +128,39 @@ def _tensor(pb, kind: str, name: str, dtype: str, dims: list[int], optional: boo
     return t
 
 
-def _instance_group(pb, device: str, count: int):
+def _instance_group(pb, device: str, count: int, gpu: int | None = None):
     kind = pb.ModelInstanceGroup.KIND_GPU if device == "cuda" else pb.ModelInstanceGroup.KIND_CPU
-    return pb.ModelInstanceGroup(kind=kind, count=count)
+    group = pb.ModelInstanceGroup(kind=kind, count=count)
+    if gpu is not None:
+        group.gpus.append(gpu)
+    return group
+
+
+def check_gpus(gpus, device: str) -> tuple[int, ...]:
+    """GPU ids for one instance group each (issue 18); () leaves the placement to Triton (one group)."""
+    gpus = tuple(gpus or ())
+    if gpus and device != "cuda":
+        raise InputError("gpus needs device cuda: instance groups on GPUs (KIND_GPU)")
+    if any(isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < 1024 for g in gpus) or len(set(gpus)) < len(gpus):
+        raise InputError(f"gpus must be distinct GPU ids in [0, 1024), got {list(gpus)!r}")
+    return gpus
 
 
 def orchestrator_config(artifact_dir: Path, backend: str, device: str, instances: int = 1,
                         threads: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                         drafter: str | None = None, tree: str | None = None, batch_slots: int = 0,
-                        tree_sizing: str = "load"):
+                        tree_sizing: str = "load", gpus: tuple[int, ...] = ()):
+    """The orchestrator's config. `gpus`: one KIND_GPU instance group per id, each of `instances`
+    instances (Triton spreads requests over them; each has its own KV cache and batch)."""
     pb, _ = _pb()
     cfg = pb.ModelConfig(name=ORCHESTRATOR, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
     cfg.input.extend(_tensor(pb, "input", n, t, d, o) for n, t, d, o in ORCHESTRATOR_INPUTS)
     cfg.output.extend(_tensor(pb, "output", n, t, d) for n, t, d in ORCHESTRATOR_OUTPUTS)
-    cfg.instance_group.append(_instance_group(pb, device, instances))
+    if gpus:
+        cfg.instance_group.extend(_instance_group(pb, device, instances, gpu) for gpu in gpus)
+    else:
+        cfg.instance_group.append(_instance_group(pb, device, instances))
     params = {
         "artifact_dir": str(artifact_dir),
         "backend": backend,
@@ -235,7 +253,7 @@ def _manifest_digest(artifact_dir: Path) -> str:
 def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
               instances: int = 1, threads: int | None = None, graphs: bool = True,
               link: str = "symlink", drafter: str | None = None, tree: str | None = None,
-              batch_slots: int = 0, tree_sizing: str = "load") -> dict[str, str | Path]:
+              batch_slots: int = 0, tree_sizing: str = "load", gpus: tuple[int, ...] = ()) -> dict[str, str | Path]:
     """Everything the repository holds: relative path -> text, or -> a source file to link/copy."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -245,6 +263,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise InputError(f"instances must be a positive integer, got {instances!r}")
     if isinstance(batch_slots, bool) or not isinstance(batch_slots, int) or not 0 <= batch_slots <= 256:
         raise InputError(f"batch_slots must be an integer in [0, 256], got {batch_slots!r}")
+    gpus = check_gpus(gpus, device)
     if tree_sizing not in TREE_SIZING:
         raise InputError(f"tree_sizing must be one of {', '.join(TREE_SIZING)}, got '{tree_sizing}'")
     if link not in ("symlink", "copy"):
@@ -265,7 +284,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise ArtifactError(f"these artifacts have no '{drafter}' drafter (they have: "
                             f"{', '.join(manifest.drafters) or 'none'})")
     cfg = orchestrator_config(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree,
-                              batch_slots=batch_slots, tree_sizing=tree_sizing)
+                              batch_slots=batch_slots, tree_sizing=tree_sizing, gpus=gpus)
     plan[f"{ORCHESTRATOR}/config.pbtxt"] = config_text(cfg)
     plan[f"{ORCHESTRATOR}/1/model.py"] = model_py()
     if graphs:
@@ -279,7 +298,7 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
     stamp = {"treespec_version": _version(), "artifact_dir": str(artifact_dir),
              "manifest_sha256": _manifest_digest(artifact_dir), "backend": backend, "device": device,
              "instances": instances, "threads": threads, "link": link, "drafter": drafter, "tree": tree,
-             "batch_slots": batch_slots, "tree_sizing": tree_sizing, "models": sorted({k.split("/")[0] for k in plan})}
+             "batch_slots": batch_slots, "tree_sizing": tree_sizing, "gpus": list(gpus), "models": sorted({k.split("/")[0] for k in plan})}
     plan[STAMP] = json.dumps(stamp, indent=2) + "\n"
     return plan
 
@@ -311,11 +330,12 @@ def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: st
                       device: str = "cpu", force: bool = False, instances: int = 1,
                       threads: int | None = None, graphs: bool = True, link: str = "symlink",
                       drafter: str | None = None, tree: str | None = None, batch_slots: int = 0,
-                      tree_sizing: str = "load") -> Path:
+                      tree_sizing: str = "load", gpus: tuple[int, ...] = ()) -> Path:
     """Write the model repository for `artifact_dir` into `out_dir` and return out_dir.
 
     backend: how the orchestrator runs the graphs (onnxruntime, tensorrt, tensorrt-rtx, torch); device:
-    cpu or cuda (the instance group's kind); instances: orchestrator processes; threads: ONNX
+    cpu or cuda (the instance group's kind); instances: orchestrator processes (per GPU with `gpus`:
+    one KIND_GPU instance group per GPU id); threads: ONNX
     Runtime threads per instance (0/None: its default); drafter / tree: the orchestrator's drafter
     and default tree (None: the manifest's); batch_slots: > 0 batches requests in flight over that
     many slots (0: one request after the other); graphs: also write the per-graph models;
@@ -324,7 +344,7 @@ def write_triton_repo(artifact_dir: str | Path, out_dir: str | Path, backend: st
     """
     out_dir = Path(out_dir)
     plan = plan_repo(artifact_dir, backend, device, instances, threads, graphs, link, drafter, tree, batch_slots,
-                     tree_sizing)
+                     tree_sizing, gpus)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -365,7 +385,7 @@ def read_stamp(repo_dir: str | Path) -> dict[str, Any] | None:
 def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: str = "onnxruntime",
                        device: str = "cpu", instances: int = 1, threads: int | None = None,
                        drafter: str | None = None, tree: str | None = None, batch_slots: int = 0,
-                       tree_sizing: str = "load") -> bool:
+                       tree_sizing: str = "load", gpus: tuple[int, ...] = ()) -> bool:
     """Reuse repo_dir when it already is this repository (returns True), else (re)write it.
 
     A folder that treespec wrote for other artifacts or options is rewritten; a non-empty folder
@@ -373,12 +393,12 @@ def ensure_triton_repo(artifact_dir: str | Path, repo_dir: str | Path, backend: 
     """
     repo_dir = Path(repo_dir)
     plan = plan_repo(artifact_dir, backend, device, instances, threads, drafter=drafter, tree=tree,
-                     batch_slots=batch_slots, tree_sizing=tree_sizing)
+                     batch_slots=batch_slots, tree_sizing=tree_sizing, gpus=gpus)
     if repo_dir.is_dir() and any(repo_dir.iterdir()) and _matches(repo_dir, plan, "symlink"):
         return True
     ours = read_stamp(repo_dir) is not None
     write_triton_repo(artifact_dir, repo_dir, backend, device, force=ours, instances=instances, threads=threads,
-                      drafter=drafter, tree=tree, batch_slots=batch_slots, tree_sizing=tree_sizing)
+                      drafter=drafter, tree=tree, batch_slots=batch_slots, tree_sizing=tree_sizing, gpus=gpus)
     return False
 
 

@@ -16,7 +16,8 @@
 #      the server stopped.
 # Env: ART (required), OUT, SLOTS (64), LEVELS (1,8,32,64), TOKENS (128 per request), PROMPTS (40),
 #      LIMIT (280 s for the whole call), NUMPY1 (/tmp/numpy1), PORT (8000), TREE (server default tree),
-#      DEVICE (cuda; cpu for a dry run of this script on a CPU machine), DRAFTER (eagle).
+#      DEVICE (cuda; cpu for a dry run of this script on a CPU machine), DRAFTER (eagle),
+#      GPUS (N or all: one instance group per GPU, issue 18; LEVELS then e.g. 8,16,32,64 for 8 x N streams).
 # Files in $OUT: gpu_serve.log, api_batch1.json, serve.log, tritonserver.log, loadtest.json,
 #      loadtest.png, metrics.txt, summary.json.
 set -uo pipefail
@@ -88,7 +89,7 @@ stamp "API done (exit $?)"
 # 2. the server -----------------------------------------------------------------------------------
 stamp "starting treespec serve (torch, $DEVICE, $DRAFTER, $SLOTS slots)"
 python3 -m treespec.runtime.cli serve --artifacts "$ART" --backend torch --device "$DEVICE" --drafter "$DRAFTER" \
-  ${TREE:+--tree "$TREE"} --batch-slots "$SLOTS" --port "$PORT" --grpc-port $((PORT + 1)) \
+  ${TREE:+--tree "$TREE"} ${GPUS:+--gpus "$GPUS"} --batch-slots "$SLOTS" --port "$PORT" --grpc-port $((PORT + 1)) \
   --metrics-port $((PORT + 2)) --repo /tmp/treespec-repo --log-file "$OUT/tritonserver.log" > "$OUT/serve.log" 2>&1 &
 serve_pid=$!
 stop_server() {

@@ -31,7 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default="treespec",
                    help="the model name OpenAI clients send (/v1/models lists it; default treespec)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--instances", type=int, default=1, help="model instances (processes) serving requests")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances (processes) serving requests; with --gpus, instances per GPU")
+    p.add_argument("--gpus", help="N or all: one instance group per GPU (KIND_GPU, GPUs 0..N-1), each instance "
+                                  "with its own KV cache and batch; Triton spreads requests over them (--device cuda)")
     p.add_argument("--batch-slots", type=int, default=0,
                    help="in-flight batching: concurrent requests share one running batch of this many slots "
                         "(0, the default: one request after the other per instance)")
@@ -55,15 +58,42 @@ def _on_signal(signum, frame):
     raise KeyboardInterrupt
 
 
+def gpu_ids(value: str | None, device: str) -> tuple[int, ...]:
+    """--gpus N|all as GPU ids (() without --gpus)."""
+    if value is None:
+        return ()
+    if device != "cuda":
+        raise InputError("--gpus needs --device cuda")
+    if value == "all":
+        count = _visible_gpus()
+        if count == 0:
+            raise InputError("--gpus all: no NVIDIA GPU is visible here")
+        return tuple(range(count))
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"--gpus must be a positive number of GPUs or all, got {value!r}")
+    count = _visible_gpus()
+    if count and int(value) > count:
+        raise InputError(f"--gpus {value}: only {count} GPU(s) are visible here")
+    return tuple(range(int(value)))
+
+
+def _visible_gpus() -> int:
+    import torch  # an optional heavy dependency: only for --gpus
+
+    return torch.cuda.device_count()
+
+
 def serve(args: argparse.Namespace) -> int:
     """Write or reuse the model repository, run the service until Ctrl-C / SIGTERM. Returns 0."""
     if args.max_request_bytes < 1024:
         raise InputError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    gpus = gpu_ids(args.gpus, args.device)
     repo = args.repo or default_repo_dir(args.artifacts, args.backend, args.device)
     reused = ensure_triton_repo(args.artifacts, repo, backend=args.backend, device=args.device,
                                 instances=args.instances, threads=args.threads, drafter=args.drafter, tree=args.tree,
-                                batch_slots=args.batch_slots, tree_sizing=args.tree_sizing)
-    _print(f"model repository: {repo} ({'reused' if reused else 'written'})")
+                                batch_slots=args.batch_slots, tree_sizing=args.tree_sizing, gpus=gpus)
+    _print(f"model repository: {repo} ({'reused' if reused else 'written'})"
+           + (f"; {args.instances} instance(s) on each of GPUs {', '.join(map(str, gpus))}" if gpus else ""))
     log_file = args.log_file
     if log_file is None:  # kept after the server stops, unlike its temporary working directory
         log_file = cache_root() / "logs" / f"tritonserver-{args.port}.log"
