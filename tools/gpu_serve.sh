@@ -17,7 +17,10 @@
 # Env: ART (required), OUT, SLOTS (64), LEVELS (1,8,32,64), TOKENS (128 per request), PROMPTS (40),
 #      LIMIT (280 s for the whole call), NUMPY1 (/tmp/numpy1), PORT (8000), TREE (server default tree),
 #      DEVICE (cuda; cpu for a dry run of this script on a CPU machine), DRAFTER (eagle),
-#      GPUS (N or all: one instance group per GPU, issue 18; LEVELS then e.g. 8,16,32,64 for 8 x N streams).
+#      GPUS (N or all: one instance group per GPU, issue 18; LEVELS then e.g. 8,16,32,64 for 8 x N streams),
+#      FUSED (TREESPEC_TORCH_FUSED for the API and the server, e.g. triton: Triton GEMMs instead of cuBLAS,
+#      whose kernel choice may change with the batch width and so flip a near-tie argmax between a request
+#      alone and the same request in a batch: the loadtest's mismatch count says whether it does).
 # Files in $OUT: gpu_serve.log, api_batch1.json, serve.log, tritonserver.log, loadtest.json,
 #      loadtest.png, metrics.txt, summary.json.
 set -uo pipefail
@@ -32,6 +35,7 @@ left() { local s=$(( LIMIT - ($(date +%s) - start) )); echo $(( s > 10 ? s : 10 
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) source tools/gpu_env.sh ;; esac
 export TREESPEC_NO_AUTO_INSTALL=1 TREESPEC_CACHE=/tmp/treespec-cache
+[ -n "${FUSED:-}" ] && export TREESPEC_TORCH_FUSED=$FUSED
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 
 # 0. preflight ----------------------------------------------------------------------------------
