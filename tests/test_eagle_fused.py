@@ -46,6 +46,7 @@ def test_fused_head_forward_matches_unfused(result):
 def test_top_children_kernels_match_topk_of_log_softmax(result):
     assert result["top_children"]["same_tokens"], result["top_children"]
     assert result["top_children"]["logprob_error"] < 1e-5, result["top_children"]
+    assert result["top_children"]["nan_tokens_in_range"], result["top_children"]
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -53,6 +54,17 @@ def test_fused_draft_grows_the_same_trees(result, shape):
     draft = result["drafts"][shape]
     assert draft["trees"] == 3 * 2 and draft["same_trees"] == draft["trees"], draft
     assert draft["logprob_error"] < TOLERANCE, draft
+
+
+def test_reset_keeps_what_a_captured_draft_reads(result):
+    """A captured draft reads the head's cache and RoPE table by address: a reset that keeps the
+    cache keeps the table, and one that replaces either bumps the generation (graphs recaptured).
+    The H200 crash: the table was rebuilt at every reset (device "cuda" != the table's "cuda:0")
+    and the graph of the previous prompt replayed on freed memory."""
+    reset = result["reset"]
+    assert reset["stale_replays"] == 0, reset
+    assert reset["table_kept"] == reset["resets"] and reset["recaptures"] == 0, reset
+    assert reset["recaptured_after_growth"], reset
 
 
 def test_fused_draft_launches_few_kernels(result):
@@ -130,8 +142,13 @@ def check_top_children() -> dict:
     lp, tok = top_children(logits, 8)
     ref_lp = torch.log_softmax(logits, -1)
     ref_tok = torch.sort(ref_lp, dim=-1, descending=True, stable=True).indices[..., :8]
+    garbage = logits[:1].clone()
+    garbage[0, 0, ::3] = float("nan")  # NaN logits (e.g. read from freed memory): ids stay in range
+    garbage[0, 1] = float("nan")
+    _, nan_tok = top_children(garbage, 8)
     return {"same_tokens": bool(torch.equal(tok, ref_tok)),
-            "logprob_error": float((lp - torch.gather(ref_lp, -1, ref_tok)).abs().max())}
+            "logprob_error": float((lp - torch.gather(ref_lp, -1, ref_tok)).abs().max()),
+            "nan_tokens_in_range": bool(((nan_tok >= 0) & (nan_tok < 5000)).all())}
 
 
 def _drafters(head):
@@ -251,6 +268,30 @@ def _aliases(func, args, out) -> bool:
     return out.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
 
 
+def check_reset(head) -> dict:
+    """Resets of a fused head as a generator makes them (a prompt each, the cache kept), with the
+    device named with an index ("cpu:0", as the loader's "cuda" is not the tensors' "cuda:0"):
+    whether the RoPE table a captured draft would read survives, and whether the generation
+    (what makes the drafter recapture) changes when it does not."""
+    from treespec.runtime.drafters.eagle_torch import TorchEagleHead
+
+    runner = TorchEagleHead(head, head.core.num_kv_heads, head.core.head_dim, "cpu:0", fused=True)
+    runner.reset(1, 128)
+    out = {"resets": 0, "table_kept": 0, "stale_replays": 0, "recaptures": 0}
+    for capacity in (100, 128, 60):
+        captured = (runner.fused.cos, runner.fused.sin, runner.key, runner.generation)
+        runner.reset(1, capacity)
+        same = runner.fused.cos is captured[0] and runner.fused.sin is captured[1] and runner.key is captured[2]
+        out["resets"] += 1
+        out["table_kept"] += int(same)
+        out["stale_replays"] += int(not same and runner.generation == captured[3])
+        out["recaptures"] += int(runner.generation != captured[3])
+    generation = runner.generation
+    runner.reset(1, 4096)  # a longer context: a new cache and table, so the graphs must go
+    out["recaptured_after_growth"] = runner.generation != generation
+    return out
+
+
 def check_launches(head) -> dict:
     """Launches of one eagle2 draft (d4-k4-n16, batch 1), fused and unfused, after a warm draft."""
     import torch
@@ -277,7 +318,7 @@ def main() -> None:
     _, head = _tiny_head()
     with torch.no_grad():
         result = {"forward": check_forward(head), "top_children": check_top_children(), "drafts": check_drafts(head),
-                  "launches": check_launches(head)}
+                  "launches": check_launches(head), "reset": check_reset(head)}
     print(json.dumps(result))
 
 

@@ -10,7 +10,8 @@ owns one sequence and selects by rank: candidate i ranks before j when its score
 equal with a smaller index (a stable order: on equal scores a parent, drafted earlier, comes
 first). The rerank keeps exactly the N + 1 of rank <= N (the root, ext id 0, has score 0 >= every
 log-probability, so rank 0), which is what a stable descending sort followed by the first N + 1
-gives. Candidates are in runtime/drafters/eagle_tree.py's ext order. Must stay in a .py file:
+gives. NaN scores or logits (garbage in) rank last, so no selection indexes out of range.
+Candidates are in runtime/drafters/eagle_tree.py's ext order. Must stay in a .py file:
 Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) reads the source.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ def expand_level_kernel(SCORES, CHILD_LP, CHILD_TOK, FEAT, ANC, ANC_STEP,
     i = tl.arange(0, BLOCK_KK)  # this level's candidates: child c of expanded node j is j * K + c
     ok = i < K * K
     cum = tl.load(SCORES + b * K + i // K, mask=ok, other=0.0) + tl.load(CHILD_LP + b * K * K + i, mask=ok, other=0.0)
+    cum = tl.where(cum == cum, cum, float("-inf"))  # NaN: no rank, so no pick out of range
     tok = tl.load(CHILD_TOK + b * K * K + i, mask=ok, other=0)
     tl.store(ALL_SCORES + b * C1 + cand_offset + i, cum, mask=ok)
     tl.store(ALL_TOKENS + b * C1 + cand_offset + i, tok, mask=ok)
@@ -63,10 +65,12 @@ def rerank_kernel(SCORES, TOKENS, EXPANDED, PARENT_SLOT, NODE_OF, PACKED, C1, E1
     i = tl.arange(0, BLOCK)
     ok = i < C1
     s = tl.load(SCORES + b * C1 + i, mask=ok, other=0.0)
+    s = tl.where(s == s, s, float("-inf"))  # NaN ranks last (else several rank 0: writes past the row)
     rank = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, C1, CHUNK):
         j = start + tl.arange(0, CHUNK)
         s_j = tl.load(SCORES + b * C1 + j, mask=j < C1, other=0.0)
+        s_j = tl.where(s_j == s_j, s_j, float("-inf"))
         beats = (s_j[None, :] > s[:, None]) | ((s_j[None, :] == s[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum((beats & (j < C1)[None, :]).to(tl.int32), axis=1)
     kept = ok & (rank <= N)
@@ -89,6 +93,7 @@ def chunk_topk_kernel(LOGITS, VALUES, INDICES, MAXES, SUMS, V, S, K: tl.constexp
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     ok = offs < V
     x = tl.load(LOGITS + row * V + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    x = tl.where(x == x, x, float("-inf"))  # NaN: never the argmax (which could then be a padded lane)
     m = tl.max(x, axis=0)
     out = (row * S + chunk) * K
     tl.store(MAXES + row * S + chunk, m)

@@ -21,9 +21,12 @@ tree-KV levels and the Triton bookkeeping of eagle2_kernels) is OPT-IN: TREESPEC
 On the H200 it drafted in 0.49 ms (random SmolLM2-shaped weights) against 1.9-2.1 ms, but with the
 trained head and the real target the captured draft hit a device-side assert (an index_select out
 of range inside the graph replay, 256-token generations; a 32-token one was lossless) and an earlier
-version's captured draft differed from its eager run. Until that is found and the fix has run on a
-GPU, the default on CUDA is the unfused head (the draft measured lossless on the H200); the CPU
-tests under Triton's interpreter check the fused path against it.
+version's captured draft differed from its eager run. The cause found on the CPU: reset() rebuilt
+the head's RoPE table at every prompt (torch.device("cuda") != the table's "cuda:0") without
+invalidating the captured graph, which then replayed on the freed table (garbage positions, NaN
+scores, out-of-range picks); fixed in reset(). Until the fix has run on a GPU, the default on CUDA
+is the unfused head (the draft measured lossless on the H200); the CPU tests under Triton's
+interpreter check the fused path against it.
 """
 from __future__ import annotations
 
@@ -73,7 +76,14 @@ class TorchEagleHead(TreeBackend):
             self.value = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.generation += 1
         if self.fused is not None:
-            self.fused.rope_table(self.key.shape[2], self.device)
+            # A captured draft reads the RoPE table by address: a new table makes its graphs stale.
+            # The cache's own device, not self.device: torch.device("cuda") != the tables'
+            # "cuda:0", and that mismatch rebuilt (and freed) the table at every reset, so replays
+            # after the next prompt's reset read freed memory (the H200's index-out-of-range assert).
+            table = self.fused.cos
+            self.fused.rope_table(self.key.shape[2], self.key.device)
+            if self.fused.cos is not table:
+                self.generation += 1
         self._lengths = np.zeros(batch_size, np.int64)
         self._capacity = capacity
 

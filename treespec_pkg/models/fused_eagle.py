@@ -47,7 +47,9 @@ class FusedEagleHead:
 
     def rope_table(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions 0..rows-1 from the head's own rotary module (fp32). Call it once
-        outside a CUDA graph capture (TorchEagleHead.reset does) so that forward only reads it."""
+        outside a CUDA graph capture (TorchEagleHead.reset does) so that forward only reads it.
+        `device`: a tensor's device (torch.device("cuda") never equals a tensor's "cuda:0", and
+        a mismatch rebuilds the table that captured graphs read)."""
         if self.cos is None or self.cos.shape[0] < rows or self.cos.device != device:
             probe = torch.zeros(1, dtype=torch.float32, device=device)
             cos, sin = self.rotary(probe, torch.arange(rows, device=device)[None])
