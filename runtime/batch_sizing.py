@@ -27,13 +27,12 @@ of the request sent alone).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from treespec.runtime.backends.base import StepInputs, TreeBackend
-from treespec.runtime.trees.auto import LatencyCurve
+from treespec.runtime.backends.base import TreeBackend
+from treespec.runtime.trees.auto import LatencyCurve, time_steps
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.policies import path_values
 from treespec.runtime.trees.tree import Tree
@@ -67,23 +66,7 @@ def measure_width(backend: TreeBackend, width: int, capacity: int, sizes: list[i
     per sequence. Resets the backend's cache (only while the engine is idle)."""
     backend.reset(width, capacity)
     past = min(MEASURE_PAST, capacity - max(sizes) - 1)
-    ids = np.zeros((width, past), np.int64)
-    pos = np.broadcast_to(np.arange(past, dtype=np.int64), (width, past)).copy()
-    mask = np.broadcast_to(np.tril(np.ones((past, past), np.bool_)), (width, past, past)).copy()
-    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))] * width)
-    seconds = []
-    for size in sizes:
-        inputs = StepInputs(np.zeros((width, size), np.int64),
-                            np.broadcast_to(past + np.arange(size, dtype=np.int64), (width, size)).copy(),
-                            np.broadcast_to(np.tril(np.ones((size, size), np.bool_)), (width, size, size)).copy())
-        backend.step(inputs)  # warm-up: allocations, kernel choice, CUDA graph capture
-        times = []
-        for _ in range(MEASURE_REPS):
-            t0 = time.perf_counter()
-            backend.step(inputs)
-            times.append(time.perf_counter() - t0)
-        seconds.append(float(np.median(times)))
-    return LatencyCurve(list(sizes), seconds)
+    return time_steps(backend, width, past, sizes, MEASURE_REPS)
 
 
 def tokens_if_cut(tree: Tree, verdict: Verdict, budgets: list[int]) -> dict[int, int]:

@@ -68,23 +68,32 @@ def measure_latency(backend: TreeBackend, max_size: int, past: int = 64, reps: i
     Resets the backend's cache (call it before a generation, never during one)."""
     sizes = sorted({s for s in SIZES if s < max_size} | {max_size})
     backend.reset(1, past + max_size + 1)
-    ids = np.zeros((1, past), np.int64)
-    pos = np.arange(past, dtype=np.int64)[None]
-    mask = np.tril(np.ones((past, past), np.bool_))[None]
-    out = backend.step(StepInputs(ids, pos, mask))
-    backend.commit(out, [list(range(past))])
+    return time_steps(backend, 1, past, sizes, reps)
+
+
+def time_steps(backend: TreeBackend, width: int, past: int, sizes: list[int], reps: int) -> LatencyCurve:
+    """Median seconds of one target step [width, T] for each T in sizes, after a prefill of `past`
+    tokens per sequence into the (freshly reset) backend."""
+    out = backend.step(_chain_inputs(width, 0, past))
+    backend.commit(out, [list(range(past))] * width)
     seconds = []
     for size in sizes:
-        inputs = StepInputs(np.zeros((1, size), np.int64), past + np.arange(size, dtype=np.int64)[None],
-                            np.tril(np.ones((size, size), np.bool_))[None])
-        backend.step(inputs)  # warm-up (allocations, kernel selection)
+        inputs = _chain_inputs(width, past, size)
+        backend.step(inputs)  # warm-up: allocations, kernel choice, CUDA graph capture
         times = []
         for _ in range(reps):
             t = time.perf_counter()
             backend.step(inputs)
             times.append(time.perf_counter() - t)
         seconds.append(float(np.median(times)))
-    return LatencyCurve(sizes, seconds)
+    return LatencyCurve(list(sizes), seconds)
+
+
+def _chain_inputs(width: int, start: int, n: int) -> StepInputs:
+    """n causal tokens (ids 0) at positions start.. for each of `width` sequences."""
+    return StepInputs(np.zeros((width, n), np.int64),
+                      np.broadcast_to(start + np.arange(n, dtype=np.int64), (width, n)).copy(),
+                      np.broadcast_to(np.tril(np.ones((n, n), np.bool_)), (width, n, n)).copy())
 
 
 def user_cache_dir() -> Path:
