@@ -16,7 +16,7 @@ Lossless: a slot's tokens are what the same request gives alone (greedy, or samp
 seed: its rng is used in the same order). Requests the slots cannot carry exactly -- trees whose
 children are sampled from the drafter, sampled `auto` trees, typical acceptance, the draft LM
 (its own KV cache) -- run alone as exclusive jobs between batches (`batchable`). EAGLE's slots
-are reset per request (runtime/slot_drafters.py).
+are reset per request (Drafter.reset_slot).
 
 Load: the batch width (the slots the backend steps, padding included) follows demand: when the
 engine is empty it allocates the smallest width in WIDTHS that holds the requests seen over the
@@ -40,7 +40,6 @@ from treespec.runtime.backends.base import StepInputs, StepOutputs
 from treespec.runtime.batch_sizing import LoadSizer, max_budget, sized
 from treespec.runtime.drafters.base import Features
 from treespec.runtime.generator import TreeGenerator
-from treespec.runtime.slot_drafters import SLOT_DRAFTERS, pin_pending, reset_slot
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.policies import draft_trees
 from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
@@ -103,8 +102,8 @@ def batchable(engine: TreeGenerator, tree: TreeConfig, sampling: SamplingParams)
         return False
     if tree.policy == "none":
         return True
-    kind = getattr(engine.drafter, "kind", None)
-    return (kind in SLOT_DRAFTERS and (sampling.greedy or (tree.policy != "auto" and not tree.sample_children)))
+    resets = engine.drafter is not None and engine.drafter.resets_slots
+    return resets and (sampling.greedy or (tree.policy != "auto" and not tree.sample_children))
 
 
 class BatchEngine:
@@ -116,8 +115,8 @@ class BatchEngine:
         (runtime/batch_sizing.py) from latency curves measured up to `budget` nodes (the default tree's);
         elastic: the batch width follows demand (else always `slots`)."""
         self.engine, self.target = engine, engine.target
-        # only a drafter whose per-slot state reset_slot replaces; with others, slots carry plain decoding only
-        self.drafter = engine.drafter if getattr(engine.drafter, "kind", None) in SLOT_DRAFTERS else None
+        # only a drafter that can reset one slot (Drafter.resets_slots); with others, slots decode plainly
+        self.drafter = engine.drafter if engine.drafter is not None and engine.drafter.resets_slots else None
         self.max_slots, self.elastic = slots, elastic
         self.slots: list[_Slot | None] = []
         self.capacity = engine.max_context + max_tree_tokens + 2
@@ -251,7 +250,8 @@ class BatchEngine:
             self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit, tree_key=repr(req.tree))
             self.target.lengths[b] = 0  # the slot's old rows are dead: past_lengths masks them
         trees = [chain_tree(placed[b].req.prompt) if b in placed else PAD_TREE for b in range(len(self.slots))]
-        pin_pending(self.drafter)  # the running slots' features would not survive this step's outputs
+        if self.drafter is not None:  # the running slots' features would not survive this step's outputs
+            self.drafter.pin_pending()
         out = self._target_step(trees)
         self.target.commit(out, [list(range(len(placed[b].req.prompt))) if b in placed else []
                                  for b in range(len(self.slots))])
@@ -259,8 +259,8 @@ class BatchEngine:
         for b, slot in placed.items():
             last = len(slot.req.prompt) - 1
             slot.root = self._first_token(out, b, last, slot)
-            reset_slot(self.drafter, b, slot.req.prompt + [slot.root])
             if self.drafter is not None:
+                self.drafter.reset_slot(b, slot.req.prompt + [slot.root])
                 self.drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(slot.req.prompt)))))
             self._emit(b, [slot.root])
 

@@ -72,6 +72,19 @@ class Drafter(ABC):
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
         """For each sequence b and node n in frontiers[b], candidates for n's children."""
 
+    # Whether reset_slot gives one sequence of a running batch a clean state, so the batch engine
+    # (runtime/batching.py) can hand a freed slot to a new request; without it slots decode plainly.
+    resets_slots: bool = False
+
+    def reset_slot(self, b: int, context: list[int]) -> None:
+        """Sequence b starts anew with `context` (prompt + root) while the others run on; the engine
+        then hands it the prefill's features with accept(b, [], ...). Only where resets_slots."""
+        raise NotImplementedError(f"the {self.kind} drafter cannot reset one slot of a batch")
+
+    def pin_pending(self) -> None:
+        """Before a target step that is not followed by a draft (a new slot's prefill): copy to the
+        host any features still held by reference to the last step's outputs. Default: none held."""
+
     def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> list[Tree] | None:
         """Whole trees for `cfg` grown by the drafter itself (EAGLE-2 in one captured CUDA graph);
         None, the default: the tree policy grows them level by level through `expand`."""

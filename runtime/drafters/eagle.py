@@ -73,6 +73,7 @@ class _Rows:
 
 class EagleDrafter(Drafter):
     kind = "eagle"
+    resets_slots = True
 
     def __init__(self, head: TreeBackend, hidden_size: int, top_k: int = EAGLE_TOP_K):
         """`head`: a runner of the head with its KV cache (OrtEagleHead, or the torch one)."""
@@ -88,6 +89,19 @@ class EagleDrafter(Drafter):
         self.tokens = [list(c) for c in contexts]
         self.pending = [[] for _ in contexts]
         self.predicted = [{} for _ in contexts]
+
+    def reset_slot(self, b: int, context: list[int]) -> None:
+        """The slot's head rows are dead once its length is 0 (past lengths mask them)."""
+        self.tokens[b] = list(context)
+        self.pending[b] = []
+        self.predicted[b] = {}
+        self.head.lengths[b] = 0
+
+    def pin_pending(self) -> None:
+        """Pending features reference a step's outputs (on CUDA a captured graph's static buffers,
+        which the next target step overwrites): keep host copies (a few rows per sequence)."""
+        for b, pending in enumerate(self.pending):
+            self.pending[b] = [Features(f.host()[None], 0, list(range(len(f.rows)))) for f in pending]
 
     def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         self.tokens[b] += new_tokens

@@ -41,6 +41,7 @@ class NgramIndex:
 
 class LookupDrafter(Drafter):
     kind = "lookup"
+    resets_slots = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, top_k: int = 4):
         self.max_ngram, self.min_ngram, self.top_k = max_ngram, min_ngram, top_k
@@ -52,6 +53,11 @@ class LookupDrafter(Drafter):
             index = NgramIndex(self.max_ngram)
             index.extend(context)
             self.indexes.append(index)
+
+    def reset_slot(self, b: int, context: list[int]) -> None:
+        index = NgramIndex(self.max_ngram)
+        index.extend(context)
+        self.indexes[b] = index
 
     def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         self.indexes[b].extend(new_tokens)

@@ -15,6 +15,7 @@ from treespec.runtime.trees.tree import Tree
 
 class MedusaDrafter(Drafter):
     kind = "medusa"
+    resets_slots = True  # a sequence's state is the last feature, which the prefill's accept replaces
 
     def __init__(self, session, num_heads: int, top_k: int, hidden_size: int, dtype=np.float32):
         """`session`: an ONNX Runtime session over the Medusa graph (runtime/loader.py opens it)."""
@@ -31,6 +32,9 @@ class MedusaDrafter(Drafter):
     def reset(self, contexts: list[list[int]], capacity: int) -> None:
         self.heads = [(np.zeros((0, 0), np.int64), np.zeros((0, 0)), None) for _ in contexts]
         self.pending = [None for _ in contexts]
+
+    def reset_slot(self, b: int, context: list[int]) -> None:
+        """Nothing to clear: the prefill's accept replaces the slot's feature before any draft."""
 
     def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         # The heads run when a tree is drafted (expand), not here: a step that drafts nothing
