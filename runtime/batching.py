@@ -106,6 +106,19 @@ def batchable(engine: TreeGenerator, tree: TreeConfig, sampling: SamplingParams)
     return resets and (sampling.greedy or (tree.policy != "auto" and not tree.sample_children))
 
 
+def drain(q: queue.Queue, block: bool = True, timeout: float | None = None) -> list:
+    """Everything queued now: waits (up to `timeout`) for the first item when `block`, then takes
+    what else is there without waiting; [] when nothing came."""
+    items = []
+    try:
+        items.append(q.get(block=block, timeout=timeout))
+        while True:
+            items.append(q.get_nowait())
+    except queue.Empty:
+        pass
+    return items
+
+
 class BatchEngine:
     """The slots over one TreeGenerator's target and drafter, stepped by one thread."""
 
@@ -210,14 +223,7 @@ class BatchEngine:
                 pass
 
     def _drain(self, block: bool) -> list:
-        items = []
-        try:
-            items.append(self._queue.get(block=block))
-            while True:
-                items.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return [i for i in items if i is not None]
+        return [i for i in drain(self._queue, block) if i is not None]
 
     def _free_cancelled(self) -> None:
         """Slots whose client left are freed before the next step (their answer went out already)."""

@@ -32,7 +32,7 @@ import traceback
 import triton_python_backend_utils as pb_utils
 
 from treespec.runtime.api import check_request as check_sampling
-from treespec.runtime.batching import SlotRequest, batchable
+from treespec.runtime.batching import SlotRequest, batchable, drain
 from treespec.runtime.triton.client_watch import take_cancelled
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, GenerateRequest
 from treespec.runtime.trees.config import show_value
@@ -155,13 +155,7 @@ class ResponseWorker:
                 pb_utils.Logger.log_error(f"treespec: response worker: {traceback.format_exc()}")
 
     def _drain(self) -> list | None:
-        items = []
-        try:
-            items.append(self._queue.get(timeout=CANCEL_POLL_S))
-            while True:
-                items.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
+        items = drain(self._queue, timeout=CANCEL_POLL_S)
         return None if None in items else items
 
     def _answer(self, items: list) -> None:
