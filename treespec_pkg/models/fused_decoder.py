@@ -102,6 +102,22 @@ def fuse_layer(layer: nn.Module, rope_heads: int = 0, head_dim: int = 0) -> Fuse
     return fused
 
 
+def grown_rope_table(rotary: nn.Module, cos: torch.Tensor | None, sin: torch.Tensor | None, rows: int,
+                     device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [positions, D] fp32 of `rotary` for positions 0..rows-1: the tables given while they
+    have the rows on that device, else new ones. Captured CUDA graphs read the tables by address, so
+    a needless rebuild frees memory they still read: devices are compared as tensors name them
+    (torch.device("cuda") is the current "cuda:N")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cos is not None and sin is not None and cos.shape[0] >= rows and cos.device == device:
+        return cos, sin
+    probe = torch.zeros(1, dtype=torch.float32, device=device)
+    cos, sin = rotary(probe, torch.arange(rows, device=device)[None])
+    return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
 class FusedDecoder:
     """The step of a TreeDecoder (same weights, same outputs) in few kernels. Triton kernels: on
     CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, the tests)."""
@@ -122,11 +138,7 @@ class FusedDecoder:
 
     def rope_table(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions 0..rows-1 from the HF model's own rotary module (fp32, exact)."""
-        if self.cos is None or self.cos.shape[0] < rows or self.cos.device != device:
-            positions = torch.arange(rows, device=device)[None]
-            probe = torch.zeros(1, dtype=torch.float32, device=device)
-            cos, sin = self.decoder.rotary(probe, positions)
-            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        self.cos, self.sin = grown_rope_table(self.decoder.rotary, self.cos, self.sin, rows, device)
         return self.cos, self.sin
 
     def __call__(self, ids, pos, tree_mask, lengths, cache) -> FusedOutputs:

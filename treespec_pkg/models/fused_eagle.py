@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from treespec.models.eagle import EagleHead
-from treespec.models.fused_decoder import _eps, fuse_layer
+from treespec.models.fused_decoder import _eps, fuse_layer, grown_rope_table
 from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul
 from treespec.plugins.tree_attention import ordered
 
@@ -47,13 +47,8 @@ class FusedEagleHead:
 
     def rope_table(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of positions 0..rows-1 from the head's own rotary module (fp32). Call it once
-        outside a CUDA graph capture (TorchEagleHead.reset does) so that forward only reads it.
-        `device`: a tensor's device (torch.device("cuda") never equals a tensor's "cuda:0", and
-        a mismatch rebuilds the table that captured graphs read)."""
-        if self.cos is None or self.cos.shape[0] < rows or self.cos.device != device:
-            probe = torch.zeros(1, dtype=torch.float32, device=device)
-            cos, sin = self.rotary(probe, torch.arange(rows, device=device)[None])
-            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        outside a CUDA graph capture (TorchEagleHead.reset does) so that forward only reads it."""
+        self.cos, self.sin = grown_rope_table(self.rotary, self.cos, self.sin, rows, device)
         return self.cos, self.sin
 
     def forward(self, feats, ids, pos, write_at, lengths, ancestors, depths, key, value) -> torch.Tensor:
