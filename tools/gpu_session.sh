@@ -6,12 +6,13 @@
 #   2. the GPU tests of the code that changed (torch backend, ordered attention, the fused step,
 #      the TensorRT backend's own work around the stand-in engine, the EAGLE drafter);
 #   3. `treespec bench` (torch, batch 1, greedy, the fused step): plain decoding, EAGLE with its
-#      trees and the other drafters with theirs, then EAGLE through the unfused step.
+#      trees and the other drafters with theirs, then EAGLE with its head the other way round
+#      (TREESPEC_EAGLE_FUSED flipped: the fused head against the unfused one, same target step).
 # Env: TESTS (pytest paths), TEST_LIMIT, EAGLE_LIMIT, PROMPTS, TOKENS, EAGLE_TREES, LIMIT (seconds, whole call).
 # Logs, JSON and PNG land in $OUT (8 files: what one call can bring back).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; LIMIT=${LIMIT:-570}
-TESTS=${TESTS:-tests/test_torch_backend.py tests/test_ordered_attention.py tests/test_fused_gpu.py tests/test_tensorrt_backend_gpu.py}
+TESTS=${TESTS:-tests/test_torch_backend.py tests/test_ordered_attention.py tests/test_fused_gpu.py tests/test_tensorrt_backend_gpu.py tests/test_plugin_gpu.py}
 EAGLE_TREES=${EAGLE_TREES:-default,eagle2-d6-k8-n64,eagle2-d5-k6-n32,eagle2-d4-k4-n16}
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -42,6 +43,7 @@ bench() {  # NAME DRAFTERS TREES SECONDS [bench options...]
 share=$(( $(left) / 7 ))  # eagle 3 shares, the other drafters 2, the unfused step 2
 bench h200-eagle eagle "$EAGLE_TREES" $(( 3 * share ))
 bench h200-drafters medusa,lookup,draft default $(( 2 * share )) --no-curves
-export TREESPEC_TORCH_FUSED=0  # the torch backend's step before the fused one (issue 16)
-bench h200-eagle-unfused eagle default,eagle2-d5-k6-n32 $(( $(left) - 5 )) --no-curves
+flipped=$([ "${TREESPEC_EAGLE_FUSED:-0}" = 1 ] && echo 0 || echo 1)
+TREESPEC_EAGLE_FUSED=$flipped bench "h200-eagle-head-fused$flipped" eagle default,eagle2-d5-k6-n32 \
+  $(( $(left) - 5 )) --no-curves
 echo "total $(( $(date +%s) - start )) s"
