@@ -59,8 +59,8 @@ def eagle_gen(tmp_path_factory):
                                  drafter_weights=weights), progress=lambda m: None)
     gen = SpeculativeGenerator.from_artifacts(out, "torch", "cuda", drafter="eagle")
     assert isinstance(gen.drafter, TorchEagleDrafter) and gen.drafter.use_graphs
-    fused = os.environ.get(FUSED_HEAD_ENV, "0") == "1"
-    assert (gen.drafter.torch_head.fused is not None) == fused, "the fused head is opt-in (TREESPEC_EAGLE_FUSED=1)"
+    fused = os.environ.get(FUSED_HEAD_ENV, "1") != "0"
+    assert (gen.drafter.torch_head.fused is not None) == fused, "the fused head is the default on CUDA"
     yield gen
     gen.close()
 

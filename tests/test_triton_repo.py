@@ -179,3 +179,27 @@ def test_default_repo_dir_is_per_artifacts_and_options(tmp_path, monkeypatch):
     a = default_repo_dir(tmp_path / "arts")
     assert a.parent == tmp_path / "triton" and a.name.startswith("arts-")
     assert a != default_repo_dir(tmp_path / "arts", device="cuda") != default_repo_dir(tmp_path / "other")
+
+
+def test_stub_hides_numpy2_only_packages(tmp_path, monkeypatch):
+    """The stub imports numpy<2; in an environment whose numpy is 2 (the H200 image) scipy cannot load
+    under it, and transformers imports it when it is found: repo_model.py marks it absent there only."""
+    import importlib.util
+    import types
+    spec = importlib.util.spec_from_file_location("repo_model_under_test",
+                                                  Path(__file__).parents[1] / "runtime/triton/repo_model.py")
+    repo_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repo_model)
+    env = tmp_path / "site-packages"
+    (env / "numpy-2.5.2.dist-info").mkdir(parents=True)
+    for name in repo_model.NUMPY2_ONLY:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    repo_model._hide_numpy2_only_packages([str(env)])  # numpy 2 loaded (this test's): nothing hidden
+    assert all(name not in sys.modules for name in repo_model.NUMPY2_ONLY)
+    monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__="1.26.4"))
+    repo_model._hide_numpy2_only_packages([str(tmp_path)])  # the environment has no numpy 2 either
+    assert all(name not in sys.modules for name in repo_model.NUMPY2_ONLY)
+    repo_model._hide_numpy2_only_packages([str(env)])
+    for name in repo_model.NUMPY2_ONLY:
+        assert sys.modules[name] is None and importlib.util.find_spec(name) is None
+        monkeypatch.delitem(sys.modules, name)

@@ -40,6 +40,9 @@ export TREESPEC_NO_AUTO_INSTALL=1 TREESPEC_CACHE=/tmp/treespec-cache
 
 # 0. preflight ----------------------------------------------------------------------------------
 stamp "preflight"
+# Wheel parts are unpacked like zip files, which keep no executable bits: the server and its stub need them.
+pytriton_dir=$(python3 -c "import importlib.util as u; print(u.find_spec('pytriton').submodule_search_locations[0])" 2>/dev/null)
+[ -n "$pytriton_dir" ] && chmod -R u+x "$pytriton_dir/tritonserver/bin" "$pytriton_dir/tritonserver/backends"
 timeout 60 python3 - "$NUMPY1" "$DEVICE" <<'EOF' || { stamp "preflight failed: see above"; exit 3; }
 import os, sys, sysconfig, importlib.util
 import numpy, torch
@@ -64,6 +67,21 @@ open("/tmp/treespec-stub-numpy", "w").write(chosen)
 EOF
 numpy_dir=$(cat /tmp/treespec-stub-numpy 2>/dev/null)
 [ -n "$numpy_dir" ] && export TREESPEC_TRITON_NUMPY_DIR=$numpy_dir
+if [ -n "$numpy_dir" ]; then  # what the stub will do, in seconds rather than at the server's start
+  stamp "preflight: the generator under the stub's numpy"
+  PYTHONPATH="$numpy_dir:$PYTHONPATH" timeout 120 python3 - "$ART" "$DEVICE" "$DRAFTER" <<'EOF' \
+    || { stamp "preflight failed: the model cannot load under the stub's numpy"; exit 3; }
+import importlib.util, sys
+import numpy
+spec = importlib.util.spec_from_file_location("repo_model", "runtime/triton/repo_model.py")
+repo_model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(repo_model)
+repo_model._hide_numpy2_only_packages([p for p in sys.path if p.endswith(("site-packages", "dist-packages"))])
+from treespec.runtime.api import SpeculativeGenerator
+gen = SpeculativeGenerator.from_artifacts(sys.argv[1], backend="torch", device=sys.argv[2], drafter=sys.argv[3])
+print(f"numpy {numpy.__version__}: {gen.generate('Hello', max_new_tokens=8).text!r}")
+EOF
+fi
 
 # 1. the Python API, batch 1 ----------------------------------------------------------------------
 stamp "Python API batch-1 speculative tok/s on $PROMPTS prompts x $TOKENS tokens"

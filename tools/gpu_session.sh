@@ -43,7 +43,7 @@ bench() {  # NAME DRAFTERS TREES SECONDS [bench options...]
 share=$(( $(left) / 7 ))  # eagle 3 shares, the other drafters 2, the unfused step 2
 bench h200-eagle eagle "$EAGLE_TREES" $(( 3 * share ))
 bench h200-drafters medusa,lookup,draft default $(( 2 * share )) --no-curves
-flipped=$([ "${TREESPEC_EAGLE_FUSED:-0}" = 1 ] && echo 0 || echo 1)
+flipped=$([ "${TREESPEC_EAGLE_FUSED:-1}" = 0 ] && echo 1 || echo 0)
 TREESPEC_EAGLE_FUSED=$flipped bench "h200-eagle-head-fused$flipped" eagle default,eagle2-d5-k6-n32 \
   $(( $(left) - 5 )) --no-curves
 echo "total $(( $(date +%s) - start )) s"

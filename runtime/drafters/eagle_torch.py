@@ -17,16 +17,13 @@ Only the tree (tokens, parents, log-probs: [B, 3N] float32) crosses to the host.
 grow trees through `expand`, unfused.
 
 The fused head (treespec.models.fused_eagle, ~14 kernels a forward instead of ~50, with the
-tree-KV levels and the Triton bookkeeping of eagle2_kernels) is OPT-IN: TREESPEC_EAGLE_FUSED=1.
-On the H200 it drafted in 0.49 ms (random SmolLM2-shaped weights) against 1.9-2.1 ms, but with the
-trained head and the real target the captured draft hit a device-side assert (an index_select out
-of range inside the graph replay, 256-token generations; a 32-token one was lossless) and an earlier
-version's captured draft differed from its eager run. The cause found on the CPU: reset() rebuilt
-the head's RoPE table at every prompt (torch.device("cuda") != the table's "cuda:0") without
-invalidating the captured graph, which then replayed on the freed table (garbage positions, NaN
-scores, out-of-range picks); fixed in reset(). Until the fix has run on a GPU, the default on CUDA
-is the unfused head (the draft measured lossless on the H200); the CPU tests under Triton's
-interpreter check the fused path against it.
+tree-KV levels and the Triton bookkeeping of eagle2_kernels) is the default on CUDA
+(TREESPEC_EAGLE_FUSED=0 for the unfused one). On the H200 with the trained head (2026-12-03): a d6-k8-n64
+draft in 109 kernels, 0.91 ms median (unfused 676 kernels, 2.1 ms), captured equal to eager, its trees
+equal to the unfused head's, lossless on the bench prompts. An earlier version replayed its captured
+graph on a freed RoPE table (reset() rebuilt the table at every prompt: torch.device("cuda") != the
+table's "cuda:0"); the table is now grown in one place (fused_decoder.grown_rope_table) and a change of
+table recaptures the graph.
 """
 from __future__ import annotations
 
@@ -46,7 +43,7 @@ from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
 
 SPARE_ROWS = 128  # head cache rows past the capacity: where the padded pending rows land
-FUSED_HEAD_ENV = "TREESPEC_EAGLE_FUSED"  # "1": the fused head on CUDA (opt-in, module doc)
+FUSED_HEAD_ENV = "TREESPEC_EAGLE_FUSED"  # "0": the unfused head on CUDA (module doc)
 
 
 class TorchEagleHead(TreeBackend):
@@ -250,11 +247,11 @@ def _capture(head: TorchEagleHead, buf: Eagle2Buffers) -> None:
 
 def _fused_head(module: torch.nn.Module, fused: bool | None, cuda: bool):
     """The head's few-kernel forward (treespec.models.fused_eagle) when asked for (`fused` True, or
-    TREESPEC_EAGLE_FUSED=1 on CUDA; opt-in: module doc), unless the head dim is one the ordered
+    on CUDA unless TREESPEC_EAGLE_FUSED=0), unless the head dim is one the ordered
     attention does not take. On the CPU it needs Triton's interpreter (tests)."""
     asked = fused
     if fused is None:
-        fused = cuda and os.environ.get(FUSED_HEAD_ENV, "0") == "1"
+        fused = cuda and os.environ.get(FUSED_HEAD_ENV, "1") != "0"
     if not fused or not isinstance(module, EagleHead):
         return None
     dim = module.core.head_dim

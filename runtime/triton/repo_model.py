@@ -7,10 +7,16 @@ environment's package folders; they are put on sys.path (with their .pth files, 
 installs work) before treespec.runtime.triton.model takes over. So this file uses the standard
 library only, and imports treespec inside initialize, after the path is set up.
 """
+import glob
 import json
 import os
 import site
 import sys
+
+# Compiled packages that an environment with numpy 2 may hold only in builds for numpy 2 (scipy uses
+# numpy 2 names at import), and that transformers imports whenever it finds them (scikit-learn, for
+# its generation utilities).
+NUMPY2_ONLY = ("scipy", "sklearn")
 
 
 def _use_environment(config):
@@ -21,6 +27,19 @@ def _use_environment(config):
     sys.path[:] = keep[:1] + wanted + keep[1:]
     for folder in wanted:
         site.addsitedir(folder)  # runs .pth files (editable installs); folders already listed stay put
+    _hide_numpy2_only_packages(wanted)
+
+
+def _hide_numpy2_only_packages(wanted):
+    """The stub runs numpy<2 (treespec.runtime.triton.env.stage_stub_numpy). Where the environment's own
+    numpy is 2, its scipy cannot load under numpy 1 and transformers would fail importing it: a None
+    entry in sys.modules makes importlib.util.find_spec answer None, so those packages count as absent."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or int(numpy.__version__.split(".")[0]) >= 2:
+        return
+    if any(glob.glob(os.path.join(folder, "numpy-2*.dist-info")) for folder in wanted):
+        for name in NUMPY2_ONLY:
+            sys.modules.setdefault(name, None)
 
 
 class TritonPythonModel:
