@@ -256,8 +256,6 @@ class BatchEngine:
             self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit, tree_key=repr(req.tree))
             self.target.lengths[b] = 0  # the slot's old rows are dead: past_lengths masks them
         trees = [chain_tree(placed[b].req.prompt) if b in placed else PAD_TREE for b in range(len(self.slots))]
-        if self.drafter is not None:  # the running slots' features would not survive this step's outputs
-            self.drafter.pin_pending()
         out = self._target_step(trees)
         self.target.commit(out, [list(range(len(placed[b].req.prompt))) if b in placed else []
                                  for b in range(len(self.slots))])
@@ -277,6 +275,8 @@ class BatchEngine:
         return sample_from(target_distribution(out.logits[b, last], slot.req.sampling), slot.rng)
 
     def _target_step(self, trees: list[Tree]) -> StepOutputs:
+        if self.drafter is not None:  # features not drafted from yet would not survive this step's outputs
+            self.drafter.pin_pending()
         ids, pos, mask = batch_tree_inputs(trees, self.target.lengths)
         return self.target.step(StepInputs(ids, pos, mask))
 

@@ -196,6 +196,8 @@ class TreeGenerator:
         return out
 
     def _target_step(self, trees: list[Tree]) -> StepOutputs:
+        if self.drafter is not None:  # features not drafted from yet (an `auto` plain step) would not survive it
+            self.drafter.pin_pending()
         ids, pos, mask = batch_tree_inputs(trees, self.target.lengths)
         return self.target.step(StepInputs(ids, pos, mask))
 

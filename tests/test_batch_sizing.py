@@ -105,3 +105,60 @@ def test_sized_batches_are_lossless_and_the_width_follows_demand(artifacts, back
     finally:
         engine.close()
         gen.close()
+
+
+def _reuse_output_buffer(target) -> None:
+    """Hand out the target's hidden states in one buffer that every step overwrites, as a CUDA graph's
+    replay does (the CPU backend makes a fresh tensor each step)."""
+    import dataclasses
+
+    import torch
+
+    from treespec.runtime.backends.device_tensors import LazyHost
+
+    step, held = target.step, {}
+
+    def reusing_step(inputs):
+        out = step(inputs)
+        hidden = out.hidden_states.tensor
+        b, t = hidden.shape[:2]
+        if "buf" not in held or held["buf"].shape[0] != b or held["buf"].shape[1] < t:
+            held["buf"] = torch.empty(b, 512, *hidden.shape[2:], dtype=hidden.dtype)
+        held["buf"][:, :t] = hidden
+        return dataclasses.replace(out, hidden_states=LazyHost(held["buf"], out.hidden_states.rows))
+
+    target.step = reusing_step
+
+
+def test_plain_steps_under_load_keep_the_drafters_features(artifacts):
+    """The sizer may run plain steps (budget 0) for a while: the drafter then drafts nothing and its
+    features wait. On CUDA the target's outputs live in a graph's static buffers, overwritten by the
+    next step; features held by reference went stale there (the H200 server's EAGLE accepted 1.1 tokens
+    a step against 2.5 alone). With outputs in one reused buffer, the engine drafts the same trees as
+    with fresh outputs, and stays lossless."""
+    from treespec.runtime.api import SpeculativeGenerator
+    from treespec.runtime.batching import BatchEngine
+
+    class Recording(BatchEngine):
+        def _target_step(self, trees):
+            self.trees.append([(list(t.tokens), [round(float(v), 4) for v in t.logprobs]) for t in trees])
+            return super()._target_step(trees)
+
+    drafted = {}
+    for reuse in (False, True):
+        gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", drafter="eagle", tree="eagle2-d4-k4-n16")
+        alone = {i: list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for i, p in enumerate(PROMPTS[:3])}
+        if reuse:
+            _reuse_output_buffer(gen.target)
+        Recording.trees = []
+        engine = Recording(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
+        turns = iter(range(10**6))
+        engine.sizer.choose = lambda width, full: full if next(turns) % 3 == 2 else 0  # 2 plain steps in 3
+        try:
+            assert _run_engine(engine, gen, PROMPTS[:3]) == alone
+        finally:
+            engine.close()
+            gen.close()
+        drafted[reuse] = engine.trees
+    assert sum(len(t[0]) > 1 for step in drafted[False] for t in step) > 5  # trees were drafted between plain steps
+    assert drafted[True] == drafted[False]

@@ -82,8 +82,10 @@ class Drafter(ABC):
         raise NotImplementedError(f"the {self.kind} drafter cannot reset one slot of a batch")
 
     def pin_pending(self) -> None:
-        """Before a target step that is not followed by a draft (a new slot's prefill): copy to the
-        host any features still held by reference to the last step's outputs. Default: none held."""
+        """Before every target step (the engines call it): copy any features still held by reference
+        to the last step's outputs, which that step may overwrite; those a draft consumed are gone
+        already, the others wait (a new slot's prefill, a plain step chosen under load or by `auto`).
+        Default: none held."""
 
     def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> list[Tree] | None:
         """Whole trees for `cfg` grown by the drafter itself (EAGLE-2 in one captured CUDA graph);

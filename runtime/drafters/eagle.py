@@ -26,7 +26,7 @@ import numpy as np
 
 from treespec.errors import BackendError
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import topk_logprobs
+from treespec.runtime.backends.device_tensors import LazyHost, topk_logprobs
 from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from treespec.runtime.drafters.base import Candidates, Drafter, Features
 from treespec.runtime.trees.tree import Tree
@@ -98,10 +98,25 @@ class EagleDrafter(Drafter):
         self.head.lengths[b] = 0
 
     def pin_pending(self) -> None:
-        """Pending features reference a step's outputs (on CUDA a captured graph's static buffers,
-        which the next target step overwrites): keep host copies (a few rows per sequence)."""
+        """Pending features reference a step's outputs (a captured graph's static buffers on CUDA, a
+        reused staging buffer for TensorRT), which the next target step overwrites: copy their rows.
+        Device outputs are copied by one gather per output on their own device (no host round trip),
+        host outputs into arrays of their own; copies made already stay as they are."""
+        live: dict[int, list[tuple[int, int, Features]]] = {}
         for b, pending in enumerate(self.pending):
-            self.pending[b] = [Features(f.host()[None], 0, list(range(len(f.rows)))) for f in pending]
+            for i, f in enumerate(pending):
+                if isinstance(f.hidden, LazyHost):
+                    live.setdefault(id(f.hidden), []).append((b, i, f))
+                elif not (isinstance(f.hidden, np.ndarray) and f.hidden.base is None):
+                    pending[i] = Features(f.host()[None].copy(), 0, list(range(len(f.rows))))
+        for group in live.values():
+            seq = [f.b for _, _, f in group for _ in f.rows]
+            rows = [r for _, _, f in group for r in f.rows]
+            copied = LazyHost(group[0][2].hidden.tensor[seq, rows][None], len(rows))  # indexing copies
+            start = 0
+            for b, i, f in group:
+                self.pending[b][i] = Features(copied, 0, list(range(start, start + len(f.rows))))
+                start += len(f.rows)
 
     def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
         self.tokens[b] += new_tokens

@@ -300,6 +300,9 @@ class FrontHandler(BaseHTTPRequestHandler):
 class FrontServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog (socketserver's default is 5): 64 clients connecting at once overflowed it
+    # on the H200 (connections reset before accept); over max_connections they get a 503 instead.
+    request_queue_size = 512
 
     def __init__(self, address: tuple[str, int], upstream: tuple[str, int], max_body: int = MAX_BODY_BYTES,
                  max_timeout: float = MAX_TIMEOUT_S, max_connections: int = 128, read_timeout: float = 30.0,
