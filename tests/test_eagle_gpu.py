@@ -28,7 +28,7 @@ from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.device_tensors import LazyHost
 from treespec.runtime.drafters.base import Features
 from treespec.runtime.drafters.eagle_torch import FUSED_HEAD_ENV, TorchEagleDrafter, TorchEagleHead
-from treespec.runtime.drafters.eagle_tree import eagle2_draft
+from treespec.runtime.drafters.eagle_tree import Eagle2Shape, eagle2_draft
 from treespec.runtime.trees.policies import draft_trees, parse_tree_config
 from treespec.runtime.trees.presets import load_tree_preset
 from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
@@ -150,8 +150,9 @@ def test_fused_draft_equals_unfused(eagle_gen, bench_prompts):
     assert np.mean(shared["served"]) >= 0.8
 
 
-def _draft_kernels(drafter: TorchEagleDrafter) -> Counter:
-    """CUDA kernels of one eager eagle2_draft on the drafter's buffers (torch.profiler)."""
+def _draft_kernels(drafter: TorchEagleDrafter) -> tuple[Counter, Counter]:
+    """CUDA kernels of one eager eagle2_draft on the drafter's buffers (torch.profiler): launches
+    and device microseconds by kernel name."""
     buf = next(iter(drafter._buffers.values()))
     with torch.inference_mode():
         eagle2_draft(drafter.torch_head, buf)
@@ -159,8 +160,13 @@ def _draft_kernels(drafter: TorchEagleDrafter) -> Counter:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             eagle2_draft(drafter.torch_head, buf)
             torch.cuda.synchronize()
-    return Counter(e.name[:80] for e in prof.events() if e.device_type == DeviceType.CUDA
-                   and not e.name.startswith(("Memcpy", "Memset")))
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    launches, micros = Counter(), Counter()
+    for e in kernels:
+        launches[e.name[:80]] += 1
+        micros[e.name[:80]] += e.time_range.elapsed_us()
+    return launches, micros
 
 
 def test_draft_kernel_count(eagle_gen, bench_prompts):
@@ -173,7 +179,9 @@ def test_draft_kernel_count(eagle_gen, bench_prompts):
     for fused in (True, False):
         drafter = _drafter_over(module, fused, top_k)
         _fresh_draft(eagle_gen, ids, cfg, False, drafter)
-        counts[fused] = _draft_kernels(drafter)
+        counts[fused], micros = _draft_kernels(drafter)
+        print(f"EAGLE-2 draft d6 k8 n64, fused={fused}: {sum(micros.values()):.0f} us of kernels; by time: "
+              f"{ {name: round(us) for name, us in micros.most_common(8)} }")
     print(f"EAGLE-2 draft d6 k8 n64 kernels: fused {sum(counts[True].values())}, unfused "
           f"{sum(counts[False].values())}; fused by name: {dict(counts[True].most_common(20))}")
     assert sum(counts[True].values()) <= MAX_DRAFT_KERNELS
@@ -197,5 +205,13 @@ def test_draft_time_per_step(eagle_gen, bench_prompts):
         draft_trees(cfg, drafter, [root])
         times.append((time.perf_counter() - t0) * 1e3)
     median = float(np.median(times[20:]))
-    print(f"EAGLE-2 draft d6 k8 n64, batch 1: median {median:.3f} ms, p90 {np.percentile(times[20:], 90):.3f} ms")
+    buf = drafter._buffers[Eagle2Shape(1, min(cfg.levels, cfg.depth), cfg.top_k, cfg.budget)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        buf.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"EAGLE-2 draft d6 k8 n64, batch 1: median {median:.3f} ms, p90 {np.percentile(times[20:], 90):.3f} ms "
+          f"(the graph's replay alone {start.elapsed_time(end) / 50:.3f} ms)")
     assert median <= DRAFT_MS_TARGET
