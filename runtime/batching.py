@@ -337,7 +337,7 @@ class BatchEngine:
         for b, verdict in verdicts.items():
             slot = self.slots[b]
             slot.root = verdict.tokens[-1]
-            if self._emit(b, verdict.tokens) and self.drafter is not None:
+            if self._emit(b, verdict.tokens) and self.drafter is not None and slot.req.tree.policy != "none":
                 self.drafter.accept(b, verdict.tokens, Features(out.hidden_states, b, verdict.path))
 
     def _emit(self, b: int, tokens: list[int]) -> bool:

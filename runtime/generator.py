@@ -173,10 +173,10 @@ class TreeGenerator:
                 token = sample_from(target_distribution(out.logits[b, last], state.sampling), state.rng)
             state.roots.append(token)
         self.stats.prefill_s = time.perf_counter() - t0
-        if self.drafter is not None:
-            self.drafter.reset([p + [r] for p, r in zip(prompts, state.roots)], state.capacity)
+        if state.drafter is not None:  # (not for --tree none: nothing would read what it keeps)
+            state.drafter.reset([p + [r] for p, r in zip(prompts, state.roots)], state.capacity)
             for b, prompt in enumerate(prompts):
-                self.drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(prompt)))))
+                state.drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(prompt)))))
         return self._finish([[r] for r in state.roots], state)
 
     def _draft(self, state: _Run) -> DraftedTrees:
@@ -186,6 +186,8 @@ class TreeGenerator:
                               temperature=state.sampling.temperature, planner=state.planner)
         if drafted.budget is not None:
             self.stats.budgets.append(drafted.budget)
+        if state.drafter is not None:  # an `auto` plain step drafted nothing: its features must outlive the step
+            state.drafter.pin_pending()
         self.stats.draft_s += time.perf_counter() - t0
         return drafted
 
@@ -196,8 +198,6 @@ class TreeGenerator:
         return out
 
     def _target_step(self, trees: list[Tree]) -> StepOutputs:
-        if self.drafter is not None:  # features not drafted from yet (an `auto` plain step) would not survive it
-            self.drafter.pin_pending()
         ids, pos, mask = batch_tree_inputs(trees, self.target.lengths)
         return self.target.step(StepInputs(ids, pos, mask))
 
@@ -231,8 +231,8 @@ class TreeGenerator:
             if verdict is None:
                 continue
             state.roots[b] = verdict.tokens[-1]
-            if self.drafter is not None and not state.finished[b]:
-                self.drafter.accept(b, verdict.tokens, Features(out.hidden_states, b, verdict.path))
+            if state.drafter is not None and not state.finished[b]:
+                state.drafter.accept(b, verdict.tokens, Features(out.hidden_states, b, verdict.path))
         self.stats.host_s += time.perf_counter() - t0
         return event
 

@@ -63,6 +63,10 @@ class OrtEagleHead(OnnxRuntimeBackend):
         return StepOutputs(logits=logits, hidden_states=hidden, new_kv=[key, value])
 
 
+class _Pinned(LazyHost):
+    """Rows that pin_pending copied out of a step's outputs: nothing overwrites them."""
+
+
 @dataclass
 class _Rows:
     """One padded head step for a batch, and where each sequence's rows are."""
@@ -101,21 +105,25 @@ class EagleDrafter(Drafter):
         """Pending features reference a step's outputs (a captured graph's static buffers on CUDA, a
         reused staging buffer for TensorRT), which the next target step overwrites: copy their rows.
         Device outputs are copied by one gather per output on their own device (no host round trip),
-        host outputs into arrays of their own; copies made already stay as they are."""
-        live: dict[int, list[tuple[int, int, Features]]] = {}
+        host outputs into arrays of their own. The engines call this before every target step, so
+        only each sequence's newest features (the last step's) can still need it."""
+        live: dict[int, list[int]] = {}
         for b, pending in enumerate(self.pending):
-            for i, f in enumerate(pending):
-                if isinstance(f.hidden, LazyHost):
-                    live.setdefault(id(f.hidden), []).append((b, i, f))
-                elif not (isinstance(f.hidden, np.ndarray) and f.hidden.base is None):
-                    pending[i] = Features(f.host()[None].copy(), 0, list(range(len(f.rows))))
+            f = pending[-1] if pending else None
+            if f is None or isinstance(f.hidden, _Pinned) or (isinstance(f.hidden, np.ndarray) and f.hidden.base is None):
+                continue
+            if isinstance(f.hidden, LazyHost):
+                live.setdefault(id(f.hidden), []).append(b)
+            else:
+                pending[-1] = Features(f.host()[None].copy(), 0, list(range(len(f.rows))))
         for group in live.values():
-            seq = [f.b for _, _, f in group for _ in f.rows]
-            rows = [r for _, _, f in group for r in f.rows]
-            copied = LazyHost(group[0][2].hidden.tensor[seq, rows][None], len(rows))  # indexing copies
+            newest = [self.pending[b][-1] for b in group]
+            seq = [f.b for f in newest for _ in f.rows]
+            rows = [r for f in newest for r in f.rows]
+            copied = _Pinned(newest[0].hidden.tensor[seq, rows][None], len(rows))  # indexing copies
             start = 0
-            for b, i, f in group:
-                self.pending[b][i] = Features(copied, 0, list(range(start, start + len(f.rows))))
+            for b, f in zip(group, newest):
+                self.pending[b][-1] = Features(copied, 0, list(range(start, start + len(f.rows))))
                 start += len(f.rows)
 
     def accept(self, b: int, new_tokens: list[int], features: Features) -> None:
