@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from treespec.runtime.trees.auto import LatencyCache, machine_default_tree
 from treespec.errors import InputError, TreespecError
+from treespec.runtime.detokenize import IncrementalText
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_target, load_tokenizer
 from treespec.artifacts import Manifest, load_manifest
@@ -173,18 +174,11 @@ class SpeculativeGenerator:
             self._busy.release()
 
     def stream(self, prompt: str | Sequence[int], **kwargs) -> Iterator[StreamChunk]:
-        tokens: list[int] = []
-        text = ""
+        text = IncrementalText(self.tokenizer)
         for event in self.stream_batch([prompt], **kwargs):
             new = event.new_tokens[0]
-            tokens += new
-            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            # Hold back an incomplete multi-byte character until the next step completes it.
-            if full.endswith("\ufffd") and not event.finished[0]:
-                delta = ""
-            else:
-                delta, text = full[len(text):], full
-            yield StreamChunk(text=delta, token_ids=new, accepted=len(new), finished=event.finished[0])
+            yield StreamChunk(text=text.add(new, event.finished[0]), token_ids=new, accepted=len(new),
+                              finished=event.finished[0])
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
         return self.generate_batch([prompt], **kwargs)[0]

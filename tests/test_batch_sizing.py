@@ -134,31 +134,29 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts):
     """The sizer may run plain steps (budget 0) for a while: the drafter then drafts nothing and its
     features wait. On CUDA the target's outputs live in a graph's static buffers, overwritten by the
     next step; features held by reference went stale there (the H200 server's EAGLE accepted 1.1 tokens
-    a step against 2.5 alone). With outputs in one reused buffer, the engine drafts the same trees as
-    with fresh outputs, and stays lossless."""
+    a step against 2.5 alone). With outputs in one reused buffer, the head is fed what it is fed with
+    fresh outputs: its KV cache ends equal (the tiny random head's trees barely depend on it), and the
+    engine stays lossless."""
+    import numpy as np
+
     from treespec.runtime.api import SpeculativeGenerator
     from treespec.runtime.batching import BatchEngine
 
-    class Recording(BatchEngine):
-        def _target_step(self, trees):
-            self.trees.append([(list(t.tokens), [round(float(v), 4) for v in t.logprobs]) for t in trees])
-            return super()._target_step(trees)
-
-    drafted = {}
+    caches = {}
     for reuse in (False, True):
         gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", drafter="eagle", tree="eagle2-d4-k4-n16")
-        alone = {i: list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for i, p in enumerate(PROMPTS[:3])}
+        alone = [list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for p in PROMPTS[:3]]
         if reuse:
             _reuse_output_buffer(gen.target)
-        Recording.trees = []
-        engine = Recording(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
+        engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
         turns = iter(range(10**6))
         engine.sizer.choose = lambda width, full: full if next(turns) % 3 == 2 else 0  # 2 plain steps in 3
-        try:
-            assert _run_engine(engine, gen, PROMPTS[:3]) == alone
+        try:  # one request at a time: the steps do not depend on when requests arrive
+            assert [_run_engine(engine, gen, [p])[0] for p in PROMPTS[:3]] == alone
+            head = engine.drafter.torch_head
+            caches[reuse] = head.key[0, :, :int(head.lengths[0])].float().numpy().copy()
         finally:
             engine.close()
             gen.close()
-        drafted[reuse] = engine.trees
-    assert sum(len(t[0]) > 1 for step in drafted[False] for t in step) > 5  # trees were drafted between plain steps
-    assert drafted[True] == drafted[False]
+    assert caches[True].shape == caches[False].shape and caches[True].shape[1] > MAX_TOKENS // 2
+    np.testing.assert_allclose(caches[True], caches[False], atol=1e-5)

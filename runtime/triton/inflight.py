@@ -33,6 +33,7 @@ import triton_python_backend_utils as pb_utils
 
 from treespec.runtime.api import check_request as check_sampling
 from treespec.runtime.batching import SlotRequest, batchable, drain
+from treespec.runtime.detokenize import IncrementalText
 from treespec.runtime.triton.client_watch import take_cancelled
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, GenerateRequest
 from treespec.runtime.trees.config import show_value
@@ -50,7 +51,7 @@ class Responder:
         self.model, self.request, self.sender, self.req = model, request, sender, req
         self.deadline, self.prompt_tokens = deadline, prompt_tokens
         self.ids: list[int] = []
-        self.text = ""
+        self.text = IncrementalText(model.gen.tokenizer)
         self.emits = 0
         self.cancelled = False  # the client left: the engine frees the slot, the worker answers CANCELLED
         self.started = False  # the engine emitted for it (it holds a slot)
@@ -101,15 +102,11 @@ class Responder:
         new = [t for g in groups for t in g]
         self.ids += new
         self.model.m_tokens.increment(len(new))
-        if self.req.stream or finished:
-            full = self.model.gen.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.req.stream:
-            delta = ""
-            if not (full.endswith("\ufffd") and not finished):
-                delta, self.text = full[len(self.text):], full
-            self.sender.send(self.model.response(delta, new, len(new), max(steps, 1), self.prompt_tokens),
-                             flags=FINAL if finished else 0)
+            self.sender.send(self.model.response(self.text.add(new, finished), new, len(new), max(steps, 1),
+                                                 self.prompt_tokens), flags=FINAL if finished else 0)
         elif finished:
+            full = self.model.gen.tokenizer.decode(self.ids, skip_special_tokens=True)
             self.sender.send(self.model.response(full, self.ids, len(self.ids), self.emits - 1, self.prompt_tokens),
                              flags=FINAL)
         if finished:
