@@ -144,11 +144,13 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts):
 
     caches = {}
     for reuse in (False, True):
-        gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", drafter="eagle", tree="eagle2-d4-k4-n16")
+        gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", drafter="eagle",
+                                                  tree="eagle2-d4-k4-n16")
         alone = [list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for p in PROMPTS[:3]]
         if reuse:
             _reuse_output_buffer(gen.target)
-        engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
+        engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2],
+                             budget=gen.default_tree.budget)
         turns = iter(range(10**6))
         engine.sizer.choose = lambda width, full: full if next(turns) % 3 == 2 else 0  # 2 plain steps in 3
         try:  # one request at a time: the steps do not depend on when requests arrive

@@ -110,7 +110,8 @@ class EagleDrafter(Drafter):
         live: dict[int, list[int]] = {}
         for b, pending in enumerate(self.pending):
             f = pending[-1] if pending else None
-            if f is None or isinstance(f.hidden, _Pinned) or (isinstance(f.hidden, np.ndarray) and f.hidden.base is None):
+            owned = f is not None and isinstance(f.hidden, np.ndarray) and f.hidden.base is None
+            if f is None or owned or isinstance(f.hidden, _Pinned):
                 continue
             if isinstance(f.hidden, LazyHost):
                 live.setdefault(id(f.hidden), []).append(b)
