@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "smaller); the context a prompt plus its answer must fit in")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-tree-tokens", type=int, default=128)
+    p.add_argument("--ort-fusions", action="store_true",
+                   help="apply ONNX Runtime's transformer fusions (RMSNorm + residual) to the target and draft "
+                        "graphs: faster on ONNX Runtime, not buildable as TensorRT engines")
     p.add_argument("--force", action="store_true",
                    help="replace --out if an earlier treespec-export wrote it (anything else is refused)")
     return p
@@ -93,7 +96,7 @@ def _main(argv: list[str] | None) -> int:
         drafters=args.drafter or ["lookup"], drafter_weights=_weights(args.drafter_weights),
         engines=args.engines, compute_capabilities=args.compute_capabilities,
         triton_repo=args.triton_repo, max_context=args.max_context, max_batch=args.max_batch,
-        max_tree_tokens=args.max_tree_tokens, force=args.force)
+        max_tree_tokens=args.max_tree_tokens, ort_fusions=args.ort_fusions, force=args.force)
     check_output_dir(opts.out, opts.force)
     if opts.triton_repo is not None:
         if opts.triton_repo.resolve() == opts.out.resolve():

@@ -22,6 +22,7 @@ from treespec.files import write_json
 from treespec.exporter.drafter_export import AddedDrafter, DrafterExport, export_drafter
 from treespec.exporter.eagle_export import export_eagle
 from treespec.exporter.engines import build_engines
+from treespec.exporter.ort_fusions import FUSED_GRAPHS, check_fusable, fuse_graph
 from treespec.exporter.output_dir import check_output_dir
 from treespec.exporter.onnx_export import TORCH_DTYPES, export_tree_graph, graph_entry
 from treespec.exporter.triton_repo import write_triton_repo
@@ -46,6 +47,7 @@ class ExportOptions:
     max_context: int | None = None
     max_batch: int = 8
     max_tree_tokens: int = 128
+    ort_fusions: bool = False  # ONNX Runtime's transformer fusions on the decoder graphs (exporter/ort_fusions.py)
     force: bool = False
 
 
@@ -90,6 +92,8 @@ def save_torch_weights(model, work: Path, precision: str) -> TorchWeights:
 
 def run_export(opts: ExportOptions, progress: Callable[[str], None] = print) -> Manifest:
     check_output_dir(opts.out, opts.force)
+    if opts.ort_fusions:
+        check_fusable(opts.engines, opts.attention)
     for kind in opts.drafters:
         if kind not in DRAFTERS:
             raise InputError(f"unknown drafter '{kind}' (choose from {', '.join(DRAFTERS)})")
@@ -146,12 +150,20 @@ def _export_into(opts: ExportOptions, work: Path, progress: Callable[[str], None
         default_trees[kind] = added.default_tree
         timings[f"{kind}_s"] = time.perf_counter() - t
 
+    export: dict = {}
+    if opts.ort_fusions:
+        t = time.perf_counter()
+        progress("fusing the decoder graphs for ONNX Runtime")
+        export["ort_fusions"] = {name: fuse_graph(work / graphs[name].onnx, model.dims.num_heads,
+                                                  model.dims.hidden_size) for name in FUSED_GRAPHS if name in graphs}
+        timings["ort_fusions_s"] = time.perf_counter() - t
     manifest = Manifest(
         model=model, treespec_version=__version__,
         tokenizer=TokenizerEntry("tokenizer", bool(getattr(ckpt.tokenizer, "chat_template", None))),
         graphs=graphs, drafters=drafters, default_drafter=opts.drafters[0] if opts.drafters else "none",
         default_trees=default_trees, torch_weights=torch_weights,
-        export={"timings_s": {k: round(v, 2) for k, v in timings.items()}, "sizes_bytes": _sizes(work)}, root=work)
+        export={"timings_s": {k: round(v, 2) for k, v in timings.items()}, "sizes_bytes": _sizes(work), **export},
+        root=work)
     write_manifest(work, manifest)
     return manifest
 

@@ -1,0 +1,55 @@
+"""ONNX Runtime's transformer graph optimiser on the exported decoder graphs (`--ort-fusions`).
+
+onnxruntime.transformers' optimizer rewrites subgraphs it knows into ONNX Runtime's contrib kernels.
+On treespec's Llama graphs it finds the RMSNorms, alone and after the residual add
+(SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization: two per layer). Its attention and
+rotary fusions do not match the tree-masked attention, so the tree I/O (tokens, positions, tree mask,
+KV inputs and outputs) is what it was. The fused graphs run only on ONNX Runtime: contrib ops are not
+ONNX, so TensorRT engines and the TensorRT plugin attention refuse them (checked before exporting).
+
+Measured on this project's CPU machine (2 cores, SmolLM2-135M fp32, one target step against 200
+cached tokens, ONNX Runtime CPU, 10 runs each): 22.5 -> 19.9 ms at 1 token, 33.9 -> 32.6 ms at 16,
+72.7 -> 70.3 ms at 64; logits within 4e-3 of the unfused graph, same argmax.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from treespec.errors import InputError
+
+FUSED_GRAPHS = ("target", "draft")  # the Llama decoders (the EAGLE head and Medusa keep theirs)
+
+
+def check_fusable(engines: str, attention: str) -> None:
+    if engines != "none":
+        raise InputError(f"--ort-fusions writes ONNX Runtime contrib ops, which --engines {engines} cannot build")
+    if attention == "plugin":
+        raise InputError("--ort-fusions does not apply to --attention plugin (a TensorRT plugin graph)")
+
+
+def fuse_graph(path: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """Rewrite the graph at `path` (and its external data file `<name>.data`) in place; returns the
+    fused operators it now holds, by type."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(str(path), model_type="gpt2", num_heads=num_heads, hidden_size=hidden_size,
+                           optimization_options=FusionOptions("gpt2"), opt_level=0)
+    fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    data = path.with_name(path.name + ".data")
+    staged = path.with_name(path.name + ".fused")
+    onnx.save_model(model.model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name + ".fused")
+    os.replace(path.with_name(data.name + ".fused"), data)
+    # the graph names its data file: point it back at `<name>.data` before it takes the graph's place
+    graph = onnx.load(str(staged), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save_model(graph, str(path))
+    staged.unlink()
+    data.chmod(0o644)
+    return fused
