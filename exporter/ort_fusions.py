@@ -14,7 +14,6 @@ graph, same argmax. What it saves is per-op overhead: most at small steps.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from treespec.errors import InputError
@@ -39,18 +38,12 @@ def fuse_graph(path: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
     model = optimize_model(str(path), model_type="gpt2", num_heads=num_heads, hidden_size=hidden_size,
                            optimization_options=FusionOptions("gpt2"), opt_level=0)
     fused = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+    # The optimiser holds the whole model in memory; onnx appends to an existing data file, so the old
+    # files go first and the graph is written once under its own names.
     data = path.with_name(path.name + ".data")
-    staged = path.with_name(path.name + ".fused")
-    onnx.save_model(model.model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name + ".fused")
-    os.replace(path.with_name(data.name + ".fused"), data)
-    # the graph names its data file: point it back at `<name>.data` before it takes the graph's place
-    graph = onnx.load(str(staged), load_external_data=False)
-    for tensor in graph.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data.name
-    onnx.save_model(graph, str(path))
-    staged.unlink()
-    data.chmod(0o644)
+    path.unlink()
+    data.unlink()
+    onnx.save_model(model.model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name)
+    data.chmod(0o644)  # onnx writes it owner-only; the artifacts' other files are world-readable
     return fused
