@@ -186,6 +186,8 @@ class TreeGenerator:
                               temperature=state.sampling.temperature, planner=state.planner)
         if drafted.budget is not None:
             self.stats.budgets.append(drafted.budget)
+        if state.drafter is not None:  # an `auto` plain step drafted nothing: its features must outlive the step
+            state.drafter.pin_pending()
         self.stats.draft_s += time.perf_counter() - t0
         return drafted
 
@@ -196,8 +198,6 @@ class TreeGenerator:
         return out
 
     def _target_step(self, trees: list[Tree]) -> StepOutputs:
-        if self.drafter is not None:  # features not drafted from yet (an `auto` plain step) would not survive it
-            self.drafter.pin_pending()
         ids, pos, mask = batch_tree_inputs(trees, self.target.lengths)
         return self.target.step(StepInputs(ids, pos, mask))
 
