@@ -82,7 +82,8 @@ class Drafter(ABC):
         raise NotImplementedError(f"the {self.kind} drafter cannot reset one slot of a batch")
 
     def pin_pending(self) -> None:
-        """Before every target step (the engines call it): copy any features still held by reference
+        """Before a target step (the batch engine calls it before every one, the generator after each
+        draft, which precedes its verify step): copy any features still held by reference
         to the last step's outputs, which that step may overwrite; those a draft consumed are gone
         already, the others wait (a new slot's prefill, a plain step chosen under load or by `auto`).
         Default: none held."""
