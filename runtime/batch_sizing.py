@@ -18,8 +18,10 @@ request rates). So the engine picks the budget n per step that maximises tokens 
   its n best nodes by cumulative draft log-probability (what every policy keeps when its budget is
   smaller; ancestor-closed, since a child never scores above its parent) follow from the ranks of
   the accepted path's nodes. An exponential moving average per n. E(0) = 1: plain decoding.
-* draft_s(n): the measured draft time of steps drafted with n nodes (a moving average; a budget
-  not yet drafted borrows the nearest larger one's).
+* draft_s(n): the measured draft time of steps drafted with n nodes: the median of its last
+  DRAFT_SAMPLES (a budget not yet drafted borrows the nearest larger one's). A median, because the
+  first draft of a shape captures its CUDA graph (tens of ms): in a moving average that one sample
+  priced every tree out for hundreds of steps, and plain steps record nothing to wash it out.
 Every EXPLORE_EVERY steps the full budget is drafted, so the estimates of larger budgets follow the
 text (acceptance changes with the prompt). Lossless whatever n is: verification is exact, and
 only greedy requests are sized (a sampled request keeps its tree, so its random draws stay those
@@ -27,6 +29,7 @@ of the request sent alone).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -41,6 +44,7 @@ from treespec.runtime.verify import Verdict
 CANDIDATES = (0, 2, 4, 8, 16, 24, 32, 48, 63, 96, 127)  # node budgets per sequence (+ the config's own)
 EXPLORE_EVERY = 16
 EMA = 0.1
+DRAFT_SAMPLES = 5
 MEASURE_PAST = 64  # cached tokens per sequence while the curve is measured
 MEASURE_REPS = 3
 MEASURED_TOKENS = 64  # tree tokens per sequence measured (larger trees: the curve's last segment extrapolated)
@@ -90,7 +94,7 @@ class LoadSizer:
     max_tree_tokens: int  # the target graph's profile: T per sequence at most
     curves: dict[int, LatencyCurve] = field(default_factory=dict)
     gain: dict[int, float] = field(default_factory=dict)  # E(n)
-    draft_s: dict[int, float] = field(default_factory=dict)
+    draft_s: dict[int, deque] = field(default_factory=dict)  # recent draft seconds per budget
     steps: int = 0
     budget: int = 0  # the last choice (metrics)
     tokens_per_step: float = 0.0  # moving average over speculative slot-steps (metrics)
@@ -133,17 +137,17 @@ class LoadSizer:
     def _draft(self, n: int) -> float:
         if n == 0:
             return 0.0
-        larger = sorted(m for m in self.draft_s if m >= n)
-        if larger:
-            return self.draft_s[larger[0]]
-        return self.draft_s[max(self.draft_s)] if self.draft_s else 0.0
+        if not self.draft_s:
+            return 0.0
+        larger = [m for m in self.draft_s if m >= n]
+        return float(np.median(self.draft_s[min(larger) if larger else max(self.draft_s)]))
 
     def record(self, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
         """After a verified step drafted with `budget` nodes: its draft time and, per candidate n,
         the tokens its trees would have given cut to n nodes."""
         if budget <= 0 or not steps:
             return
-        self.draft_s[budget] = _ema(self.draft_s.get(budget), draft_s)
+        self.draft_s.setdefault(budget, deque(maxlen=DRAFT_SAMPLES)).append(draft_s)
         sums: dict[int, list[int]] = {}
         for tree, verdict in steps:
             for n, tokens in tokens_if_cut(tree, verdict, self.candidates(budget)).items():

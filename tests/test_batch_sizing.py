@@ -56,6 +56,21 @@ def test_the_sizer_goes_plain_when_speculation_stops_paying_and_full_when_it_pay
     assert sized(TreeConfig(policy="eagle2", budget=63), 0).policy == "none"
 
 
+
+def test_one_slow_draft_a_graph_capture_does_not_price_the_tree_out():
+    """The first draft of a shape captures its CUDA graph (tens of ms, measured on the H200): the
+    sizer must not keep choosing plain decoding after the next few ordinary drafts (it did, with a
+    moving average that plain steps never refreshed: budget 0 at every load in the first GPU run)."""
+    flat = LatencyCurve([1, 64], [1e-3, 1.1e-3])
+    sizer = LoadSizer(64, curves={1: flat}, gain={0: 1.0, 63: 3.4})
+    tree = _tree()
+    verdict = Verdict([0, 1, 3], [1, 3, 9])
+    sizer.record(63, 0.08, [(tree, verdict)])  # capture
+    assert sizer.choose(1, 63) == 0  # with nothing else known, 80 ms of drafting does not pay
+    for _ in range(2):
+        sizer.record(63, 0.9e-3, [(tree, verdict)])
+    assert sizer.choose(1, 63) == 63
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     from treespec.exporter.pipeline import ExportOptions, run_export
