@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from treespec.exporter import eagle_data
 from treespec.exporter.eagle_data import SPLIT_BENCH, SPLIT_HELDOUT, SPLIT_TRAIN, DataOptions, TokenData
 from treespec.models.checkpoint import load_checkpoint
-from treespec.models.eagle import EagleHead, eagle_metadata, make_eagle_head, save_eagle
+from treespec.models.eagle import EagleHead, eagle_from_weights, eagle_metadata, save_eagle
 from treespec.models.tree_model import TreeDecoder
 
 RANKS = 10  # rank-acceptance rates kept per step for the tree estimate
@@ -264,6 +264,7 @@ class EagleOptions:
     device: str = "cpu"
     rebuild_data: bool = False
     time_budget: float = 0.0  # seconds for the whole run (data, training, evaluation); 0: none
+    init: Path | None = None  # head weights to start from (a run continued), else the identity-like head
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -291,7 +292,7 @@ def run_training(opts: EagleOptions, log=print) -> dict:
     ckpt = load_checkpoint(opts.model)
     target = ckpt.model.to(opts.device).eval().requires_grad_(False)
     depths = [cfg.unroll] + ([cfg.compare_unroll] if cfg.compare_unroll else [])
-    heads = [(make_eagle_head(target).to(opts.device), k) for k in depths]  # fp32 copies of the last layer
+    heads = [(eagle_from_weights(target, opts.init).to(opts.device), k) for k in depths]  # fp32 layer copies
     if opts.device == "cuda":
         torch.nn.Module.half(target)  # the runtime precision (HF refuses .half() on GGUF models); heads stay fp32
     data, data_meta = dataset(opts, target, ckpt.tokenizer, log)
@@ -304,7 +305,8 @@ def run_training(opts: EagleOptions, log=print) -> dict:
     for (_, k), e in zip(heads, evals):
         log(f"unroll {k}: " + json.dumps({s: {m: e[s][m] for m in e[s] if m != "rank_rates"} for s in e}))
     best = max(range(len(heads)), key=lambda i: evals[i]["heldout"]["tokens_per_step_tree64_estimate"])
-    summary = {"model": opts.model, "data": data_meta, "train": {**asdict(cfg), **training},
+    summary = {"model": opts.model, "data": data_meta, "train": {**asdict(cfg), **training,
+                                                                  "init": opts.init.name if opts.init else None},
                "eval": {f"unroll{k}": e for (_, k), e in zip(heads, evals)}, "kept_unroll": heads[best][1]}
     save_eagle(heads[best][0], opts.out, eagle_metadata(target.config, {
         "unroll": str(heads[best][1]), "summary": json.dumps(summary)}))

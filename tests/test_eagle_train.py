@@ -100,11 +100,12 @@ def test_bench_prompts_and_near_copies_are_dropped():
     assert len(prompts) > 2000 and not set(prompts) & set(bench)
 
 
-def _tiny_run(tmp_path, extra=()):
+def _tiny_run(tmp_path, extra=(), name="eagle"):
     parser = argparse.ArgumentParser()
     train_eagle.add_arguments(parser)
-    out = tmp_path / "eagle.safetensors"
-    args = parser.parse_args(TINY_ARGS + ["--out", str(out), "--summary", str(tmp_path / "s.json"), *extra])
+    out = tmp_path / f"{name}.safetensors"
+    args = parser.parse_args(TINY_ARGS + ["--out", str(out), "--summary", str(tmp_path / "s.json"),
+                                          "--data", str(tmp_path / "eagle.data"), *extra])
     assert train_eagle.run(args) == 0
     return out, json.loads((tmp_path / "s.json").read_text())
 
@@ -130,6 +131,9 @@ def test_tiny_train_eagle_lowers_its_loss_and_round_trips(tmp_path):
         eagle_from_weights(target, medusa)
     with pytest.raises(InputError, match="exists"):
         _tiny_run(tmp_path)
+    _, continued = _tiny_run(tmp_path, ["--init", str(out)], name="continued")  # same data, the trained head
+    assert continued["train"]["init"] == out.name
+    assert continued["train"]["heads"][0]["first_loss"] < summary["train"]["heads"][0]["first_loss"]
 
 
 def test_train_eagle_refuses_bad_options(tmp_path):
@@ -138,6 +142,8 @@ def test_train_eagle_refuses_bad_options(tmp_path):
     for bad, message in ((["--out", str(tmp_path / "x.bin")], "safetensors"),
                          (["--out", str(tmp_path / "x.safetensors"), "--unroll", "0"], "--unroll"),
                          (["--out", str(tmp_path / "x.safetensors"), "--heldout", "10", "--prompts", "5",
-                           "--seed-questions", "0", "--seed-paragraphs", "0", "--corpus-prompts", "0"], "--heldout")):
+                           "--seed-questions", "0", "--seed-paragraphs", "0", "--corpus-prompts", "0"], "--heldout"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--init", str(tmp_path / "none.safetensors")],
+                          "--init")):
         with pytest.raises(InputError, match=message):
             train_eagle.run(parser.parse_args(bad))

@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--compare-unroll", type=int, default=1,
                    help="also train a head with this depth and keep the better on held-out prompts (0: off)")
     t.add_argument("--ce-weight", type=float, default=0.5, help="weight of the token loss against the feature loss")
+    t.add_argument("--init", type=Path, help="head weights (.safetensors) to start from: continue a run")
     t.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds for the whole run: training stops (its LR decayed) in time to evaluate and save")
     p.add_argument("--summary", type=Path, help="also write the summary JSON here")
@@ -68,6 +69,8 @@ def _check(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if args.heldout >= args.prompts + args.seed_questions + args.seed_paragraphs + args.corpus_prompts:
         raise InputError("--heldout must be smaller than the number of prompts")
+    if args.init is not None and not args.init.is_file():
+        raise InputError(f"--init {args.init}: no such file")
     if args.device == "cuda":
         import torch
 
@@ -90,7 +93,7 @@ def run(args) -> int:
                         ce_weight=args.ce_weight, seed=args.seed)
     data_dir = args.data or args.out.with_name(args.out.stem + ".data")
     summary = run_training(EagleOptions(out=args.out, data_dir=data_dir, model=args.model, device=args.device,
-                                        rebuild_data=args.rebuild_data, time_budget=args.time_budget, data=data,
+                                        rebuild_data=args.rebuild_data, time_budget=args.time_budget, init=args.init, data=data,
                                         train=train), _log)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
