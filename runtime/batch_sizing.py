@@ -19,13 +19,17 @@ request rates). So the engine picks the budget n per step that maximises tokens 
   smaller; ancestor-closed, since a child never scores above its parent) follow from the ranks of
   the accepted path's nodes. An exponential moving average per n. E(0) = 1: plain decoding.
 * draft_s(n): the measured draft time of steps drafted with n nodes: the median of its last
-  DRAFT_SAMPLES (a budget not yet drafted borrows the nearest larger one's). A median, because the
-  first draft of a shape captures its CUDA graph (tens of ms): in a moving average that one sample
-  priced every tree out for hundreds of steps, and plain steps record nothing to wash it out.
-Every EXPLORE_EVERY steps the full budget is drafted, so the estimates of larger budgets follow the
-text (acceptance changes with the prompt). Lossless whatever n is: verification is exact, and
-only greedy requests are sized (a sampled request keeps its tree, so its random draws stay those
-of the request sent alone).
+  DRAFT_SAMPLES (a budget not yet drafted borrows the nearest larger one's), less the drafter's
+  one-off work (Drafter.one_off_s): the first draft of a shape captures its CUDA graph (tens of ms),
+  and a draft after plain steps or an admission first feeds the drafter the features it missed
+  (EAGLE's catch-up). With those in, the first H200 serving runs priced every tree out for good:
+  plain steps record nothing to wash such a sample out.
+The full budget is drafted now and then, so the estimates of larger budgets follow the text
+(acceptance changes with the prompt): every EXPLORE_EVERY steps while it is (nearly) the best
+choice, less often the dearer its step is than the chosen one's, so that exploring never costs more
+than about 1/EXPLORE_EVERY of the time (at 64 streams a full tree's step costs ~10 plain ones).
+Lossless whatever n is: verification is exact, and only greedy requests are sized (a sampled
+request keeps its tree, so its random draws stay those of the request sent alone).
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from treespec.runtime.verify import Verdict
 
 CANDIDATES = (0, 2, 4, 8, 16, 24, 32, 48, 63, 96, 127)  # node budgets per sequence (+ the config's own)
 EXPLORE_EVERY = 16
+EXPLORE_EVERY_MAX = 1024
 EMA = 0.1
 DRAFT_SAMPLES = 5
 MEASURE_PAST = 64  # cached tokens per sequence while the curve is measured
@@ -96,6 +101,7 @@ class LoadSizer:
     gain: dict[int, float] = field(default_factory=dict)  # E(n)
     draft_s: dict[int, deque] = field(default_factory=dict)  # recent draft seconds per budget
     steps: int = 0
+    explored: int = 0  # the step that last drafted the full budget
     budget: int = 0  # the last choice (metrics)
     tokens_per_step: float = 0.0  # moving average over speculative slot-steps (metrics)
 
@@ -120,12 +126,18 @@ class LoadSizer:
         self.steps += 1
         if full <= 0:
             self.budget = 0
-        elif not self.gain or self.steps % EXPLORE_EVERY == 0 or width not in self.curves:
+            return 0
+        if not self.gain or width not in self.curves:
             self.budget = full  # explore: every candidate's estimate is refreshed from this step
         else:
             curve = self.curves[width]
-            rate = {n: self._gain(n) / (self._draft(n) + curve(n + 1)) for n in self.candidates(full)}
-            self.budget = max(rate, key=lambda n: (rate[n], -n))
+            cost = {n: self._draft(n) + curve(n + 1) for n in self.candidates(full)}
+            rate = {n: self._gain(n) / cost[n] for n in cost}
+            best = max(rate, key=lambda n: (rate[n], -n))
+            every = min(EXPLORE_EVERY * max(1.0, cost[full] / cost[best]), EXPLORE_EVERY_MAX)
+            self.budget = full if self.steps - self.explored >= every else best
+        if self.budget == full:
+            self.explored = self.steps
         return self.budget
 
     def _gain(self, n: int) -> float:
@@ -143,8 +155,8 @@ class LoadSizer:
         return float(np.median(self.draft_s[min(larger) if larger else max(self.draft_s)]))
 
     def record(self, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
-        """After a verified step drafted with `budget` nodes: its draft time and, per candidate n,
-        the tokens its trees would have given cut to n nodes."""
+        """After a verified step drafted with `budget` nodes: its draft time (one-off work left out)
+        and, per candidate n, the tokens its trees would have given cut to n nodes."""
         if budget <= 0 or not steps:
             return
         self.draft_s.setdefault(budget, deque(maxlen=DRAFT_SAMPLES)).append(draft_s)

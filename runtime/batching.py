@@ -309,6 +309,7 @@ class BatchEngine:
             groups.setdefault(key, []).append(b)
         if self.drafter is not None:
             self.drafter.return_distributions = False
+            self.drafter.one_off_s = 0.0
         for members in groups.values():
             cfg = configs[members[0]][1]
             drafter = self.drafter if cfg.policy != "none" else None
@@ -321,7 +322,7 @@ class BatchEngine:
         configs = self._configs()
         t0 = time.perf_counter()
         trees, proposals = self._draft(configs)
-        draft_s = time.perf_counter() - t0
+        draft_s = time.perf_counter() - t0 - (self.drafter.one_off_s if self.drafter is not None else 0.0)
         out = self._target_step(trees)
         verdicts = {b: verify_tree(trees[b], out, b, s.req.sampling, s.rng, proposals[b])
                     for b, s in enumerate(self.slots) if s is not None}

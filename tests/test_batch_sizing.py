@@ -49,8 +49,11 @@ def test_the_sizer_goes_plain_when_speculation_stops_paying_and_full_when_it_pay
     sizer = LoadSizer(64, curves={8: knee, 1: flat}, gain={0: 1.0, 2: 1.8, 16: 3.0, 63: 3.4})
     assert sizer.choose(1, 63) == 63  # nearly free at batch 1: the whole tree
     assert sizer.choose(8, 63) == 16  # at batch 8 the curve's knee: the tree that still fits before it
-    chosen = [sizer.choose(8, 63) for _ in range(2 * EXPLORE_EVERY)]
-    assert chosen.count(63) >= 2  # the full tree is still drafted now and then: estimates stay current
+    chosen = [sizer.choose(8, 63) for _ in range(400)]
+    # the full tree is still drafted now and then (estimates stay current), but its step costs 6.7x
+    # the chosen one's at batch 8: every ~107 steps, not every EXPLORE_EVERY
+    assert 2 <= chosen.count(63) <= 400 // EXPLORE_EVERY // 5
+    assert [sizer.choose(1, 63) for _ in range(EXPLORE_EVERY)] == [63] * EXPLORE_EVERY
     assert sized(TreeConfig(policy="auto", budget=16), 8).policy == "opt"
     assert sized(TreeConfig(policy="eagle2", budget=63, depth=6, top_k=8), 16).budget == 16
     assert sized(TreeConfig(policy="eagle2", budget=63), 0).policy == "none"
@@ -114,7 +117,8 @@ def test_sized_batches_are_lossless_and_the_width_follows_demand(artifacts, back
         assert engine.stats.width == 1  # one request: a batch of one, like the Python API
         outs = _run_engine(engine, gen, PROMPTS)
         assert outs == alone
-        assert engine.stats.width == 8 and set(engine.sizer.curves) == {1, 8}
+        # a burst grows the width to 8 (through 2 or 4 when the engine wakes between two submissions)
+        assert engine.stats.width == 8 and {1, 8} <= set(engine.sizer.curves)
         assert engine.sizer.gain and engine.sizer.steps > 0
         print(f"\n{drafter}: budgets {sorted(engine.sizer.gain)}, gain {engine.sizer.gain}, last {engine.stats.budget}")
     finally:

@@ -56,6 +56,9 @@ class Drafter(ABC):
     max_depth: int | None = None  # Medusa: number of heads; others unbounded
     # Sampling sets this: candidates then carry the drafter's full distribution q (Candidates.distribution)
     return_distributions: bool = False
+    # Seconds of the last draft spent on one-off work (a CUDA graph's capture, features fed late after
+    # plain steps or an admission): the batch engine's load sizer leaves them out of a step's draft cost.
+    one_off_s: float = 0.0
 
     @abstractmethod
     def reset(self, contexts: list[list[int]], capacity: int) -> None:

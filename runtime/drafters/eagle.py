@@ -63,7 +63,7 @@ class OrtEagleHead(OnnxRuntimeBackend):
         return StepOutputs(logits=logits, hidden_states=hidden, new_kv=[key, value])
 
 
-class _Pinned(LazyHost):
+class PinnedFeatures(LazyHost):
     """Rows that pin_pending copied out of a step's outputs: nothing overwrites them."""
 
 
@@ -111,7 +111,7 @@ class EagleDrafter(Drafter):
         for b, pending in enumerate(self.pending):
             f = pending[-1] if pending else None
             owned = f is not None and isinstance(f.hidden, np.ndarray) and f.hidden.base is None
-            if f is None or owned or isinstance(f.hidden, _Pinned):
+            if f is None or owned or isinstance(f.hidden, PinnedFeatures):
                 continue
             if isinstance(f.hidden, LazyHost):
                 live.setdefault(id(f.hidden), []).append(b)
@@ -121,7 +121,7 @@ class EagleDrafter(Drafter):
             newest = [self.pending[b][-1] for b in group]
             seq = [f.b for f in newest for _ in f.rows]
             rows = [r for f in newest for r in f.rows]
-            copied = _Pinned(newest[0].hidden.tensor[seq, rows][None], len(rows))  # indexing copies
+            copied = PinnedFeatures(newest[0].hidden.tensor[seq, rows][None], len(rows))  # indexing copies
             start = 0
             for b, f in zip(group, newest):
                 self.pending[b][-1] = Features(copied, 0, list(range(start, start + len(f.rows))))
