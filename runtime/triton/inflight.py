@@ -101,7 +101,9 @@ class Responder:
         self.emits += len(groups)
         new = [t for g in groups for t in g]
         self.ids += new
-        self.model.m_tokens.increment(len(new))
+        self.model.count_tokens(len(new))
+        if finished:
+            self.model.publish_counts()  # before the final response: a client may read the metrics next
         if self.req.stream:
             self.sender.send(self.model.response(self.text.add(new, finished), new, len(new), max(steps, 1),
                                                  self.prompt_tokens), flags=FINAL if finished else 0)
@@ -112,7 +114,6 @@ class Responder:
         if finished:
             self.done = True
             self.model.m_requests["success"].increment(1)
-            self.model.update_mean()
 
 
 class ResponseWorker:

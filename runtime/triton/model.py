@@ -21,13 +21,18 @@ $TREESPEC_TRITON_WATCH/<pid>.json, so the supervisor (runtime/triton/supervisor.
 that is stuck inside one step past it, and the model is reloaded for the next request.
 
 Custom metrics on Triton's metrics endpoint: treespec_requests_total{outcome}, treespec_tokens_total,
-treespec_steps_total, treespec_accepted_tokens_per_step (histogram over verification steps) and
-treespec_mean_accepted_tokens (tokens per verification step since the instance started).
+treespec_steps_total, treespec_steps_by_tokens_total{tokens} (verification steps by the tokens each
+produced: the acceptance's distribution) and treespec_mean_accepted_tokens (tokens per verification
+step since the instance started). Tokens and steps are counted in the instance and published in
+bulk (publish_counts: before a request's final response, and with the engine's gauges): every metric
+call from the stub is a round trip to the server process, and counting as it happened took three
+such calls per step and request, beside the response's own send.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 
@@ -46,7 +51,6 @@ from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, MAX_INPUT_I
 from treespec.runtime.trees.config import show_value
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-ACCEPTED_BUCKETS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32]
 
 
 class _Cancelled(Exception):
@@ -130,19 +134,17 @@ class TreespecModel:
                                      f"but the stub imported it from {here}")
     def _metrics(self) -> None:
         label = {"model": self.model_name}
-        counter, gauge, hist = (pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE,
-                                pb_utils.MetricFamily.HISTOGRAM)
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self._fam = {  # keep the families alive as long as their metrics
             "requests": pb_utils.MetricFamily("treespec_requests_total", "Requests by outcome", counter),
             "tokens": pb_utils.MetricFamily("treespec_tokens_total", "Tokens generated", counter),
             "steps": pb_utils.MetricFamily("treespec_steps_total",
                                            "Tree verification steps (after the prefill)", counter),
-            "accepted": pb_utils.MetricFamily("treespec_accepted_tokens_per_step",
-                                              "Tokens produced per verification step (accepted drafts + bonus)",
-                                              hist),
+            "by_tokens": pb_utils.MetricFamily("treespec_steps_by_tokens_total", "Verification steps by the "
+                                               "tokens each produced (accepted drafts + bonus)", counter),
             "mean": pb_utils.MetricFamily("treespec_mean_accepted_tokens",
                                           "Mean tokens per verification step since the instance started "
-                                          "(per instance; the histogram's sum/count covers all)", gauge),
+                                          "(per instance; treespec_steps_by_tokens_total covers all)", gauge),
             # in-flight batching (runtime/batching.py, runtime/batch_sizing.py), per instance
             "budget": pb_utils.MetricFamily("treespec_tree_budget", "Drafted nodes per sequence of the last "
                                             "batched step, chosen for the load (0: plain decoding)", gauge),
@@ -155,12 +157,15 @@ class TreespecModel:
                            for o in ("success", "invalid", "failed", "cancelled")}
         self.m_tokens = self._fam["tokens"].Metric(labels=label)
         self.m_steps = self._fam["steps"].Metric(labels=label)
-        self.m_accepted = self._fam["accepted"].Metric(labels=label, buckets=ACCEPTED_BUCKETS)
+        self.m_by_tokens: dict[int, object] = {}  # made on first use, one per count of tokens
         self.m_mean = self._fam["mean"].Metric(labels={**label, "instance": self.instance})
         self.m_engine = {k: self._fam[k].Metric(labels={**label, "instance": self.instance})
                          for k in ("budget", "width", "running", "rate")}
         self.total_accepted = 0
         self.total_steps = 0
+        self._counts_lock = threading.Lock()  # the execute thread and the response thread both count
+        self._unpublished: dict[int, int] = {}  # tokens of a step -> steps, since the last publish
+        self._unpublished_tokens = 0
 
     # requests -----------------------------------------------------------------------------------
     def _parse(self, request) -> GenerateRequest:
@@ -211,24 +216,45 @@ class TreespecModel:
     def response(self, *args):
         return self._response(*args)
 
-    def count_step(self, accepted: int) -> None:
-        self.m_accepted.observe(accepted)
-        self.m_steps.increment(1)
-        self.total_steps += 1
-        self.total_accepted += accepted
+    def count_step(self, tokens: int) -> None:
+        """A verification step that produced `tokens`, published by publish_counts (module doc)."""
+        with self._counts_lock:
+            self._unpublished[tokens] = self._unpublished.get(tokens, 0) + 1
+            self.total_steps += 1
+            self.total_accepted += tokens
+
+    def count_tokens(self, tokens: int) -> None:
+        with self._counts_lock:
+            self._unpublished_tokens += tokens
+
+    def publish_counts(self) -> None:
+        """What count_step and count_tokens counted since the last call, onto the metrics endpoint."""
+        with self._counts_lock:
+            steps, tokens = self._unpublished, self._unpublished_tokens
+            self._unpublished, self._unpublished_tokens = {}, 0
+            mean = self.total_accepted / self.total_steps if self.total_steps else None
+        if tokens:
+            self.m_tokens.increment(tokens)
+        if steps:
+            self.m_steps.increment(sum(steps.values()))
+        for count, n in steps.items():
+            if count not in self.m_by_tokens:
+                self.m_by_tokens[count] = self._fam["by_tokens"].Metric(
+                    labels={"model": self.model_name, "tokens": str(count)})
+            self.m_by_tokens[count].increment(n)
+        if steps and mean is not None:
+            self.m_mean.set(mean)
 
     def update_engine_gauges(self) -> None:
-        """The batch engine's load and tree sizing on the metrics endpoint (called by the response thread)."""
+        """The batch engine's load and tree sizing on the metrics endpoint, and the counts so far
+        (called by the response thread every GAUGES_S)."""
+        self.publish_counts()
         stats, sizer = self.batch.stats, self.batch.sizer
         self.m_engine["budget"].set(stats.budget)
         self.m_engine["width"].set(stats.width)
         self.m_engine["running"].set(sum(s is not None for s in self.batch.slots))
         if sizer is not None:
             self.m_engine["rate"].set(sizer.tokens_per_step)
-
-    def update_mean(self) -> None:
-        if self.total_steps:
-            self.m_mean.set(self.total_accepted / self.total_steps)
 
     def _watch(self, deadline: float | None) -> None:
         """Tell the supervisor until when this instance may work on the current request (None: idle)."""
@@ -289,7 +315,9 @@ class TreespecModel:
                 steps += 1
                 self.count_step(chunk.accepted)
             first = False
-            self.m_tokens.increment(len(chunk.token_ids))
+            self.count_tokens(len(chunk.token_ids))
+            if chunk.finished:
+                self.publish_counts()  # before the final response: a client may read the metrics next
             if req.stream:
                 sender.send(self._response(chunk.text, chunk.token_ids, chunk.accepted, 1, len(prompt_ids)),
                             flags=FINAL if chunk.finished else 0)
@@ -297,7 +325,7 @@ class TreespecModel:
             else:
                 text.append(chunk.text)
                 ids += chunk.token_ids
-        self.update_mean()
+        self.publish_counts()
         if not req.stream:
             sender.send(self._response("".join(text), ids, len(ids), steps, len(prompt_ids)),
                         flags=FINAL)
