@@ -299,8 +299,9 @@ class BatchEngine:
             configs[b] = (f"{key}@{budget}", self._sized[(key, budget)])
         return configs
 
-    def _draft(self, configs: dict[int, tuple[str, TreeConfig]]) -> tuple[list[Tree], list[dict]]:
-        """Each running slot's tree, grown by its own config (slots sharing a config draft together)."""
+    def _draft(self, configs: dict[int, tuple[str, TreeConfig]]) -> tuple[list[Tree], list[dict], float]:
+        """Each running slot's tree, grown by its own config (slots sharing a config draft together),
+        and the seconds drafting took, one-off work left out (what the sizer prices)."""
         roots = [s.root if s else 0 for s in self.slots]
         trees: list[Tree] = [PAD_TREE] * len(self.slots)
         proposals: list[dict] = [{} for _ in self.slots]
@@ -309,20 +310,19 @@ class BatchEngine:
             groups.setdefault(key, []).append(b)
         if self.drafter is not None:
             self.drafter.return_distributions = False
-            self.drafter.one_off_s = 0.0
+        draft_s = 0.0
         for members in groups.values():
             cfg = configs[members[0]][1]
             drafter = self.drafter if cfg.policy != "none" else None
             drafted = draft_trees(cfg, drafter, roots, active=[b in members for b in range(len(self.slots))])
+            draft_s += drafted.draft_s
             for b in members:
                 trees[b], proposals[b] = drafted.trees[b], drafted.proposals[b]
-        return trees, proposals
+        return trees, proposals, draft_s
 
     def _step(self) -> None:
         configs = self._configs()
-        t0 = time.perf_counter()
-        trees, proposals = self._draft(configs)
-        draft_s = time.perf_counter() - t0 - (self.drafter.one_off_s if self.drafter is not None else 0.0)
+        trees, proposals, draft_s = self._draft(configs)
         out = self._target_step(trees)
         verdicts = {b: verify_tree(trees[b], out, b, s.req.sampling, s.rng, proposals[b])
                     for b, s in enumerate(self.slots) if s is not None}

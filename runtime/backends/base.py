@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from treespec.errors import BackendError
+from treespec.runtime.backends.device_tensors import topk_logprobs
 
 
 @dataclass
@@ -90,17 +91,9 @@ class TreeBackend(ABC):
     def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]],
                       k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k token ids (int64 [N, k], best first) and log-probs (float64 [N, k]) of the (b, t)
-        rows of `outputs.logits`: how drafters rank candidates. This default ranks on the host;
-        device backends override it so that no [T, V] logits cross to the host."""
-        ids = np.zeros((len(rows), k), dtype=np.int64)
-        logprobs = np.zeros((len(rows), k), dtype=np.float64)
-        for n, (b, t) in enumerate(rows):
-            z = np.asarray(outputs.logits[b, t]).astype(np.float64)
-            top = np.argpartition(-z, k)[:k]
-            top = top[np.argsort(-z[top], kind="stable")]
-            ids[n] = top
-            logprobs[n] = z[top] - (z.max() + np.log(np.exp(z - z.max()).sum()))
-        return ids, logprobs
+        rows of `outputs.logits`: how drafters rank candidates, where the logits lie (device
+        logits are ranked on the device: no [T, V] logits cross to the host)."""
+        return topk_logprobs(outputs.logits, rows, k)
 
     def read_cache(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Host copy of the valid cache (per layer, key and value): for tests and debugging."""

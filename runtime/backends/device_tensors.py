@@ -63,11 +63,27 @@ def _host(tensor) -> np.ndarray:
 
 def topk_logprobs(logits, rows: Sequence[tuple[int, int]], k: int):
     """Top-k token ids and log-probs of the (b, t) rows of [B, T, V] logits (a LazyHost or host
-    array), ranked where the logits lie: (ids int64 [N, k], logprobs float64 [N, k])."""
+    array), ranked where the logits lie: (ids int64 [N, k], best first; logprobs float64 [N, k])."""
+    if not isinstance(logits, LazyHost):
+        return _host_topk_logprobs(np.asarray(logits), rows, k)
     import torch
 
-    tensor = logits.tensor if isinstance(logits, LazyHost) else torch.as_tensor(np.asarray(logits))
+    tensor = logits.tensor
     index = torch.as_tensor(np.asarray(rows, dtype=np.int64).reshape(-1, 2), device=tensor.device)
     lp, ids = torch.topk(torch.log_softmax(tensor[index[:, 0], index[:, 1]].float(), -1), k, dim=-1)
     packed = torch.cat([ids.double(), lp.double()], dim=-1).cpu().numpy()  # one transfer; ids exact
     return packed[:, :k].astype(np.int64), packed[:, k:]
+
+
+def _host_topk_logprobs(logits: np.ndarray, rows: Sequence[tuple[int, int]], k: int):
+    """The same on the host, in numpy. Why not torch there: right after an ONNX Runtime run its
+    intra-op threads still spin, and torch's thread pool then waits for cores: 2-4 ms for the
+    top-k of one 49k-token row on 2 cores, against 0.4 ms in numpy (measured)."""
+    index = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+    z = logits[index[:, 0], index[:, 1]].astype(np.float64)  # [N, V]
+    k = min(k, z.shape[-1])
+    top = np.argpartition(-z, k - 1, axis=-1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(z, top, -1), axis=-1, kind="stable"), -1)
+    peak = z.max(-1, keepdims=True)
+    logsumexp = peak + np.log(np.exp(z - peak).sum(-1, keepdims=True))
+    return top.astype(np.int64), np.take_along_axis(z, top, -1) - logsumexp

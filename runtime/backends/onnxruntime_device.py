@@ -27,7 +27,7 @@ import numpy as np
 from treespec.errors import BackendError
 
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
+from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step
 
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16"}
@@ -181,10 +181,6 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
         argmax = bucket.logits[:, :t].argmax(-1).cpu().numpy() if self.host_argmax else None
         return StepOutputs(logits=LazyHost(bucket.logits, t), hidden_states=LazyHost(bucket.hidden, t),
                            new_kv=(self._lengths.copy(), t, bucket.new_kv), argmax=argmax)
-
-    def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]], k: int):
-        """Drafter candidates ranked on the device (no [T, V] logits cross to the host)."""
-        return topk_logprobs(outputs.logits, rows, k)
 
     def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
         torch = self.torch

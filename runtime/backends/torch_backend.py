@@ -45,7 +45,7 @@ from treespec.errors import BackendError
 
 from treespec.models.tree_model import TreeDecoder
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step, topk_logprobs
+from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step
 
 SCRATCH = BUCKETS[-1]
 
@@ -255,10 +255,6 @@ class TorchBackend(TreeBackend):
         host_argmax = argmax[:, :t].cpu().numpy() if self.host_argmax else None  # the one sync per step
         return StepOutputs(logits=LazyHost(logits, t), hidden_states=LazyHost(hidden, t),
                            new_kv=(self._lengths.copy(), t), argmax=host_argmax)
-
-    def topk_logprobs(self, outputs: StepOutputs, rows: Sequence[tuple[int, int]], k: int):
-        """Drafter candidates ranked on the device (no [T, V] logits cross to the host)."""
-        return topk_logprobs(outputs.logits, rows, k)
 
     def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:
         torch = self.torch

@@ -20,7 +20,9 @@ the PyTorch head and drafts whole EAGLE-2 trees on the device in one captured CU
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -32,6 +34,9 @@ from treespec.runtime.drafters.base import Candidates, Drafter, Features
 from treespec.runtime.trees.tree import Tree
 
 EAGLE_TOP_K = 8  # candidates per node when the manifest does not say
+# The most pending rows a draft feeds as its own work (the last step's accepted path: depth + 1 at
+# most); older rows (a prompt, the features of plain steps) are caught up first, as one-off work.
+STEADY_ROWS = 16
 OUTPUT_NAMES = ["logits", "next_hidden_states", "new_key_0", "new_value_0"]
 
 
@@ -133,6 +138,7 @@ class EagleDrafter(Drafter):
 
     def expand(self, trees: list[Tree], frontiers: list[list[int]]) -> list[list[Candidates]]:
         if all(f == [0] for f in frontiers if f):  # a new tree: feed the context first
+            self._catch_up()
             out, rows = self._feed_pending()
             for b, frontier in enumerate(frontiers):
                 self.predicted[b] = {(): self._row_feature(out, b, rows[b])} if frontier else {}
@@ -144,6 +150,40 @@ class EagleDrafter(Drafter):
         return self._candidates(out, [[(b, r) for r in rows] for b, rows in enumerate(where)])
 
     # -- the two kinds of head step ---------------------------------------------------------------
+    def _catch_up(self, keep: int | None = None) -> None:
+        """Feed and commit all but the last `keep` pending rows of each sequence (default: the rows of
+        its newest Features, the last step's accepted path, at most STEADY_ROWS), leaving at most one
+        pending Features per sequence; the time it takes goes to one_off_s (the planners price a
+        steady draft: a prompt or the features of plain steps are fed once, whatever is drafted)."""
+        t0 = time.perf_counter()
+        kept = [keep if keep is not None else min(len(p[-1].rows), STEADY_ROWS) if p else 0 for p in self.pending]
+        late = [len(p) > 1 or (len(p) == 1 and len(p[0].rows) > k) for p, k in zip(self.pending, kept)]
+        if not any(late):
+            return
+        rows = self._host_rows([p if flush else [] for p, flush in zip(self.pending, late)])
+        heads = []
+        for b, (flush, keep_b) in enumerate(zip(late, kept)):
+            cut = max(len(rows[b]) - keep_b, 0)
+            heads.append(rows[b][:cut])
+            if flush:
+                self.pending[b] = [Features(rows[b][cut:][None], 0, list(range(len(rows[b]) - cut)))]
+        if any(len(h) for h in heads):
+            start = self.head.lengths.copy()
+            ids = [self.tokens[b][start[b] + 1:start[b] + 1 + len(h)] for b, h in enumerate(heads)]
+            step = _chain_rows(heads, ids, start, self.hidden_size)
+            self.head.commit(self.head.step(step.inputs), [list(range(n)) for n in step.count])
+        self.one_off_s += time.perf_counter() - t0
+
+    def _host_rows(self, pending: list[list[Features]]) -> list[np.ndarray]:
+        """Each sequence's pending features as one float32 [rows, H] host array."""
+        read = self._row_reader(pending)
+        return [np.concatenate([read(f) for f in p]) if p else np.zeros((0, self.hidden_size), np.float32)
+                for p in pending]
+
+    def _row_reader(self, pending: list[list[Features]]) -> Callable[[Features], np.ndarray]:
+        """How _host_rows reads one Features' rows (the torch drafter copies device rows at once)."""
+        return Features.host
+
     def _feed_pending(self) -> tuple[StepOutputs, list[int]]:
         """Feed and commit (target feature at position j, token j+1) for every pending feature;
         return the step and each sequence's last row (the one that drafts the root's children)."""

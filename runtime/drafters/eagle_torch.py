@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,8 +39,7 @@ from treespec.models.eagle import EagleHead
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import LazyHost
 from treespec.runtime.drafters.base import Features
-from treespec.runtime.drafters.eagle import (EAGLE_TOP_K, EagleDrafter, EagleStepInputs, PinnedFeatures,
-                                             _chain_rows)
+from treespec.runtime.drafters.eagle import EAGLE_TOP_K, EagleDrafter, EagleStepInputs, PinnedFeatures
 from treespec.runtime.drafters.eagle_tree import Eagle2Buffers, Eagle2Shape, eagle2_draft
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
@@ -139,9 +139,7 @@ class TorchEagleDrafter(EagleDrafter):
         if cfg.policy != "eagle2" or self.return_distributions:
             return None
         shape = Eagle2Shape(len(roots), min(cfg.levels, cfg.depth), cfg.top_k, cfg.budget)
-        t0 = time.perf_counter()
-        self._flush(keep=shape.chain)
-        self.one_off_s = time.perf_counter() - t0
+        self._catch_up(keep=shape.chain)
         buf = self._buffers.get(shape)
         if buf is None:
             buf = self._buffers[shape] = Eagle2Buffers(shape, self.hidden_size, self.torch_head.dtype,
@@ -167,25 +165,22 @@ class TorchEagleDrafter(EagleDrafter):
         return trees
 
     # -- host side of a step: pending rows in, the graph run ---------------------------------------
-    def _flush(self, keep: int) -> None:
-        """Feed eagerly all but the last `keep` pending rows of each sequence (a prompt, or the
-        features of plain steps), leaving at most one pending Features of at most `keep` rows per
-        sequence."""
-        late = [len(p) > 1 or (len(p) == 1 and len(p[0].rows) > keep) for p in self.pending]
-        if not any(late):
-            return
-        rows = _host_rows([p if flush else [] for p, flush in zip(self.pending, late)], self.hidden_size)
-        heads = []
-        for b, flush in enumerate(late):
-            cut = max(len(rows[b]) - keep, 0)
-            heads.append(rows[b][:cut])
-            if flush:
-                self.pending[b] = [Features(rows[b][cut:][None], 0, list(range(len(rows[b]) - cut)))]
-        if any(len(h) for h in heads):
-            start = self.head.lengths.copy()
-            ids = [self.tokens[b][start[b] + 1:start[b] + 1 + len(h)] for b, h in enumerate(heads)]
-            step = _chain_rows(heads, ids, start, self.hidden_size)
-            self.head.commit(self.head.step(step.inputs), [list(range(n)) for n in step.count])
+    def _row_reader(self, pending: list[list[Features]]) -> Callable[[Features], np.ndarray]:
+        """Rows pinned on the device (pin_pending: one small tensor per plain step under load) cross
+        in one copy for every sequence and step, not one per step and sequence (a catch-up after 100
+        plain steps at 64 streams would be 6,400 copies)."""
+        pinned = {id(f.hidden): f.hidden.tensor[0] for p in pending for f in p
+                  if isinstance(f.hidden, PinnedFeatures)}
+        if not pinned:
+            return Features.host
+        host = torch.cat(list(pinned.values())).float().cpu().numpy()
+        start = dict(zip(pinned, np.cumsum([0] + [t.shape[0] for t in pinned.values()])))
+
+        def read(f: Features) -> np.ndarray:
+            if isinstance(f.hidden, PinnedFeatures):
+                return host[start[id(f.hidden)] + np.asarray(f.rows, dtype=np.int64)]
+            return f.host()
+        return read
 
     def _load(self, buf: Eagle2Buffers) -> np.ndarray:
         """Pending tokens, lengths, counts and feature gather indices into the static inputs (one
@@ -233,25 +228,6 @@ class TorchEagleDrafter(EagleDrafter):
             return eagle2_draft(self.torch_head, buf)
         buf.graph.replay()  # captured by draft_whole
         return buf.outputs
-
-
-def _host_rows(pending: list[list[Features]], hidden: int) -> list[np.ndarray]:
-    """Each sequence's pending features as one float32 [rows, H] host array. Those pinned on the
-    device (pin_pending: one small tensor per plain step under load) cross in one copy for every
-    sequence and step, not one per step and sequence (a catch-up after 100 plain steps at 64 streams
-    would be 6,400 copies)."""
-    pinned = {id(f.hidden): f.hidden.tensor[0] for p in pending for f in p
-              if isinstance(f.hidden, PinnedFeatures)}
-    host, start = None, {}
-    if pinned:
-        host = torch.cat(list(pinned.values())).float().cpu().numpy()
-        start = dict(zip(pinned, np.cumsum([0] + [t.shape[0] for t in pinned.values()])))
-
-    def rows(f: Features) -> np.ndarray:
-        if isinstance(f.hidden, PinnedFeatures):
-            return host[start[id(f.hidden)] + np.asarray(f.rows, dtype=np.int64)]
-        return f.host()
-    return [np.concatenate([rows(f) for f in p]) if p else np.zeros((0, hidden), np.float32) for p in pending]
 
 
 def _capture(head: TorchEagleHead, buf: Eagle2Buffers) -> None:

@@ -61,7 +61,7 @@ class DraftedTrees:
     trees: list[Tree]
     # per sequence: node -> the distribution q its children were drawn from (sampled children only)
     proposals: list[dict[int, np.ndarray]]
-    draft_s: float = 0.0
+    draft_s: float = 0.0  # seconds of drafting, the drafter's one-off work left out (Drafter.one_off_s)
     budget: int | None = None  # the node budget an `auto` step chose
     expected: list[float] = field(default_factory=list)  # per tree: sum of exp(value) of its nodes
 
@@ -143,6 +143,8 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
     candidates carry a distribution are drawn from it. `active[b]` False: root only.
     `planner` (auto_tree.AutoPlanner) picks the `auto` policy's node budget."""
     t0 = time.perf_counter()
+    if drafter is not None:
+        drafter.one_off_s = 0.0
     active = active if active is not None else [True] * len(roots)
     seqs = [_Seq(r, a) for r, a in zip(roots, active)]
     sample = rng is not None and cfg.sample_children
@@ -150,7 +152,7 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
     whole = drafter.draft_whole(cfg, roots, active) if drafter is not None and not sample else None
     if whole is not None:
         expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in whole]
-        return DraftedTrees(whole, [{} for _ in whole], time.perf_counter() - t0, None, expected)
+        return DraftedTrees(whole, [{} for _ in whole], _steady_seconds(t0, drafter), None, expected)
     if cfg.policy != "none" and drafter is not None:
         budget, levels = cfg.budget, None
         ahead = cfg.policy == "auto" and planner is not None and cfg.plan == "ahead" and not sample
@@ -163,7 +165,7 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
         drafted_levels = _grow(cfg, drafter, seqs, budget, rng if sample else None, temperature, levels) \
             if budget > 0 else 0
         if cfg.policy == "auto" and planner is not None and (budget > 0 or not ahead):
-            draft_s = time.perf_counter() - t0
+            draft_s = _steady_seconds(t0, drafter)
             if sample:  # sampled children cannot be cut: learn the budget for the next step
                 planner.observe([s.drafted_values() for s in seqs], draft_s)
             elif ahead:
@@ -180,7 +182,12 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
                 s.rebuild(heapq.nsmallest(budget, s.pool, key=lambda i: _rank_key(s.records[i])))
     proposals = [{s.node_of[r]: q for r, q in s.proposals.items() if r in s.node_of} for s in seqs]
     expected = [float(sum(math.exp(v) for v in s.drafted_values())) for s in seqs]
-    return DraftedTrees([s.tree for s in seqs], proposals, time.perf_counter() - t0, chosen, expected)
+    return DraftedTrees([s.tree for s in seqs], proposals, _steady_seconds(t0, drafter), chosen, expected)
+
+
+def _steady_seconds(t0: float, drafter: Drafter | None) -> float:
+    """Seconds since t0, less the drafter's one-off work (what the planners price a draft at)."""
+    return time.perf_counter() - t0 - (drafter.one_off_s if drafter is not None else 0.0)
 
 
 def _grow(cfg: TreeConfig, drafter: Drafter, seqs: list[_Seq], budget: int,
