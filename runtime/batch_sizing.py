@@ -33,6 +33,7 @@ request keeps its tree, so its random draws stay those of the request sent alone
 """
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -152,7 +153,7 @@ class LoadSizer:
         if not self.draft_s:
             return 0.0
         larger = [m for m in self.draft_s if m >= n]
-        return float(np.median(self.draft_s[min(larger) if larger else max(self.draft_s)]))
+        return statistics.median(self.draft_s[min(larger) if larger else max(self.draft_s)])  # (numpy's: 15 us)
 
     def record(self, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
         """After a verified step drafted with `budget` nodes: its draft time (one-off work left out)
