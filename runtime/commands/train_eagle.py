@@ -93,8 +93,8 @@ def run(args) -> int:
                         ce_weight=args.ce_weight, seed=args.seed)
     data_dir = args.data or args.out.with_name(args.out.stem + ".data")
     summary = run_training(EagleOptions(out=args.out, data_dir=data_dir, model=args.model, device=args.device,
-                                        rebuild_data=args.rebuild_data, time_budget=args.time_budget, init=args.init, data=data,
-                                        train=train), _log)
+                                        rebuild_data=args.rebuild_data, time_budget=args.time_budget,
+                                        init=args.init, data=data, train=train), _log)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=1))
