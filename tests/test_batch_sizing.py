@@ -103,13 +103,14 @@ def _run_engine(engine, gen, prompts: list[str]) -> dict[int, list[int]]:
     return outs
 
 
-@pytest.mark.parametrize("backend, drafter, tree", [("onnxruntime", "lookup", None),
-                                                    ("torch", "eagle", "eagle2-d4-k4-n16")])
-def test_sized_batches_are_lossless_and_the_width_follows_demand(artifacts, backend, drafter, tree):
+@pytest.mark.parametrize("backend, drafter, tree, device", [
+    ("onnxruntime", "lookup", None, "cpu"), ("torch", "eagle", "eagle2-d4-k4-n16", "cpu"),
+    pytest.param("torch", "eagle", "eagle2-d4-k4-n16", "cuda", marks=pytest.mark.gpu)])
+def test_sized_batches_are_lossless_and_the_width_follows_demand(artifacts, backend, drafter, tree, device):
     from treespec.runtime.api import SpeculativeGenerator
     from treespec.runtime.batching import BatchEngine
 
-    gen = SpeculativeGenerator.from_artifacts(artifacts, backend=backend, drafter=drafter, tree=tree)
+    gen = SpeculativeGenerator.from_artifacts(artifacts, backend=backend, device=device, drafter=drafter, tree=tree)
     alone = {i: list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for i, p in enumerate(PROMPTS)}
     engine = BatchEngine(gen.engine, 8, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
     try:
@@ -149,13 +150,15 @@ def _reuse_output_buffer(target) -> None:
     target.step = reusing_step
 
 
-def test_plain_steps_under_load_keep_the_drafters_features(artifacts):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_plain_steps_under_load_keep_the_drafters_features(artifacts, device):
     """The sizer may run plain steps (budget 0) for a while: the drafter then drafts nothing and its
     features wait. On CUDA the target's outputs live in a graph's static buffers, overwritten by the
     next step; features held by reference went stale there (the H200 server's EAGLE accepted 1.1 tokens
     a step against 2.5 alone). With outputs in one reused buffer, the head is fed what it is fed with
     fresh outputs: its KV cache ends equal (the tiny random head's trees barely depend on it), and the
-    engine stays lossless."""
+    engine stays lossless. On CUDA the same run natively (graph outputs, the draft captured during the
+    run, each catch-up's pinned rows brought over from the device in one copy)."""
     import numpy as np
 
     from treespec.runtime.api import SpeculativeGenerator
@@ -163,10 +166,10 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts):
 
     caches = {}
     for reuse in (False, True):
-        gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", drafter="eagle",
+        gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", device=device, drafter="eagle",
                                                   tree="eagle2-d4-k4-n16")
         alone = [list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for p in PROMPTS[:3]]
-        if reuse:
+        if reuse and device == "cpu":
             _reuse_output_buffer(gen.target)
         engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2],
                              budget=gen.default_tree.budget)
@@ -175,7 +178,7 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts):
         try:  # one request at a time: the steps do not depend on when requests arrive
             assert [_run_engine(engine, gen, [p])[0] for p in PROMPTS[:3]] == alone
             head = engine.drafter.torch_head
-            caches[reuse] = head.key[0, :, :int(head.lengths[0])].float().numpy().copy()
+            caches[reuse] = head.key[0, :, :int(head.lengths[0])].float().cpu().numpy().copy()
         finally:
             engine.close()
             gen.close()
