@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for the GPU machine, which has no network, in parts small enough for one `run` call each
-# (a call carries at most 64 MiB with the working tree). Streams are .tar.xz archives of a `site`
+# (a call carries at most 64 MiB with the working tree: ~41 MB of tracked files in Dec 2026, so pieces
+# of 18 MB, e.g. `pack .gpuparts 18000000 STREAM...`; 27.5 MB ones no longer fit). Streams are .tar.xz archives of a `site`
 # folder (as ../shared/tools/wheel-parts.sh makes them); several are concatenated and split.
 #   here:  tools/gpu_parts.sh pack OUTDIR BYTES STREAM...   -> OUTDIR/1/piece.00, OUTDIR/2/piece.01, ...
 #   there: tools/gpu_parts.sh stash PARTDIR                  (keeps the piece in $STASH)
