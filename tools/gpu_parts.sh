@@ -30,5 +30,5 @@ case "${1:-}" in
     target=${2:?TARGET}; mkdir -p "$target"
     cat "$stash"/piece.* | xz -d | tar -i --skip-old-files -C "$target" --strip-components=1 -xf -
     echo "unpacked into $target: $(ls "$target" | tr '\n' ' ')" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
 esac
