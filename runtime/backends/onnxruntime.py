@@ -23,13 +23,18 @@ class CudaGraphsUnavailable(RuntimeError):
     """The CUDA provider refused graph capture (e.g. nodes placed on the CPU): open without."""
 
 
-def open_session(path: Path, device: str = "cpu", threads: int | None = None, cuda_graphs: bool = False):
+def open_session(path: Path, device: str = "cpu", threads: int | None = None, cuda_graphs: bool = False,
+                 spinning: bool = True):
+    """An InferenceSession over a tree graph. `spinning` False: its CPU threads sleep as soon as a run
+    ends instead of spinning for more work (a drafter's session: see runtime/loader.py)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device == "cuda":
         import torch  # noqa: F401  (loads the CUDA libraries the provider links against)
 
