@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-from pathlib import Path
 
 from treespec.runtime.api import SpeculativeGenerator
-from treespec.runtime.prompts import read_prompts
-
-BENCH = Path(__file__).resolve().parents[1] / "tests" / "data" / "bench.jsonl"
+from treespec.runtime.prompts import BUNDLED_BENCH, read_prompts
 
 
 def main() -> None:
@@ -32,7 +29,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     gen = SpeculativeGenerator.from_artifacts(args.artifacts, args.backend, args.device, drafter=args.drafter)
-    prompts = [gen.encode(p) for p in read_prompts(BENCH)[:args.prompts]]
+    prompts = [gen.encode(p) for p in read_prompts(BUNDLED_BENCH, args.prompts)]
     for p in prompts[:2]:  # warm-up: buckets, CUDA graphs
         gen.generate(p, max_new_tokens=args.tokens, tree=args.tree)
     steps, split = 0, {"draft": 0.0, "verify": 0.0, "host": 0.0}
@@ -47,7 +44,7 @@ def main() -> None:
     for p in prompts:
         gen.generate(p, max_new_tokens=args.tokens, tree=args.tree)
     profile.disable()
-    print(f"under cProfile, per step (x{steps}):")
+    print(f"under cProfile, totals over the same {steps} steps:")
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(args.top)
 

@@ -57,7 +57,8 @@ class Drafter(ABC):
     # Sampling sets this: candidates then carry the drafter's full distribution q (Candidates.distribution)
     return_distributions: bool = False
     # Seconds of the last draft spent on one-off work (a CUDA graph's capture, features fed late after
-    # plain steps or an admission): the batch engine's load sizer leaves them out of a step's draft cost.
+    # plain steps or an admission): draft_trees leaves them out of the draft time the planners price
+    # (the batch engine's load sizer, the `auto` planner).
     one_off_s: float = 0.0
 
     @abstractmethod

@@ -168,10 +168,7 @@ class EagleDrafter(Drafter):
             if flush:
                 self.pending[b] = [Features(rows[b][cut:][None], 0, list(range(len(rows[b]) - cut)))]
         if any(len(h) for h in heads):
-            start = self.head.lengths.copy()
-            ids = [self.tokens[b][start[b] + 1:start[b] + 1 + len(h)] for b, h in enumerate(heads)]
-            step = _chain_rows(heads, ids, start, self.hidden_size)
-            self.head.commit(self.head.step(step.inputs), [list(range(n)) for n in step.count])
+            self._feed(heads)
         self.one_off_s += time.perf_counter() - t0
 
     def _host_rows(self, pending: list[list[Features]]) -> list[np.ndarray]:
@@ -187,17 +184,20 @@ class EagleDrafter(Drafter):
     def _feed_pending(self) -> tuple[StepOutputs, list[int]]:
         """Feed and commit (target feature at position j, token j+1) for every pending feature;
         return the step and each sequence's last row (the one that drafts the root's children)."""
-        chains = []
-        for b, pending in enumerate(self.pending):
-            feats = [f.host() for f in pending]
-            chains.append(np.concatenate(feats) if feats else np.zeros((0, self.hidden_size), np.float32))
-            self.pending[b] = []
+        chains = self._host_rows(self.pending)
+        self.pending = [[] for _ in self.pending]
+        out, counts = self._feed(chains)
+        return out, [max(n, 1) - 1 for n in counts]
+
+    def _feed(self, chains: list[np.ndarray]) -> tuple[StepOutputs, list[int]]:
+        """One head step of each sequence's chain of features (row j paired with the token after
+        it), after its cached rows, committed; the step and each chain's length."""
         start = self.head.lengths.copy()
         ids = [self.tokens[b][start[b] + 1:start[b] + 1 + len(c)] for b, c in enumerate(chains)]
         step = _chain_rows(chains, ids, start, self.hidden_size)
         out = self.head.step(step.inputs)
         self.head.commit(out, [list(range(n)) for n in step.count])
-        return out, [max(n, 1) - 1 for n in step.count]
+        return out, step.count
 
     def _feed_tree(self, trees: list[Tree], frontiers: list[list[int]]) -> tuple[StepOutputs, list[list[int]]]:
         """Feed the frontier nodes and their drafted ancestors (uncommitted): each fuses its

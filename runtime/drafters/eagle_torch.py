@@ -146,10 +146,6 @@ class TorchEagleDrafter(EagleDrafter):
                                                        self.torch_head.device)
         with torch.inference_mode():
             count = self._load(buf)
-            if self.use_graphs and (buf.graph is None or buf.generation != self.torch_head.generation):
-                t0 = time.perf_counter()
-                _capture(self.torch_head, buf)
-                self.one_off_s += time.perf_counter() - t0
             packed = self._run(buf).cpu().numpy()
         self.torch_head.advance(count)
         n = shape.kept
@@ -223,10 +219,14 @@ class TorchEagleDrafter(EagleDrafter):
         buf.feats.copy_(torch.as_tensor(host))
 
     def _run(self, buf: Eagle2Buffers) -> torch.Tensor:
-        """The draft: replayed from its CUDA graph, or eagerly."""
+        """The draft: replayed from its CUDA graph (captured on first use: one-off work), or eagerly."""
         if not self.use_graphs:
             return eagle2_draft(self.torch_head, buf)
-        buf.graph.replay()  # captured by draft_whole
+        if buf.graph is None or buf.generation != self.torch_head.generation:
+            t0 = time.perf_counter()
+            _capture(self.torch_head, buf)
+            self.one_off_s += time.perf_counter() - t0
+        buf.graph.replay()
         return buf.outputs
 
 

@@ -151,7 +151,8 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
     chosen = None
     whole = drafter.draft_whole(cfg, roots, active) if drafter is not None and not sample else None
     if whole is not None:
-        expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in whole]
+        # only the `auto` planner reads it, and it never drafts whole trees: none on this hot path
+        expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in whole] if planner is not None else []
         return DraftedTrees(whole, [{} for _ in whole], _steady_seconds(t0, drafter), None, expected)
     if cfg.policy != "none" and drafter is not None:
         budget, levels = cfg.budget, None
