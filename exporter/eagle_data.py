@@ -328,6 +328,30 @@ def save(data: TokenData, folder: Path, meta: dict) -> list[Path]:
     return paths + [folder / "index.npz", folder / "meta.json"]
 
 
+def with_extra(main: TokenData, extra: list[TokenData]) -> tuple[TokenData, int]:
+    """`main` plus the training sequences of datasets built by other runs (another --seed, more
+    target-written prompts). Their held-out and bench rows are dropped, and so is any sequence whose
+    prompt is one of main's held-out or bench prompts: those stay unseen, so evaluation stays honest.
+    Returns the combined data and how many extra sequences were dropped for that."""
+    def prompt(d: TokenData, i: int) -> bytes:
+        return d.sequence(i)[:d.prompt_lengths[i]].tobytes()
+
+    unseen = {prompt(main, int(i)) for i in np.flatnonzero(main.splits != SPLIT_TRAIN)}
+    parts, dropped = [main], 0
+    for d in extra:
+        train = d.select(SPLIT_TRAIN)
+        keep = np.asarray([i for i in train if prompt(d, int(i)) not in unseen], np.int64)
+        dropped += len(train) - len(keep)
+        parts.append(TokenData(np.concatenate([d.sequence(int(i)) for i in keep]) if len(keep) else d.ids[:0],
+                               np.concatenate([[0], np.cumsum(d.lengths()[keep])]).astype(np.int64),
+                               d.prompt_lengths[keep], d.kinds[keep], d.splits[keep]))
+    starts = np.cumsum([0] + [len(d.ids) for d in parts[:-1]])
+    return TokenData(np.concatenate([d.ids for d in parts]),
+                     np.concatenate([parts[0].offsets[:1]] + [d.offsets[1:] + s for d, s in zip(parts, starts)]),
+                     *(np.concatenate([getattr(d, f) for d in parts]) for f in ("prompt_lengths", "kinds", "splits"))
+                     ), dropped
+
+
 def load(folder: Path) -> TokenData:
     shards = sorted(folder.glob("ids_*.npy"))
     if not shards or not (folder / "index.npz").is_file():

@@ -265,6 +265,8 @@ class EagleOptions:
     rebuild_data: bool = False
     time_budget: float = 0.0  # seconds for the whole run (data, training, evaluation); 0: none
     init: Path | None = None  # head weights to start from (a run continued), else the identity-like head
+    extra_data: tuple[Path, ...] = ()  # datasets of other runs whose training rows are added
+    data_only: bool = False  # build (or check) the dataset, then stop
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -285,6 +287,18 @@ def dataset(opts: EagleOptions, target, tokenizer, log=print) -> tuple[TokenData
     return data, meta
 
 
+def training_data(opts: EagleOptions, target, tokenizer, log=print) -> tuple[TokenData, dict]:
+    """The run's dataset plus the training rows of opts.extra_data."""
+    data, meta = dataset(opts, target, tokenizer, log)
+    if opts.extra_data:
+        data, dropped = eagle_data.with_extra(data, [eagle_data.load(d) for d in opts.extra_data])
+        meta = {**meta, "extra_data": [str(d) for d in opts.extra_data], "extra_dropped_as_unseen": dropped,
+                "train_tokens": int(data.lengths()[data.splits == SPLIT_TRAIN].sum()), "tokens": int(len(data.ids))}
+        log(f"with {len(opts.extra_data)} extra dataset(s): {meta['train_tokens']} training tokens "
+            f"({dropped} extra sequences dropped: their prompts are held out here)")
+    return data, meta
+
+
 def run_training(opts: EagleOptions, log=print) -> dict:
     """Load the target, make or reuse the data, train the head(s), measure, save the best."""
     cfg, started = opts.train, time.perf_counter()
@@ -295,7 +309,9 @@ def run_training(opts: EagleOptions, log=print) -> dict:
     heads = [(eagle_from_weights(target, opts.init).to(opts.device), k) for k in depths]  # fp32 layer copies
     if opts.device == "cuda":
         torch.nn.Module.half(target)  # the runtime precision (HF refuses .half() on GGUF models); heads stay fp32
-    data, data_meta = dataset(opts, target, ckpt.tokenizer, log)
+    data, data_meta = training_data(opts, target, ckpt.tokenizer, log)
+    if opts.data_only:
+        return {"model": opts.model, "data": data_meta}
     if opts.time_budget:  # what the whole run has left, less a reserve for evaluation and saving
         left = opts.time_budget - (time.perf_counter() - started) - EVAL_RESERVE_S
         cfg = replace(cfg, time_budget=max(1.0, left))

@@ -100,6 +100,34 @@ def test_bench_prompts_and_near_copies_are_dropped():
     assert len(prompts) > 2000 and not set(prompts) & set(bench)
 
 
+def test_extra_data_adds_training_rows_and_never_held_out_prompts():
+    T, H, B = eagle_data.SPLIT_TRAIN, eagle_data.SPLIT_HELDOUT, eagle_data.SPLIT_BENCH
+    main = eagle_data.pack([[1, 2, 9], [3, 4, 9], [5, 9]], [2, 2, 1], [0, 0, 2], [T, H, B])
+    other = eagle_data.pack([[3, 4, 7, 7], [6, 6, 8], [1, 2, 8], [5, 8], [7, 7]], [2, 2, 2, 1, 1],
+                            [0, 1, 0, 0, 0], [T, T, T, T, H])
+    data, dropped = eagle_data.with_extra(main, [other])
+    # [3, 4] is main's held-out prompt and [5] its bench prompt: dropped; [7] is only held out there: not added
+    assert dropped == 2
+    assert [data.sequence(i).tolist() for i in range(len(data.offsets) - 1)] == [
+        [1, 2, 9], [3, 4, 9], [5, 9], [6, 6, 8], [1, 2, 8]]
+    assert data.splits.tolist() == [T, H, B, T, T] and data.prompt_lengths.tolist() == [2, 2, 1, 2, 2]
+    assert data.kinds.tolist() == [0, 0, 2, 1, 0] and data.ids.dtype == np.uint16
+
+
+def test_data_only_then_extra_data(tmp_path):
+    parser = argparse.ArgumentParser()
+    train_eagle.add_arguments(parser)
+    other = tmp_path / "other.data"
+    args = parser.parse_args(TINY_ARGS + ["--out", str(tmp_path / "unused.safetensors"), "--data", str(other),
+                                          "--seed", "1", "--data-only"])
+    assert train_eagle.run(args) == 0 and (other / "index.npz").is_file()
+    assert not (tmp_path / "unused.safetensors").exists()
+    _, summary = _tiny_run(tmp_path, ["--extra-data", str(other)])
+    own = eagle_data.load(tmp_path / "eagle.data")
+    alone = own.lengths()[own.splits == eagle_data.SPLIT_TRAIN].sum()
+    assert summary["data"]["train_tokens"] > alone and summary["data"]["extra_data"] == [str(other)]
+
+
 def _tiny_run(tmp_path, extra=(), name="eagle"):
     parser = argparse.ArgumentParser()
     train_eagle.add_arguments(parser)
@@ -144,6 +172,7 @@ def test_train_eagle_refuses_bad_options(tmp_path):
                          (["--out", str(tmp_path / "x.safetensors"), "--heldout", "10", "--prompts", "5",
                            "--seed-questions", "0", "--seed-paragraphs", "0", "--corpus-prompts", "0"], "--heldout"),
                          (["--out", str(tmp_path / "x.safetensors"), "--init", str(tmp_path / "none.safetensors")],
-                          "--init")):
+                          "--init"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--extra-data", str(tmp_path)], "--extra-data")):
         with pytest.raises(InputError, match=message):
             train_eagle.run(parser.parse_args(bad))

@@ -14,6 +14,8 @@
 #   3. BUDGET=420 bash tools/gpu_train_eagle.sh --init weights/smollm2/eagle.safetensors --lr 2e-4
 #      (the head of 2 continued: 1,438 steps in ~350 s);
 #   4. BUDGET=320 bash tools/gpu_train_eagle.sh --init <the head of 3> --lr 1.5e-4 (1,057 steps).
+#   5. DATA2=1 BUDGET=... (a second dataset, seed 1, built in the same call, brought back in $OUT/data2;
+#      carry it as .cache/eagle/data2 to reuse it) --init <the head of 4> --lr ...: see the README.
 # Held-out top-1 at unroll steps 1..6 after 2: 0.59 0.54 0.52 0.51 0.49 0.48; after 3: 0.648 0.605 0.590
 # 0.579 0.565 0.558; after 4: 0.667 0.633 0.615 0.605 0.592 0.585 (still rising: more passes pay). The unroll-4 vs unroll-1 comparison
 # (--compare-unroll 1) was made in the first training run: unroll 4 won on held-out prompts (top-1 at
@@ -27,6 +29,16 @@ source tools/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 mkdir -p "$D" "$OUT"
 reused=$([ -f "$D/data/index.npz" ] && echo 1 || true)  # a carried dataset does not travel back
+if [ -n "${DATA2:-}" ]; then  # a second dataset (seed 1, twice the target-written prompts), trained on too
+  if [ ! -f "$D/data2/index.npz" ]; then
+    python3 -m treespec.runtime.cli train-eagle --device cuda --seed 1 --data-only --out "$D/unused.safetensors" \
+      --data "$D/data2" --prompts 30000 --seed-questions 12000 --seed-paragraphs 6000 --corpus-prompts 1500 \
+      --heldout 300 --target-tokens 10500000 --new-tokens 288 --generate-batch 4096 --temperature 0.8 \
+      2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/data2.log"
+    mkdir -p "$OUT/data2" && cp "$D"/data2/ids_*.npy "$D/data2/index.npz" "$D/data2/meta.json" "$OUT/data2/"
+  fi
+  set -- --extra-data "$D/data2" "$@"
+fi
 python3 -m treespec.runtime.cli train-eagle --device cuda --seed 0 --force \
   --out "$D/eagle.safetensors" --data "$D/data" --summary "$D/summary.json" --time-budget "$BUDGET" \
   --prompts 40000 --seed-questions 6000 --seed-paragraphs 3000 --corpus-prompts 1500 --heldout 300 \

@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="head weights to write (.safetensors)")
     p.add_argument("--data", type=Path, help="dataset folder to reuse or create (default: OUT without suffix + .data)")
     p.add_argument("--rebuild-data", action="store_true", help="build the dataset even if --data holds one")
+    p.add_argument("--extra-data", type=Path, action="append", default=[], metavar="DIR",
+                   help="also train on the training rows of this dataset (built by a run with another --seed); "
+                        "repeatable")
+    p.add_argument("--data-only", action="store_true", help="build the dataset in --data, then stop")
     d = p.add_argument_group("data (the target answers a prompt set the project builds)")
     d.add_argument("--prompts", type=int, default=40_000, help="templated prompt draws (about 31k distinct)")
     d.add_argument("--seed-questions", type=int, default=6_000, help="questions the target writes")
@@ -59,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check(args) -> None:
     if args.out.suffix != ".safetensors":
         raise InputError("--out must end in .safetensors")
-    if args.out.exists() and not args.force:
+    if args.out.exists() and not args.force and not args.data_only:
         raise InputError(f"{args.out} exists: pass --force to overwrite it")
     for name in POSITIVE:
         if getattr(args, name) <= 0:
@@ -69,6 +73,9 @@ def _check(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if args.heldout >= args.prompts + args.seed_questions + args.seed_paragraphs + args.corpus_prompts:
         raise InputError("--heldout must be smaller than the number of prompts")
+    for extra in args.extra_data:
+        if not (extra / "index.npz").is_file():
+            raise InputError(f"--extra-data {extra}: no EAGLE dataset there (index.npz)")
     if args.init is not None and not args.init.is_file():
         raise InputError(f"--init {args.init}: no such file")
     if args.device == "cuda":
@@ -94,10 +101,14 @@ def run(args) -> int:
     data_dir = args.data or args.out.with_name(args.out.stem + ".data")
     summary = run_training(EagleOptions(out=args.out, data_dir=data_dir, model=args.model, device=args.device,
                                         rebuild_data=args.rebuild_data, time_budget=args.time_budget,
-                                        init=args.init, data=data, train=train), _log)
+                                        init=args.init, extra_data=tuple(args.extra_data),
+                                        data_only=args.data_only, data=data, train=train), _log)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=1))
+    if args.data_only:
+        print(json.dumps(summary["data"], indent=1))
+        return 0
     print(json.dumps({k: summary[k] for k in ("data", "kept_unroll")} | {
         "eval": {h: {s: {m: v for m, v in e[s].items() if m != "rank_rates"} for s in e}
                  for h, e in summary["eval"].items()}}, indent=1))
