@@ -204,6 +204,20 @@ def _trt_engine(entry: GraphEntry) -> EngineRecord | None:
     return entry.engine("tensorrt")
 
 
+def _check_engine(engine: EngineRecord | None, backend: str, artifact_dir: Path, batch_slots: int) -> None:
+    """The target's engine for a TensorRT backend exists and its profiles hold the batch slots (ONNX
+    Runtime and torch take any batch)."""
+    kind = "full-TensorRT" if backend == "tensorrt" else "TensorRT-RTX"
+    if engine is None:
+        raise ArtifactError(f"{artifact_dir} has no {kind} engine for the target graph: build one with "
+                            f"treespec-export --engines {backend}, or use --backend onnxruntime")
+    most = max((p.batch[2] for p in engine.profiles), default=1)
+    if batch_slots > most:
+        raise InputError(f"batch_slots {batch_slots} is over what the target's {kind} engine holds (batch "
+                         f"{most} at most): re-export with treespec-export --max-batch {batch_slots}, or "
+                         f"serve --batch-slots {most}")
+
+
 def graph_config(manifest, name: str, device: str):
     """(ModelConfig, {file in version dir: source path}) for one graph of the artifacts."""
     pb, _ = _pb()
@@ -270,12 +284,8 @@ def plan_repo(artifact_dir: str | Path, backend: str = "onnxruntime", device: st
         raise InputError(f"link must be 'symlink' or 'copy', got '{link}'")
     artifact_dir = Path(artifact_dir).resolve()
     manifest = load_manifest(artifact_dir)
-    if backend == "tensorrt" and _trt_engine(manifest.graph("target")) is None:
-        raise ArtifactError(f"{artifact_dir} has no full-TensorRT engine for the target graph: "
-                            "build one with treespec-export --engines tensorrt, or use --backend onnxruntime")
-    if backend == "tensorrt-rtx" and manifest.graph("target").engine("tensorrt-rtx") is None:
-        raise ArtifactError(f"{artifact_dir} has no TensorRT-RTX engine for the target graph: "
-                            "build one with treespec-export --engines tensorrt-rtx, or use --backend onnxruntime")
+    if backend.startswith("tensorrt"):
+        _check_engine(manifest.graph("target").engine(backend), backend, artifact_dir, batch_slots)
     if backend == "torch" and manifest.torch_weights is None:
         raise ArtifactError(f"{artifact_dir} has no torch_weights for the torch backend: re-export the artifacts "
                             "with treespec-export, or use --backend onnxruntime")

@@ -1,22 +1,25 @@
-"""In-flight batching on the real tritonserver (CPU, tiny model, 127.0.0.1; `--batch-slots 8`).
+"""In-flight batching on the real tritonserver (CPU, tiny model, 127.0.0.1; `--batch-slots 12`).
 
 8 concurrent gRPC streams join one running batch: total tokens/s is at least twice a single
 stream's (the same 8 requests sent one after the other through the same server), and every output
 equals the request's output when sent alone (lossless under batching) and the Python API's. A
 request that arrives while a batch runs joins it (it does not wait for the batch to finish), and a
 request the slots cannot carry (an `auto` tree, whose budget depends on the run) runs alone
-between batches with the same answer as the Python API.
+between batches with the same answer as the Python API. The slots are not capped by the artifacts'
+TensorRT batch profile (8) on a backend without engines: 12 streams run at once.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from support.triton_helpers import grpc_stream
 
-SLOTS = 8
+SLOTS = 12
 MAX_TOKENS = 40
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.",
@@ -86,6 +89,44 @@ def test_eight_concurrent_streams_are_batched_lossless_and_not_slower_than_one(s
           f"{best / single:.2f}x ({tokens} tokens)")
     assert [alone[p].ids for p in PROMPTS] == [expected[p] for p in PROMPTS]
     assert best >= MIN_SPEEDUP * single
+
+
+def _http_stream_times(service, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(first event, end, events) in perf_counter seconds of one generate_stream through the front."""
+    body = json.dumps({"text_input": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+    req = urllib.request.Request(f"{service.http_url}/v2/models/treespec/generate_stream", data=body,
+                                 headers={"Content-Type": "application/json"})
+    first, events = None, 0
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                assert b'"error"' not in line, line
+                events += 1
+                first = first or time.perf_counter()
+    return first, time.perf_counter(), events
+
+
+def test_more_streams_than_the_engines_batch_profile_run_at_once(service):
+    """The tiny artifacts' TensorRT profile holds batches up to 8, which once capped every backend's slots
+    (on the H200, 16 to 64 clients ran 8 requests at a time). ONNX Runtime takes any batch: all 12
+    streams (through the HTTP front) have their first token before any of them ends."""
+    times: dict = {}
+
+    def client(i: int) -> None:
+        times[i] = _http_stream_times(service, PROMPTS[i % len(PROMPTS)], MAX_TOKENS * 4)
+
+    for _ in range(2):  # the first round may grow the elastic batch width (and measure its latency curve)
+        times.clear()
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(SLOTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(240)
+    assert len(times) == SLOTS and all(events > 1 for _, _, events in times.values()), times
+    last_first = max(first for first, _, _ in times.values())
+    first_end = min(end for _, end, _ in times.values())
+    print(f"\n{SLOTS} HTTP streams: the last first token {last_first - first_end:+.3f} s from the first end")
+    assert last_first < first_end
 
 
 def test_a_newcomer_joins_the_running_batch_and_a_finished_request_leaves(service, expected):

@@ -128,6 +128,10 @@ def test_tensorrt_engines_give_tensorrt_plan_models_on_gpus(tiny_artifacts, tmp_
     assert configs["treespec"].parameters["backend"].string_value == "tensorrt"
     assert (repo / "target" / "1" / "model.plan").read_bytes() == b"stand-in plan"
     assert not (repo / "target" / "1" / "model.plan").is_symlink()
+    # an engine holds only the batches of its profiles: more slots are refused before anything is written
+    with pytest.raises(InputError, match="batch 1 at most.*--max-batch 2"):
+        write_triton_repo(arts, tmp_path / "repo2", backend="tensorrt", device="cuda", batch_slots=2)
+    assert not (tmp_path / "repo2").exists()
 
 
 def test_all_graphs_of_the_smollm2_artifacts(smollm2_artifacts, tmp_path):
