@@ -5,6 +5,11 @@ past_lengths, one layer of fixed-capacity cache; logits and the new K/V rows) pl
 features as an input. ONNX names must be unique, so the head's predicted features come out as
 `next_hidden_states` (the input is `hidden_states`, as in the head's forward). The runtime runs it
 with the target's cache contract: runtime/drafters/eagle.py (OrtEagleHead).
+
+A head with a draft vocabulary (treespec.models.draft_vocab) exports logits over its K ids only.
+The ids travel in the shipped weights (drafters/eagle.safetensors, tensor `draft_vocab`), the one
+place they live, and the drafter entry's `draft_vocab` says K: the loader reads them from there
+and checks the graph's logits width against it.
 """
 from __future__ import annotations
 
@@ -74,8 +79,9 @@ def export_eagle(target, work: Path, req: DrafterExport) -> AddedDrafter:
         save_eagle(eagle_from_weights(target, None), saved, eagle_metadata(target.config, {"trained": "0"}))
     head = eagle_from_weights(target, saved, req.attention)  # the graph gets exactly the shipped (fp16) weights
     export_eagle_graph(head, work / "eagle.onnx", req.precision)
+    vocab = None if head.draft_vocab is None else len(head.draft_vocab)
     entry = DrafterEntry(graph=EAGLE_KIND, top_k=EAGLE_TOP_K, num_layers=1, weights=f"drafters/{saved.name}",
-                         trained=bool(weights),
+                         draft_vocab=vocab, trained=bool(weights),
                          training={k: v for k, v in meta.items() if k not in ("vocab_size", "hidden_size")})
     graph = graph_entry("eagle.onnx", req.precision, req.attention, req.max_batch, req.max_tree_tokens,
                         req.max_context, 1)

@@ -15,6 +15,11 @@ top-1 at unroll steps 1..6 (each given a correct prefix, as Medusa reports per h
 verify step for a chain of 6 (exact per position), for a full top-4 tree of depth 6 (exact, an
 upper bound) and for the best static 64-node tree of depth <= 6 built from the measured
 rank-acceptance rates (an estimate in the manner of Sequoia; a dynamic EAGLE-2 tree does better).
+
+Heads train and are measured over the full vocabulary; the kept head is saved with a draft
+vocabulary of the dataset's most frequent answer tokens when one is asked for (exporter/eagle_vocab.py),
+and `run_vocab_only` gives an existing head one without training (the lm_head is the target's
+frozen one, so a subset is just rows of it).
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from treespec.exporter import eagle_data
+from treespec.exporter import eagle_data, eagle_vocab
 from treespec.exporter.eagle_data import SPLIT_BENCH, SPLIT_HELDOUT, SPLIT_TRAIN, DataOptions, TokenData
 from treespec.models.checkpoint import load_checkpoint
+from treespec.models.drafter_models import load_weights
 from treespec.models.eagle import EagleHead, eagle_from_weights, eagle_metadata, save_eagle
 from treespec.models.tree_model import TreeDecoder
 
@@ -267,6 +273,7 @@ class EagleOptions:
     init: Path | None = None  # head weights to start from (a run continued), else the identity-like head
     extra_data: tuple[Path, ...] = ()  # datasets of other runs whose training rows are added
     data_only: bool = False  # build (or check) the dataset, then stop
+    draft_vocab: int = 0  # K: save the head with the K most frequent answer tokens as its draft vocabulary (0: none)
     data: DataOptions = field(default_factory=DataOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -306,7 +313,8 @@ def run_training(opts: EagleOptions, log=print) -> dict:
     ckpt = load_checkpoint(opts.model)
     target = ckpt.model.to(opts.device).eval().requires_grad_(False)
     depths = [cfg.unroll] + ([cfg.compare_unroll] if cfg.compare_unroll else [])
-    heads = [(eagle_from_weights(target, opts.init).to(opts.device), k) for k in depths]  # fp32 layer copies
+    heads = [(eagle_from_weights(target, opts.init, draft_vocab=False).to(opts.device), k)
+             for k in depths]  # fp32 layer copies, trained over the full vocabulary
     if opts.device == "cuda":
         torch.nn.Module.half(target)  # the runtime precision (HF refuses .half() on GGUF models); heads stay fp32
     data, data_meta = training_data(opts, target, ckpt.tokenizer, log)
@@ -324,7 +332,32 @@ def run_training(opts: EagleOptions, log=print) -> dict:
     summary = {"model": opts.model, "data": data_meta, "train": {**asdict(cfg), **training,
                                                                   "init": opts.init.name if opts.init else None},
                "eval": {f"unroll{k}": e for (_, k), e in zip(heads, evals)}, "kept_unroll": heads[best][1]}
-    save_eagle(heads[best][0], opts.out, eagle_metadata(target.config, {
-        "unroll": str(heads[best][1]), "summary": json.dumps(summary)}))
+    extra = {"unroll": str(heads[best][1])}
+    if opts.draft_vocab:
+        summary["draft_vocab"] = attach_draft_vocab(heads[best][0], data, opts.draft_vocab, ckpt.tokenizer, log)
+        extra["draft_vocab_stats"] = json.dumps(summary["draft_vocab"])
+    save_eagle(heads[best][0], opts.out, eagle_metadata(target.config, {**extra, "summary": json.dumps(summary)}))
     log(f"wrote {opts.out} (the head trained with unroll {heads[best][1]})")
     return summary
+
+
+def attach_draft_vocab(head: EagleHead, data: TokenData, k: int, tokenizer, log=print) -> dict:
+    """Give `head` the draft vocabulary of `data`'s k most frequent answer tokens; its stats."""
+    ids, stats = eagle_vocab.build_draft_vocab(data, k, head.vocab_size, tokenizer.eos_token_id,
+                                               tokenizer.all_special_ids)
+    head.use_draft_vocab(torch.from_numpy(ids))
+    log(f"draft vocabulary: {json.dumps(stats)}")
+    return stats
+
+
+def run_vocab_only(opts: EagleOptions, log=print) -> dict:
+    """The head in opts.init, unchanged, with a draft vocabulary of opts.draft_vocab ids built from
+    the stored dataset (plus opts.extra_data): no training. Its metadata is kept."""
+    ckpt = load_checkpoint(opts.model)
+    target = ckpt.model.eval().requires_grad_(False)
+    head = eagle_from_weights(target, opts.init, draft_vocab=False)  # a vocabulary it had is replaced
+    data, data_meta = training_data(opts, target, ckpt.tokenizer, log)
+    stats = attach_draft_vocab(head, data, opts.draft_vocab, ckpt.tokenizer, log)
+    save_eagle(head, opts.out, {**load_weights(opts.init)[1], "draft_vocab_stats": json.dumps(stats)})
+    log(f"wrote {opts.out}: {opts.init} with a draft vocabulary of {stats['size']} ids")
+    return {"model": opts.model, "data": data_meta, "init": str(opts.init), "draft_vocab": stats}

@@ -22,6 +22,7 @@ import torch
 
 from treespec.artifacts import DrafterEntry, Manifest
 from treespec.errors import ArtifactError, BackendError
+from treespec.models.draft_vocab import DraftVocab, read_draft_vocab
 from treespec.models.drafter_models import draft_from_weights, medusa_from_weights
 from treespec.models.eagle import eagle_from_weights
 from treespec.runtime.backends.base import TreeBackend
@@ -51,7 +52,8 @@ def load_tokenizer(manifest: Manifest):
 
 # -- backends --------------------------------------------------------------------------------------
 
-def _open_graph_session(manifest: Manifest, name: str, device: str, threads: int | None, cuda_graphs: bool = False):
+def _open_graph_session(manifest: Manifest, name: str, device: str, threads: int | None, cuda_graphs: bool = False,
+                        logits_width: int | None = None):
     entry = manifest.graph(name)
     path = manifest.require_file(entry.onnx)
     if entry.external_data:
@@ -60,7 +62,7 @@ def _open_graph_session(manifest: Manifest, name: str, device: str, threads: int
     # would hold the cores the target's step needs (2 CPU cores, the demo: EAGLE 0.76x -> 1.02x plain
     # decoding, Medusa 0.91x -> 1.01x). The target keeps spinning: without it plain decoding lost 20%.
     session = open_session(path, device, threads, cuda_graphs=cuda_graphs, spinning=name == "target")
-    check_graph_dims(manifest, name, session)
+    check_graph_dims(manifest, name, session, logits_width)
     return session
 
 
@@ -138,11 +140,12 @@ def load_target(manifest: Manifest, backend: str, device: str, threads: int | No
     return load_graph(manifest, "target", backend, device, threads)
 
 
-def check_graph_dims(manifest: Manifest, name: str, session) -> None:
+def check_graph_dims(manifest: Manifest, name: str, session, logits_width: int | None = None) -> None:
     """Refuse a graph whose vocabulary, hidden size or layer count differs from the manifest's (e.g.
-    a drafter exported for another model): drafted token ids must be the target's token ids."""
+    a drafter exported for another model): drafted token ids must be the target's token ids.
+    `logits_width`: the graph's logits are over a draft vocabulary of that many target ids."""
     dims = manifest.graph_dims(name) if name in ("target", "draft") else manifest.dims
-    wanted = {"logits": ("vocabulary", dims.vocab_size)}
+    wanted = {"logits": ("vocabulary", logits_width or dims.vocab_size)}
     if name in ("target", "medusa", "eagle"):  # Medusa and EAGLE heads read the target's hidden states
         wanted["hidden_states"] = ("hidden size", dims.hidden_size)
     for arg in list(session.get_inputs()) + list(session.get_outputs()):
@@ -241,10 +244,24 @@ def _load_eagle(manifest: Manifest, spec: DrafterEntry, backend: str, device: st
         return TorchEagleDrafter(runner, dims.hidden_size, top_k)
     if backend not in ("onnxruntime", "onnxruntime-device"):
         raise ArtifactError(f"the EAGLE drafter runs on onnxruntime or torch here, not {backend}")
-    graph = spec.graph or "eagle"
-    session = _open_graph_session(manifest, graph, device, threads)
+    graph, vocab = spec.graph or "eagle", _eagle_vocab(manifest, spec)
+    session = _open_graph_session(manifest, graph, device, threads, logits_width=vocab and len(vocab))
     head = OrtEagleHead(session, 1, dims.num_kv_heads, dims.head_dim, manifest.graph(graph).precision, device)
-    return EagleDrafter(head, dims.hidden_size, top_k)
+    return EagleDrafter(head, dims.hidden_size, top_k, vocab)
+
+
+def _eagle_vocab(manifest: Manifest, spec: DrafterEntry) -> DraftVocab | None:
+    """The draft vocabulary eagle.onnx's logits are over: the `draft_vocab` ids of the head's
+    shipped weights, as many as the entry says (None: the full vocabulary)."""
+    if spec.draft_vocab is None:
+        return None
+    path = _drafter_weights(manifest, spec)
+    ids = read_draft_vocab(path, manifest.dims.vocab_size) if path is not None else None
+    if ids is None or len(ids) != spec.draft_vocab:
+        raise ArtifactError(f"{manifest.root}: the eagle drafter entry says a draft vocabulary of {spec.draft_vocab} "
+                            f"ids but its weights ({spec.weights}) hold {'none' if ids is None else len(ids)}: "
+                            "re-export the artifacts with treespec-export")
+    return DraftVocab.of(ids, manifest.dims.vocab_size)
 
 
 DRAFTER_LOADERS: dict[str, Callable[[Manifest, DrafterEntry, str, str, int | None], Drafter]] = {

@@ -1,12 +1,18 @@
 """The EAGLE drafter on the CPU: lossless for every tree policy, eagle.onnx parity, the device
-EAGLE-2 draft equal to the eagle2 policy, and speculative sampling with it still follows the target.
+EAGLE-2 draft equal to the eagle2 policy, and speculative sampling with it still follows the target;
+all of it again (but every policy) for a head with a draft vocabulary (EAGLE-3's).
 
 Real parts throughout: a tiny random Llama exported with `--drafter eagle` (an untrained head from
 the target: a real drafter, mostly rejected, sometimes accepted), ONNX Runtime and torch (CPU, no
-graph capture) backends, the real policies and verifier. The GPU half is tests/test_eagle_gpu.py.
+graph capture) backends, the real policies and verifier. The draft vocabulary is built by
+exporter/eagle_vocab.py from the target's plain answers to the bench prompts, small enough that
+some of the target's tokens fall outside it. The GPU half is tests/test_eagle_gpu.py.
 """
 from __future__ import annotations
 
+import copy
+import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +25,12 @@ from support.vocab8 import vocab8_backend, vocab8_model
 from test_sampling_distribution import (GENERATED, PROMPT, VOCAB, chi_square_p, exact_distribution, full_tree,
                                         sampled_run)
 from treespec.artifacts import load_manifest
+from treespec.errors import ArtifactError
+from treespec.exporter import eagle_data
 from treespec.exporter.eagle_export import INPUT_NAMES, OUTPUT_NAMES
+from treespec.exporter.eagle_vocab import build_draft_vocab
 from treespec.exporter.pipeline import ExportOptions, run_export
-from treespec.models.eagle import eagle_from_weights, make_eagle_head
+from treespec.models.eagle import eagle_from_weights, eagle_metadata, make_eagle_head, save_eagle
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.backends.base import StepInputs
 from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend, open_session
@@ -35,6 +44,7 @@ from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams
 
 NEW_TOKENS = 12
+DRAFT_VOCAB = 96  # of the 165 distinct tokens of the 20 plain answers
 POLICY_TREES = {"eagle2": "eagle2-d4-k4-n16",
                 "eagle2-wide": {"policy": "eagle2", "depth": 3, "top_k": 6, "budget": 24}, **POLICY_TREES}
 
@@ -60,6 +70,31 @@ def bench_ids(ort_gen, bench_prompts):
     assert len(ids) == 20 and len({len(i) for i in ids}) > 5
     alone = [ort_gen.generate(i, max_new_tokens=NEW_TOKENS, tree="none").token_ids for i in ids]
     return ids, alone
+
+
+@pytest.fixture(scope="module")
+def vocab_artifacts(tmp_path_factory, tiny_hf, bench_ids) -> tuple[Path, np.ndarray]:
+    """The tiny export with an untrained head over a DRAFT_VOCAB-token draft vocabulary: the most
+    frequent tokens of the target's plain answers to the 20 bench prompts, EOS kept."""
+    ids, alone = bench_ids
+    data = eagle_data.pack([p + a for p, a in zip(ids, alone)], [len(p) for p in ids], [0] * len(ids),
+                           [eagle_data.SPLIT_TRAIN] * len(ids))
+    target = tiny_hf.model
+    vocab, _ = build_draft_vocab(data, DRAFT_VOCAB, target.config.vocab_size, tiny_hf.tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    head = make_eagle_head(target).use_draft_vocab(torch.from_numpy(vocab))
+    folder = tmp_path_factory.mktemp("eagle-vocab")
+    save_eagle(head, folder / "eagle.safetensors", eagle_metadata(target.config))
+    run_export(ExportOptions(model="tiny-random", out=folder / "tiny", max_context=256, drafters=["eagle"],
+                             drafter_weights={"eagle": folder / "eagle.safetensors"}), progress=lambda m: None)
+    return folder / "tiny", vocab
+
+
+@pytest.fixture(scope="module")
+def ort_vocab_gen(vocab_artifacts):
+    gen = SpeculativeGenerator.from_artifacts(vocab_artifacts[0], "onnxruntime", "cpu", drafter="eagle", threads=1)
+    yield gen
+    gen.close()
 
 
 def _batched(gen, ids, tree, batch: int = 8) -> tuple[list[list[int]], list[float]]:
@@ -89,22 +124,72 @@ def test_eagle_drafts_are_sometimes_accepted(ort_gen, bench_ids):
     assert max(accepted) >= 2, "no drafted token was ever accepted: the test would not test acceptance"
 
 
+@pytest.mark.parametrize("policy", ["eagle2", "eagle2-wide", "opt"])
+def test_eagle_draft_vocab_lossless_20_prompts_batched(ort_vocab_gen, bench_ids, vocab_artifacts, policy):
+    """A head over a draft vocabulary that misses some of the target's tokens: the same output."""
+    ids, alone = bench_ids
+    assert not {t for a in alone for t in a} <= set(vocab_artifacts[1].tolist())  # some are outside it
+    got, accepted = _batched(ort_vocab_gen, ids, POLICY_TREES[policy])
+    assert got == alone, policy
+    assert ort_vocab_gen.engine.stats.as_dict()["lossless"]
+    if policy == "eagle2":
+        assert max(accepted) >= 2, "no drafted token was ever accepted: the subset's mapping is not tested"
+
+
+@pytest.mark.parametrize("vocab", [False, True], ids=["full", "draft-vocab"])
 @pytest.mark.parametrize("backend,tree", [("torch", "eagle2-d4-k4-n16"), ("torch", "opt32"),
                                           ("onnxruntime-device", "eagle2-d4-k4-n16")])
-def test_eagle_other_backends_lossless(eagle_artifacts, bench_ids, backend, tree):
+def test_eagle_other_backends_lossless(request, bench_ids, backend, tree, vocab):
     """The torch drafter (eagle2 through the device draft, eager on the CPU; opt through expand),
     and eagle.onnx behind the ONNX Runtime device-buffer target backend (its CPU run)."""
     ids, alone = bench_ids
-    gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, backend, "cpu", drafter="eagle")
+    artifacts = request.getfixturevalue("vocab_artifacts")[0] if vocab else request.getfixturevalue("eagle_artifacts")
+    gen = SpeculativeGenerator.from_artifacts(artifacts, backend, "cpu", drafter="eagle")
     assert isinstance(gen.drafter, TorchEagleDrafter) == (backend == "torch")
+    assert (gen.drafter.vocab is not None) == vocab
     got = [r.token_ids for r in gen.generate_batch(ids[:3], max_new_tokens=NEW_TOKENS, tree=tree)]
     assert got == alone[:3]
 
 
-def test_eagle_onnx_parity(eagle_artifacts):
-    """eagle.onnx (ONNX Runtime) against the PyTorch head from the shipped weights: within 1e-3."""
-    manifest = load_manifest(eagle_artifacts)
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_eagle_drafts_only_draft_vocab_ids(eagle_artifacts, vocab_artifacts, bench_ids, backend):
+    """Every drafted token (the device eagle2 draft on torch, expand on ONNX Runtime) is a target id
+    of the draft vocabulary; the old head (no draft_vocab in its file or entry) drafts over all."""
+    folder, vocab = vocab_artifacts
+    assert load_manifest(folder).drafter("eagle").draft_vocab == DRAFT_VOCAB
+    assert load_manifest(eagle_artifacts).drafter("eagle").draft_vocab is None
+    cfg = parse_tree_config({"policy": "eagle2", "depth": 3, "top_k": 4, "budget": 12})
+    drafted = {}
+    for name, artifacts in (("vocab", folder), ("full", eagle_artifacts)):
+        drafter = SpeculativeGenerator.from_artifacts(artifacts, backend, "cpu", drafter="eagle").drafter
+        assert (drafter.vocab is None) == (name == "full")
+        target = load_graph(load_manifest(artifacts), "target", "torch", "cpu")
+        drafted[name] = {t for tree in _draft(drafter, target, bench_ids[0][:3], cfg) for t in tree.tokens[1:]}
+    assert drafted["vocab"] <= set(vocab.tolist()) and len(drafted["vocab"]) > 4
+    assert not drafted["full"] <= set(vocab.tolist())
+
+
+def test_eagle_draft_vocab_must_match_the_manifest(vocab_artifacts, tmp_path):
+    """An entry whose K differs from the weights' draft_vocab, or that omits it while eagle.onnx's
+    logits are over K ids, is refused with one line, not drafted with ids that mean other tokens."""
+    for k, message in ((DRAFT_VOCAB + 1, "draft vocabulary of 97 ids"), (None, "vocabulary of 96")):
+        folder = tmp_path / f"k{k}"
+        shutil.copytree(vocab_artifacts[0], folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["drafters"]["eagle"]["draft_vocab"] = k
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ArtifactError, match=message):
+            SpeculativeGenerator.from_artifacts(folder, "onnxruntime", "cpu", drafter="eagle")
+
+
+@pytest.mark.parametrize("vocab", [False, True], ids=["full", "draft-vocab"])
+def test_eagle_onnx_parity(request, vocab):
+    """eagle.onnx (ONNX Runtime) against the PyTorch head from the shipped weights: within 1e-3
+    (logits over the draft vocabulary's K ids when the head has one)."""
+    artifacts = request.getfixturevalue("vocab_artifacts")[0] if vocab else request.getfixturevalue("eagle_artifacts")
+    manifest = load_manifest(artifacts)
     head = eagle_from_weights(load_hf_model(manifest, "cpu"), manifest.require_file(manifest.drafter("eagle").weights))
+    assert head.lm_head.out_features == (DRAFT_VOCAB if vocab else manifest.dims.vocab_size)
     session = open_session(manifest.require_file(manifest.graph("eagle").onnx))
     assert [i.name for i in session.get_inputs()] == INPUT_NAMES
     dims, gen = manifest.dims, torch.Generator().manual_seed(0)
@@ -126,26 +211,30 @@ def test_eagle_onnx_parity(eagle_artifacts):
         np.testing.assert_allclose(g, w, atol=1e-3, rtol=0, err_msg=name)
 
 
-def test_device_eagle2_draft_equals_the_eagle2_policy(eagle_artifacts, bench_ids):
+@pytest.mark.parametrize("vocab", [False, True], ids=["full", "draft-vocab"])
+def test_device_eagle2_draft_equals_the_eagle2_policy(request, bench_ids, vocab):
     """The static-shape EAGLE-2 draft (one graph on CUDA) grows the same trees as the eagle2
-    policy driving the same head level by level through `expand`, for a ragged batch."""
-    manifest = load_manifest(eagle_artifacts)
-    target = load_graph(manifest, "target", "torch", "cpu")
-    drafter = SpeculativeGenerator.from_artifacts(eagle_artifacts, "torch", "cpu", drafter="eagle").drafter
-    reference = EagleDrafter(drafter.torch_head, drafter.hidden_size, drafter.top_k)  # no draft_whole
-    prompts = bench_ids[0][:3]
-    out = _prefill(target, prompts)
+    policy driving the same head level by level through `expand`, for a ragged batch (with a draft
+    vocabulary: mapped to target ids on the device vs on the host)."""
+    artifacts = request.getfixturevalue("vocab_artifacts")[0] if vocab else request.getfixturevalue("eagle_artifacts")
+    target = load_graph(load_manifest(artifacts), "target", "torch", "cpu")
+    drafter = SpeculativeGenerator.from_artifacts(artifacts, "torch", "cpu", drafter="eagle").drafter
+    reference = EagleDrafter(drafter.torch_head, drafter.hidden_size, drafter.top_k, drafter.vocab)  # no draft_whole
     cfg = parse_tree_config({"policy": "eagle2", "depth": 4, "top_k": 3, "budget": 12})
-    trees = {}
-    for name, d in (("device", drafter), ("policy", reference)):
-        d.reset([p + [7] for p in prompts], 128)
-        for b, p in enumerate(prompts):
-            d.accept(b, [], Features(out.hidden_states, b, list(range(len(p)))))
-        trees[name] = draft_trees(cfg, d, [7, 7, 7]).trees
+    trees = {name: _draft(d, target, bench_ids[0][:3], cfg) for name, d in (("device", drafter), ("policy", reference))}
     for dev, ref in zip(trees["device"], trees["policy"]):
         assert len(dev) == len(ref) == 13
         assert _paths(dev) == _paths(ref)
         np.testing.assert_allclose(sorted(dev.logprobs), sorted(ref.logprobs), atol=1e-4)
+
+
+def _draft(drafter, target, prompts, cfg) -> list[Tree]:
+    """The trees `drafter` grows for `prompts` (root 7) after the target's prefill."""
+    out = _prefill(target, prompts)
+    drafter.reset([p + [7] for p in prompts], 128)
+    for b, p in enumerate(prompts):
+        drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(p)))))
+    return draft_trees(cfg, drafter, [7] * len(prompts)).trees
 
 
 def _prefill(target, prompts):
@@ -179,13 +268,22 @@ def _target_logits(backend) -> dict[tuple[int, ...], np.ndarray]:
     return {s: logits[i] for i, s in enumerate(prefixes)}
 
 
+# Tokens 0, 2 and 5 (a quarter of the first token's probability at T=0.8) are outside: the target's
+# draws of them come from the verifier's residual alone. EOS (7) is in.
+SAMPLING_VOCAB = [1, 3, 4, 6, 7]
+
+
+@pytest.mark.parametrize("vocab", [None, SAMPLING_VOCAB], ids=["full", "draft-vocab"])
 @pytest.mark.parametrize("tree", [{"policy": "eagle2", "depth": 2, "top_k": 3, "budget": 6},
                                   {"policy": "widths", "widths": [3, 2], "sample_children": True}],
                          ids=["eagle2-topk", "widths-sampled-children"])
-def test_eagle_sampling_follows_the_target(vocab8, tree):
+def test_eagle_sampling_follows_the_target(vocab8, tree, vocab):
     """Batch of 8 identical prompts x 150 seeds, temperature 0.8: the first 3 tokens' histogram
-    matches the target's exact distribution (chi-square p > 0.01), with drafts accepted."""
+    matches the target's exact distribution (chi-square p > 0.01), with drafts accepted. With a
+    draft vocabulary, the sampled children's q is over target ids and zero outside it."""
     backend, head = vocab8
+    if vocab is not None:
+        head = copy.deepcopy(head).use_draft_vocab(torch.tensor(vocab))
     exact = exact_distribution(_target_logits(backend), SamplingParams(temperature=0.8))
     drafter = TorchEagleDrafter(TorchEagleHead(head, 1, 16, "cpu"), hidden_size=32, top_k=4)
     gen = TreeGenerator(backend, drafter, eos_token_ids=[], max_context=64)

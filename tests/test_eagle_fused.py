@@ -2,7 +2,10 @@
 the CPU in fp32 under Triton's interpreter, against the unfused head (the reference): the forward
 (logits, predicted features, the cache rows it writes) within 1e-4; the whole draft over three
 rounds of a ragged batch (feed, levels, rerank; accepted rows fed back) growing the same trees;
-and the kernels one draft launches, counted (aten ops that are not views + Triton launches).
+and the kernels one draft launches, counted (aten ops that are not views + Triton launches). A head
+over a draft vocabulary (EAGLE-3's): its fused subset logits equal the unfused head's and the
+full head's logits at those ids, and its fused draft grows the unfused draft's trees, all of
+their tokens target ids of the vocabulary.
 
 TRITON_INTERPRET must be set before Triton is imported, so the checks run in a subprocess: this
 file run as a script prints one JSON line. The GPU half is tests/test_eagle_gpu.py.
@@ -27,6 +30,7 @@ SHAPES = {"d4-k4-n16": (4, 4, 16), "d4-k3-n12": (4, 3, 12), "d3-k2-n6": (3, 2, 6
 # a PyTorch version splits in two. The unfused draft: ~300 at d4.
 DEPTH = 4
 MAX_LAUNCHES = 17 * DEPTH + 9 + 4
+VOCAB_SIZE, VOCAB_SHAPE = 96, "d4-k4-n16"  # a draft vocabulary of 96 of the 320 ids (every third + EOS)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,16 @@ def result() -> dict:
 def test_fused_head_forward_matches_unfused(result):
     for key in ("logits", "predicted", "key_rows", "value_rows"):
         assert result["forward"][key] < TOLERANCE, result["forward"]
+
+
+def test_draft_vocab_head_fused_matches_unfused(result):
+    vocab = result["vocab"]
+    for key in ("logits", "predicted", "key_rows", "value_rows"):
+        assert vocab["forward"][key] < TOLERANCE, vocab["forward"]
+    assert vocab["logits_width"] == VOCAB_SIZE and vocab["full_logits_at_ids"] < 1e-6, vocab
+    draft = vocab["drafts"][VOCAB_SHAPE]
+    assert draft["same_trees"] == draft["trees"] == 6 and draft["logprob_error"] < TOLERANCE, draft
+    assert draft["tokens_in_vocab"], draft
 
 
 def test_top_children_kernels_match_topk_of_log_softmax(result):
@@ -100,7 +114,8 @@ def _err(got, ref) -> float:
 
 
 def check_forward(head) -> dict:
-    """A tree step with a past (two sequences, different lengths): fused vs unfused."""
+    """A tree step with a past (two sequences, different lengths): fused vs unfused (their logits
+    over the head's draft vocabulary when it has one)."""
     import torch
 
     from treespec.models.fused_eagle import FusedEagleHead
@@ -187,20 +202,39 @@ def _rounds(drafter, cfg, rounds: int = 3):
     return trees
 
 
-def check_drafts(head) -> dict:
+def check_drafts(head, shapes=tuple(SHAPES)) -> dict:
     import numpy as np
 
     from treespec.runtime.trees.policies import parse_tree_config
 
     out = {}
-    for name, (depth, top_k, budget) in SHAPES.items():
+    vocab = None if head.draft_vocab is None else set(head.draft_vocab.tolist())
+    for name in shapes:
+        depth, top_k, budget = SHAPES[name]
         cfg = parse_tree_config({"policy": "eagle2", "depth": depth, "top_k": top_k, "budget": budget})
         trees = {k: _rounds(d, cfg) for k, d in _drafters(head).items()}
         pairs = list(zip(trees["fused"], trees["unfused"]))
         same = sum((f.tokens, f.parents) == (u.tokens, u.parents) for f, u in pairs)
         err = max(float(np.abs(np.subtract(f.logprobs, u.logprobs)).max()) for f, u in pairs)
         out[name] = {"trees": len(pairs), "same_trees": same, "logprob_error": err}
+        if vocab is not None:
+            out[name]["tokens_in_vocab"] = all(set(t.tokens[1:]) <= vocab for t in trees["fused"])
     return out
+
+
+def check_vocab(model, head) -> dict:
+    """The checks above for a copy of `head` over a draft vocabulary, and its logits against the
+    full head's at those ids (the [K, H] rows gathered once are the lm_head's rows)."""
+    import copy
+
+    import torch
+
+    ids = torch.tensor(sorted(set(range(0, 3 * (VOCAB_SIZE - 1), 3)) | {model.config.eos_token_id}))
+    small = copy.deepcopy(head).use_draft_vocab(ids)
+    feats = torch.randn(2, 3, head.hidden_size, generator=torch.Generator().manual_seed(5))
+    return {"forward": check_forward(small), "drafts": check_drafts(small, (VOCAB_SHAPE,)),
+            "logits_width": small.lm_head.out_features,
+            "full_logits_at_ids": _err(small.logits(feats), head.logits(feats)[..., ids])}
 
 
 class LaunchCounter:
@@ -315,10 +349,10 @@ def check_launches(head) -> dict:
 def main() -> None:
     import torch
 
-    _, head = _tiny_head()
+    model, head = _tiny_head()
     with torch.no_grad():
         result = {"forward": check_forward(head), "top_children": check_top_children(), "drafts": check_drafts(head),
-                  "launches": check_launches(head), "reset": check_reset(head)}
+                  "launches": check_launches(head), "reset": check_reset(head), "vocab": check_vocab(model, head)}
     print(json.dumps(result))
 
 

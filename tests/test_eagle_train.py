@@ -1,5 +1,7 @@
 """The EAGLE head and `train-eagle`: the tree forward is the causal forward, training-time test is
-drafting, a tiny training run lowers its loss, the weights round-trip, bench prompts stay out."""
+drafting, a tiny training run lowers its loss, the weights round-trip, bench prompts stay out; the
+draft vocabulary is the most frequent answer tokens with EOS, saved with the head, and added to an
+existing head without training."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +13,9 @@ import pytest
 import torch
 
 from treespec.errors import InputError
-from treespec.exporter import eagle_data
+from treespec.exporter import eagle_data, eagle_vocab
 from treespec.models.checkpoint import load_checkpoint
-from treespec.models.drafter_models import MedusaHeads, save_weights
+from treespec.models.drafter_models import MedusaHeads, load_weights, save_weights
 from treespec.models.eagle import eagle_from_weights, make_eagle_head
 from treespec.runtime.commands import train_eagle
 
@@ -114,6 +116,21 @@ def test_extra_data_adds_training_rows_and_never_held_out_prompts():
     assert data.kinds.tolist() == [0, 0, 2, 1, 0] and data.ids.dtype == np.uint16
 
 
+def test_draft_vocab_is_the_most_frequent_answer_tokens_and_eos():
+    """Prompt tokens (9, 8) and held-out answers (6) are not counted; ties go to the smaller id; EOS
+    (2) is kept though rare, and so is a special id (0) that occurs in an answer; another (1) not."""
+    T, H = eagle_data.SPLIT_TRAIN, eagle_data.SPLIT_HELDOUT
+    data = eagle_data.pack([[9, 9, 9, 5, 5, 4, 3, 3, 3, 2], [8, 8, 8, 8, 7, 7, 5, 0, 3], [9, 6, 6, 6, 6, 5]],
+                           [3, 4, 1], [0, 0, 0], [T, T, H])
+    ids, stats = eagle_vocab.build_draft_vocab(data, 4, 16, eos=2, special_ids=[0, 1])
+    assert ids.tolist() == [0, 2, 3, 5] and ids.dtype == np.int64  # 3 x4, 5 x3, then 7 x2 is cut for 0 and 2
+    assert stats["size"] == 4 and stats["distinct_answer_tokens"] == 6
+    assert stats["train_coverage"] == 0.75 and stats["heldout_coverage"] == 0.2  # 9 of 12, 1 of 5
+    assert eagle_vocab.most_frequent(np.array([0, 5, 5, 1, 9]), 3).tolist() == [1, 2, 4]
+    with pytest.raises(ValueError):
+        eagle_vocab.most_frequent(np.array([1, 2]), 3)
+
+
 def test_data_only_then_extra_data(tmp_path):
     parser = argparse.ArgumentParser()
     train_eagle.add_arguments(parser)
@@ -152,6 +169,10 @@ def test_tiny_train_eagle_lowers_its_loss_and_round_trips(tmp_path):
     head = eagle_from_weights(target, out)
     assert out.stat().st_size < 16e6 and set(head.trainable_state()) == set(
         make_eagle_head(target).trainable_state())
+    assert summary["draft_vocab"]["size"] == len(head.draft_vocab) == eagle_vocab.DEFAULT_DRAFT_VOCAB
+    assert head.draft_vocab.dtype == torch.int64 and 2 in head.draft_vocab.tolist()  # EOS
+    assert head.lm_head.weight.shape == (eagle_vocab.DEFAULT_DRAFT_VOCAB, target.config.hidden_size)
+    assert eagle_from_weights(target, out, draft_vocab=False).lm_head is target.lm_head
     with pytest.raises(InputError, match="not an EAGLE head"):
         medusa = tmp_path / "medusa.safetensors"
         save_weights(MedusaHeads(target.config.hidden_size, 2, target.lm_head).trainable_state(), medusa,
@@ -164,6 +185,31 @@ def test_tiny_train_eagle_lowers_its_loss_and_round_trips(tmp_path):
     assert continued["train"]["heads"][0]["first_loss"] < summary["train"]["heads"][0]["first_loss"]
 
 
+def test_vocab_only_adds_a_draft_vocabulary_to_an_existing_head(tmp_path):
+    """An old head (no draft_vocab) keeps the full vocabulary; --vocab-only writes the same weights,
+    bit for bit, and metadata with a K-id vocabulary of the dataset's answers, without training."""
+    out, _ = _tiny_run(tmp_path, ["--draft-vocab", "0"])
+    old_state, old_meta = load_weights(out)
+    ckpt = load_checkpoint("tiny-random")
+    target = ckpt.model
+    assert "draft_vocab" not in old_state and eagle_from_weights(target, out).draft_vocab is None
+    parser = argparse.ArgumentParser()
+    train_eagle.add_arguments(parser)
+    new = tmp_path / "vocab.safetensors"
+    args = parser.parse_args(["--model", "tiny-random", "--vocab-only", "--init", str(out), "--data",
+                              str(tmp_path / "eagle.data"), "--draft-vocab", "64", "--out", str(new)])
+    assert train_eagle.run(args) == 0
+    state, meta = load_weights(new)
+    vocab = state.pop("draft_vocab")
+    assert state.keys() == old_state.keys() and all(torch.equal(state[k], old_state[k]) for k in state)
+    assert meta["summary"] == old_meta["summary"] and json.loads(meta["draft_vocab_stats"])["size"] == 64
+    data = eagle_data.load(tmp_path / "eagle.data")
+    counts = np.bincount(eagle_vocab.answer_tokens(data, eagle_data.SPLIT_TRAIN), minlength=target.config.vocab_size)
+    kept = {2} | {i for i in ckpt.tokenizer.all_special_ids if counts[i]}
+    assert vocab.tolist() == eagle_vocab.most_frequent(counts, 64, kept).tolist() and 2 in vocab.tolist()
+    assert eagle_from_weights(target, new).lm_head.out_features == 64
+
+
 def test_train_eagle_refuses_bad_options(tmp_path):
     parser = argparse.ArgumentParser()
     train_eagle.add_arguments(parser)
@@ -173,6 +219,11 @@ def test_train_eagle_refuses_bad_options(tmp_path):
                            "--seed-questions", "0", "--seed-paragraphs", "0", "--corpus-prompts", "0"], "--heldout"),
                          (["--out", str(tmp_path / "x.safetensors"), "--init", str(tmp_path / "none.safetensors")],
                           "--init"),
-                         (["--out", str(tmp_path / "x.safetensors"), "--extra-data", str(tmp_path)], "--extra-data")):
+                         (["--out", str(tmp_path / "x.safetensors"), "--extra-data", str(tmp_path)], "--extra-data"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--draft-vocab", "-1"], "--draft-vocab"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--vocab-only", "--data", str(tmp_path)],
+                          "--vocab-only needs"),
+                         (["--out", str(tmp_path / "x.safetensors"), "--vocab-only", "--data", str(tmp_path),
+                           "--init", __file__, "--draft-vocab", "8"], "no EAGLE dataset")):
         with pytest.raises(InputError, match=message):
             train_eagle.run(parser.parse_args(bad))

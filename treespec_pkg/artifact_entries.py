@@ -182,13 +182,16 @@ class DrafterEntry:
     num_heads: int | None = None  # medusa
     num_layers: int | None = None  # draft
     weights: str | None = None  # drafters/<kind>.safetensors when trained (else built from the target)
+    # eagle: K when the head drafts over a draft vocabulary (its graph's logits are [.., K]; the K
+    # target ids are the `draft_vocab` tensor of `weights`); None: the full vocabulary
+    draft_vocab: int | None = None
     trained: bool = False
     training: dict[str, Any] = field(default_factory=dict)
     options: dict[str, int] = field(default_factory=dict)  # lookup: LookupDrafter's arguments
 
     def to_dict(self) -> dict[str, Any]:
         out = _drop_none({"graph": self.graph, "num_heads": self.num_heads, "num_layers": self.num_layers,
-                          "top_k": self.top_k})
+                          "top_k": self.top_k, "draft_vocab": self.draft_vocab})
         if self.graph is not None:
             out.update(weights=self.weights, trained=self.trained, training=self.training)
         return {**out, "options": self.options} if self.options or self.graph is None else out
@@ -208,7 +211,8 @@ class DrafterEntry:
         training = _obj(_get(data, "training", {}), f"{what} 'training'")
         return cls(graph=_opt(data, "graph", _str, what), top_k=_opt(data, "top_k", _int, what),
                    num_heads=_opt(data, "num_heads", _int, what), num_layers=_opt(data, "num_layers", _int, what),
-                   weights=_opt(data, "weights", _str, what), trained=bool(data.get("trained", False)),
+                   weights=_opt(data, "weights", _str, what), draft_vocab=_opt(data, "draft_vocab", _int, what),
+                   trained=bool(data.get("trained", False)),
                    training=dict(training), options=options)
 
 

@@ -4,6 +4,10 @@ The target answers a prompt set the project builds (exporter/eagle_data.py), the
 kept in --data (uint16 shards, reused on the next run), and the head is trained on features the
 frozen target recomputes (exporter/eagle_train.py). tools/gpu_train_eagle.sh is the GPU run behind
 the committed weights; a tiny config runs on the CPU in seconds (tests/test_eagle_train.py).
+
+The head is saved with a draft vocabulary (--draft-vocab K, EAGLE-3's: the K most frequent answer
+tokens, exporter/eagle_vocab.py). An existing head gets one without training:
+    treespec train-eagle --vocab-only --init HEAD.safetensors --data DATASET_DIR --draft-vocab K --out NEW.safetensors
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ import sys
 from pathlib import Path
 
 from treespec.errors import InputError
+from treespec.exporter.eagle_vocab import DEFAULT_DRAFT_VOCAB
 
 POSITIVE = ("token_batch", "max_length", "new_tokens", "generate_batch", "unroll", "epochs", "lr", "warmup")
 NON_NEGATIVE = ("prompts", "seed_questions", "seed_paragraphs", "corpus_prompts", "heldout", "target_tokens",
-                "compare_unroll", "time_budget", "bench_answers")
+                "compare_unroll", "time_budget", "bench_answers", "draft_vocab")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train on the training rows of this dataset (built by a run with another --seed); "
                         "repeatable")
     p.add_argument("--data-only", action="store_true", help="build the dataset in --data, then stop")
+    p.add_argument("--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB, metavar="K",
+                   help="save the head with a draft vocabulary: the K most frequent answer tokens of the training "
+                        f"data, EOS always among them (default {DEFAULT_DRAFT_VOCAB}; 0: the full vocabulary)")
+    p.add_argument("--vocab-only", action="store_true",
+                   help="no training: write the head of --init with a --draft-vocab K vocabulary built from the "
+                        "existing dataset in --data (and --extra-data) to --out")
     d = p.add_argument_group("data (the target answers a prompt set the project builds)")
     d.add_argument("--prompts", type=int, default=40_000, help="templated prompt draws (about 31k distinct)")
     d.add_argument("--seed-questions", type=int, default=6_000, help="questions the target writes")
@@ -78,6 +89,8 @@ def _check(args) -> None:
             raise InputError(f"--extra-data {extra}: no EAGLE dataset there (index.npz)")
     if args.init is not None and not args.init.is_file():
         raise InputError(f"--init {args.init}: no such file")
+    if args.vocab_only:
+        _check_vocab_only(args)
     if args.device == "cuda":
         import torch
 
@@ -85,9 +98,16 @@ def _check(args) -> None:
             raise InputError("--device cuda: no CUDA GPU is available")
 
 
+def _check_vocab_only(args) -> None:
+    if args.init is None or args.data is None or args.draft_vocab <= 0 or args.data_only:
+        raise InputError("--vocab-only needs --init HEAD, --data DIR and --draft-vocab K > 0 (and not --data-only)")
+    if not (args.data / "index.npz").is_file():
+        raise InputError(f"--data {args.data}: no EAGLE dataset there (index.npz); --vocab-only never builds one")
+
+
 def run(args) -> int:
     from treespec.exporter.eagle_data import DataOptions
-    from treespec.exporter.eagle_train import EagleOptions, TrainConfig, run_training
+    from treespec.exporter.eagle_train import EagleOptions, TrainConfig, run_training, run_vocab_only
 
     _check(args)
     data = DataOptions(templated=args.prompts, seed_questions=args.seed_questions,
@@ -99,15 +119,16 @@ def run(args) -> int:
                         warmup=args.warmup, unroll=args.unroll, compare_unroll=args.compare_unroll,
                         ce_weight=args.ce_weight, seed=args.seed)
     data_dir = args.data or args.out.with_name(args.out.stem + ".data")
-    summary = run_training(EagleOptions(out=args.out, data_dir=data_dir, model=args.model, device=args.device,
-                                        rebuild_data=args.rebuild_data, time_budget=args.time_budget,
-                                        init=args.init, extra_data=tuple(args.extra_data),
-                                        data_only=args.data_only, data=data, train=train), _log)
+    opts = EagleOptions(out=args.out, data_dir=data_dir, model=args.model, device=args.device,
+                        rebuild_data=args.rebuild_data, time_budget=args.time_budget, init=args.init,
+                        extra_data=tuple(args.extra_data), data_only=args.data_only, draft_vocab=args.draft_vocab,
+                        data=data, train=train)
+    summary = (run_vocab_only if args.vocab_only else run_training)(opts, _log)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=1))
-    if args.data_only:
-        print(json.dumps(summary["data"], indent=1))
+    if args.data_only or args.vocab_only:
+        print(json.dumps(summary["draft_vocab" if args.vocab_only else "data"], indent=1))
         return 0
     print(json.dumps({k: summary[k] for k in ("data", "kept_unroll")} | {
         "eval": {h: {s: {m: v for m, v in e[s].items() if m != "rank_rates"} for s in e}

@@ -14,6 +14,10 @@ through the target's lm_head, token t+2. It keeps its own one-layer KV cache of 
   * deeper tree levels fuse the head's OWN predicted feature of a node's parent with the node's
     token, attending to the committed context and to the node's ancestors (tree mask, uncommitted).
 
+With a draft vocabulary (EAGLE-3's, treespec.models.draft_vocab) the head's logits are over K target
+ids only: `_candidates` maps the ranked positions back to target ids, and the distribution q that
+sampling verifies is spread over the target's vocabulary, zero outside the subset.
+
 This module is the host-side drafter over any head runner with the TreeBackend shape (reset, step,
 commit): `OrtEagleHead` runs eagle.onnx with ONNX Runtime; runtime/drafters/eagle_torch.py runs
 the PyTorch head and drafts whole EAGLE-2 trees on the device in one captured CUDA graph.
@@ -27,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from treespec.errors import BackendError
+from treespec.models.draft_vocab import DraftVocab
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import LazyHost, topk_logprobs
 from treespec.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -84,11 +89,14 @@ class EagleDrafter(Drafter):
     kind = "eagle"
     resets_slots = True
 
-    def __init__(self, head: TreeBackend, hidden_size: int, top_k: int = EAGLE_TOP_K):
-        """`head`: a runner of the head with its KV cache (OrtEagleHead, or the torch one)."""
+    def __init__(self, head: TreeBackend, hidden_size: int, top_k: int = EAGLE_TOP_K,
+                 vocab: DraftVocab | None = None):
+        """`head`: a runner of the head with its KV cache (OrtEagleHead, or the torch one). `vocab`:
+        the head's draft vocabulary, when its logits are over those K target ids only."""
         self.head = head
         self.hidden_size = hidden_size
-        self.top_k = top_k
+        self.vocab = vocab
+        self.top_k = top_k if vocab is None else min(top_k, len(vocab))
         self.tokens: list[list[int]] = []  # every token of each sequence so far
         self.pending: list[list[Features]] = []  # target features not yet fed to the head
         self.predicted: list[dict[tuple[int, ...], np.ndarray]] = []  # path from the root -> its row's feature
@@ -231,13 +239,21 @@ class EagleDrafter(Drafter):
         if not flat:
             return [[] for _ in rows]
         ids, logprobs = topk_logprobs(out.logits, flat, self.top_k)
-        dists = [_softmax(np.asarray(out.logits[b, t])) for b, t in flat] if self.return_distributions else None
+        dists = [self._distribution(np.asarray(out.logits[b, t])) for b, t in flat] \
+            if self.return_distributions else None
+        if self.vocab is not None:
+            ids = self.vocab.target_ids(ids)
         cands, i = [], 0
         for per_seq in rows:
             cands.append([Candidates(ids[i + j], logprobs[i + j], dists[i + j] if dists else None)
                           for j in range(len(per_seq))])
             i += len(per_seq)
         return cands
+
+    def _distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The head's q over target ids (zero outside a draft vocabulary), as sampling verifies it."""
+        q = _softmax(logits)
+        return q if self.vocab is None else self.vocab.full_distribution(q)
 
 
 def _chain_rows(chains: list[np.ndarray], ids: list[list[int]], start: np.ndarray, hidden: int) -> _Rows:

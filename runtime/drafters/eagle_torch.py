@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from treespec.errors import BackendError
+from treespec.models.draft_vocab import DraftVocab
 from treespec.models.eagle import EagleHead
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import LazyHost
@@ -66,6 +67,11 @@ class TorchEagleHead(TreeBackend):
         self._capacity = 0
         # the few-kernel forward of the eagle2 draft (None: the unfused head, the CPU default)
         self.fused = _fused_head(module, fused, self.device.type == "cuda")
+        # A draft vocabulary: the eagle2 draft maps positions to target ids on the device, `expand`'s
+        # candidates on the host (treespec.models.draft_vocab).
+        vocab = module.draft_vocab if isinstance(module, EagleHead) else None
+        self.draft_vocab = None if vocab is None else vocab.to(self.device)
+        self.host_vocab = None if vocab is None else DraftVocab.of(vocab, module.vocab_size)
 
     def reset(self, batch_size: int, capacity: int) -> None:
         rows = -(-(capacity + SPARE_ROWS) // 256) * 256
@@ -130,7 +136,7 @@ class TorchEagleDrafter(EagleDrafter):
 
     def __init__(self, head: TorchEagleHead, hidden_size: int, top_k: int = EAGLE_TOP_K,
                  use_graphs: bool | None = None):
-        super().__init__(head, hidden_size, top_k)
+        super().__init__(head, hidden_size, top_k, head.host_vocab)
         self.torch_head = head
         self.use_graphs = head.device.type == "cuda" if use_graphs is None else use_graphs
         self._buffers: dict[Eagle2Shape, Eagle2Buffers] = {}

@@ -18,12 +18,18 @@ it does, so the draft's cost is its kernel count. The head runs one of two ways:
 * `_RecomputedLevels` (the unfused HF-style head, the CPU default and the reference): each level
   runs the head on every expanded node so far (tree-masked), keeping the head's graph contract.
 Both grow the same tree: the same candidates, scores up to float rounding, the same stable rerank.
+
+With a draft vocabulary (treespec.models.draft_vocab) the logits are over its K ids: the children's
+positions among them become target ids right where they are picked (one gather a level, in the
+graph), so the tokens the next level embeds and the tree that crosses to the host are target ids.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from treespec.models.draft_vocab import target_ids
 
 
 @dataclass(frozen=True)
@@ -155,13 +161,18 @@ def _draft_tree_kv(head, buf: Eagle2Buffers) -> torch.Tensor:
 
     shape, c, s = buf.shape, buf.consts, buf.scratch
     k, levels = shape.top_k, _TreeKVLevels(head, buf)
-    scores, tokens = eagle2_kernels.top_children(levels.feed(), k)  # level 1: the root's children [B, K]
+
+    def top_children(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, index = eagle2_kernels.top_children(logits, k)
+        return scores, target_ids(index, head.draft_vocab)
+
+    scores, tokens = top_children(levels.feed())  # level 1: the root's children [B, K]
     s.scores[:, 1:k + 1].copy_(scores)
     s.tokens[:, 1:k + 1].copy_(tokens)
     levels.first(tokens)
     for level in range(1, shape.depth):
         logits, feat = levels.run(level)  # the K nodes expanded at `level`: [B, K, V], [B, K, H]
-        child_lp, child_tok = eagle2_kernels.top_children(logits, k)  # [B, K, K]
+        child_lp, child_tok = top_children(logits)  # [B, K, K]
         expand = level + 1 < shape.depth
         out = eagle2_kernels.expand_level(scores, child_lp, child_tok, feat, levels.anc,
                                           c.anc_step[level if expand else 0], s.scores, s.tokens, s.expanded,
@@ -176,12 +187,12 @@ def _draft_recomputed(head, buf: Eagle2Buffers) -> torch.Tensor:
     shape = buf.shape
     batch, k = shape.batch, shape.top_k
     levels = _RecomputedLevels(head, buf)
-    scores, tokens = _top_children(levels.feed(), k)  # level 1: the root's children [B, K]
+    scores, tokens = _top_children(head, levels.feed(), k)  # level 1: the root's children [B, K]
     levels.first(tokens)
     drafted = _Drafted([tokens], [scores], [buf.consts.first_picks])
     for level in range(1, shape.depth):
         logits, feat = levels.run(level)  # the K nodes expanded at `level`: [B, K, V], [B, K, H]
-        child_lp, child_tok = _top_children(logits, k)  # [B, K, K]
+        child_lp, child_tok = _top_children(head, logits, k)  # [B, K, K]
         cum = (scores[:, :, None] + child_lp).view(batch, k * k)
         flat_tok = child_tok.view(batch, k * k)
         drafted.tokens.append(flat_tok)
@@ -193,9 +204,10 @@ def _draft_recomputed(head, buf: Eagle2Buffers) -> torch.Tensor:
     return _rerank(shape, buf.consts, drafted)
 
 
-def _top_children(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs fp32, tokens) of the k most likely next tokens of each row."""
-    return torch.topk(torch.log_softmax(logits, -1, dtype=torch.float32), k, dim=-1)
+def _top_children(head, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs fp32, target ids) of the k most likely next tokens of each row."""
+    scores, index = torch.topk(torch.log_softmax(logits, -1, dtype=torch.float32), k, dim=-1)
+    return scores, target_ids(index, head.draft_vocab)
 
 
 @dataclass

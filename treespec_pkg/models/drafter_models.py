@@ -88,11 +88,12 @@ def draft_trainable_state(draft: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Floating tensors as fp16, integer ones (an EAGLE head's draft_vocab ids) as they are."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in state.items()},
-              str(path), metadata=metadata)
+    save_file({k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous().cpu()
+               for k, v in state.items()}, str(path), metadata=metadata)
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,7 +102,8 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            return {k: f.get_tensor(k).float() for k in f.keys()}, metadata
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, metadata
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
 

@@ -21,6 +21,9 @@ position of row t is t (the position of its feature), and its K/V go to cache ro
 
 `unroll` is the training-time test (EAGLE-3): step k feeds the head its own feature predicted at
 step k-1 and sees the true context's cache plus its own chain, as it will when drafting.
+
+A head file may also hold a draft vocabulary (EAGLE-3's, treespec.models.draft_vocab): the head
+then owns the [K, H] rows of lm_head for those K target ids and its logits are over them.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from treespec.errors import InputError
+from treespec.models.draft_vocab import DRAFT_VOCAB, checked_draft_vocab, subset_lm_head
 from treespec.models.drafter_models import _load_state, _meta_int, check_compatible, load_weights, save_weights
 from treespec.models.tree_model import TreeLayers
 
@@ -43,6 +47,7 @@ class EagleHead(nn.Module):
         cfg = target.config
         hidden = cfg.hidden_size
         self.hidden_size = hidden
+        self.vocab_size = cfg.vocab_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         # Its own copy of the rotary embedding: casting the head must never touch the target's modules
         # (a cast of a shared rotary buffer changed the target under its captured CUDA graphs).
@@ -51,6 +56,7 @@ class EagleHead(nn.Module):
         self.lm_head = target.lm_head  # shared with the target, frozen, not stored
         self.embed.requires_grad_(False)
         self.lm_head.requires_grad_(False)
+        self.draft_vocab: torch.Tensor | None = None  # int64 [K] target ids the logits are over (None: all)
 
     @property
     def layer(self) -> nn.Module:
@@ -62,10 +68,23 @@ class EagleHead(nn.Module):
         self.fc.to(device=device, dtype=dtype)
         self.layer.to(device=device, dtype=dtype)
         self.core.rotary.to(device=device)
+        if self.draft_vocab is not None:  # the head's own lm_head rows: they go along (in the target's dtype)
+            self.lm_head.to(device=device)
+            self.draft_vocab = self.draft_vocab.to(device)
+        return self
+
+    def use_draft_vocab(self, draft_vocab: torch.Tensor) -> "EagleHead":
+        """Draft over these sorted target ids only: lm_head becomes the head's own copy of their rows
+        (its logits are [..., K]; callers map positions back with draft_vocab.target_ids)."""
+        if self.draft_vocab is not None:
+            raise ValueError("the head has a draft vocabulary already")
+        self.lm_head = subset_lm_head(self.lm_head, draft_vocab)
+        self.draft_vocab = draft_vocab.to(self.lm_head.weight.device)
         return self
 
     def forward(self, hidden_states, input_ids, position_ids, tree_mask, past_lengths, past_key_0, past_value_0):
-        """-> logits [B,T,V] fp32, predicted features [B,T,H], new_key_0/new_value_0 [B,KVH,T,D]."""
+        """-> logits [B,T,V] fp32 ([B,T,K] with a draft vocabulary), predicted features [B,T,H],
+        new_key_0/new_value_0 [B,KVH,T,D]."""
         fused = self.fuse(hidden_states, input_ids)
         out, (key, value) = self.core.decode_layers(fused, position_ids, tree_mask, past_lengths,
                                                     (past_key_0, past_value_0))
@@ -169,15 +188,23 @@ def eagle_metadata(target_config, extra: dict[str, str] | None = None) -> dict[s
 
 
 def save_eagle(head: EagleHead, path: Path, metadata: dict[str, str]) -> None:
-    """The trainable weights only (fc + layer), fp16 safetensors, with `metadata`."""
-    save_weights(head.trainable_state(), path, metadata)
+    """The trainable weights only (fc + layer), fp16 safetensors, with `metadata`; and the draft
+    vocabulary's ids (int64) when the head has one."""
+    state = head.trainable_state()
+    if head.draft_vocab is not None:
+        state[DRAFT_VOCAB] = head.draft_vocab
+    save_weights(state, path, metadata)
 
 
-def eagle_from_weights(target: nn.Module, path: Path | None, attention: str = "decomposed") -> EagleHead:
-    """The head for `target` with the weights in `path` (an untrained head when path is None)."""
+def eagle_from_weights(target: nn.Module, path: Path | None, attention: str = "decomposed",
+                       draft_vocab: bool = True) -> EagleHead:
+    """The head for `target` with the weights in `path` (an untrained head when path is None), over
+    the file's draft vocabulary if it has one (`draft_vocab` False: over the full one, as training
+    runs)."""
     if path is None:
         return make_eagle_head(target, attention)
     state, meta = load_weights(path)
+    vocab = state.pop(DRAFT_VOCAB, None)
     check_compatible(meta, target.config, path)
     if meta.get("kind", EAGLE_KIND) != EAGLE_KIND:
         raise InputError(f"{path}: a '{meta['kind']}' drafter file, not an EAGLE head")
@@ -186,4 +213,6 @@ def eagle_from_weights(target: nn.Module, path: Path | None, attention: str = "d
     head = make_eagle_head(target, attention)
     dtype = next(head.layer.parameters()).dtype
     head.load_trainable_state({k: v.to(dtype) for k, v in state.items()}, path)
+    if vocab is not None and draft_vocab:
+        head.use_draft_vocab(checked_draft_vocab(vocab, target.config.vocab_size, path))
     return head

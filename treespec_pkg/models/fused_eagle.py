@@ -75,5 +75,7 @@ class FusedEagleHead:
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """lm_head of predicted features [..., H] -> [..., V] in the model dtype (callers take
-        log_softmax in fp32: one kernel, no fp32 copy of the logits)."""
+        log_softmax in fp32: one kernel, no fp32 copy of the logits). With a draft vocabulary the
+        head's lm_head holds only its K rows, so this is [..., K] and its positions are mapped back
+        by the caller (runtime/drafters/eagle_tree.py, inside the captured draft)."""
         return F.linear(predicted.to(self.lm_weight.dtype), self.lm_weight, self.lm_bias)
