@@ -54,6 +54,24 @@ def test_device_backend_matches_numpy_backend(tiny_artifacts, min_bucket):
         np.testing.assert_allclose(va[:, :, :23], vb, atol=1e-5, rtol=0)
 
 
+def test_the_minimum_step_counts_the_rows_of_the_whole_batch(tiny_artifacts):
+    """min_bucket 16: one sequence's 1-token step is padded to 16 tokens, each of a batch of 4 to 4
+    (16 rows in all), and a batch of 32 is not padded; the logits equal the unpadded backend's."""
+    manifest = load_manifest(tiny_artifacts)
+    padded, exact = (_device_backend(manifest, "target", min_bucket=m) for m in (16, 1))
+    for batch, tokens in ((1, 16), (4, 4), (32, 1)):
+        ids = np.arange(3, 3 + 5 * batch).reshape(batch, 5).tolist()
+        outs = []
+        for backend in (padded, exact):
+            backend.reset(batch, 64)
+            prefill = backend.step(StepInputs(*batch_tree_inputs([chain_tree(row) for row in ids], backend.lengths)))
+            backend.commit(prefill, [list(range(5))] * batch)
+            step = backend.step(StepInputs(*batch_tree_inputs([chain_tree([7])] * batch, backend.lengths)))
+            outs.append(np.asarray(step.logits))
+        assert (batch, tokens) in padded._buckets
+        np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
 def _generator(tiny_artifacts, drafter: str, device: str = "cpu", min_bucket: int | None = 4):
     from treespec.runtime.api import SpeculativeGenerator
     from treespec.runtime.drafters.draft_lm import DraftModelDrafter

@@ -46,7 +46,7 @@ class TreeBackend(ABC):
     """A loaded tree graph plus its KV cache for one batch of sequences."""
 
     name: str = "abstract"
-    min_bucket: int = 1  # every step is padded to at least this many tokens (1: no padding)
+    min_bucket: int = 1  # every step is padded to at least this many rows, its batch's together (1: no padding)
     _lengths: np.ndarray  # set by reset()
     _capacity: int
 

@@ -10,10 +10,12 @@ import numpy as np
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def bucket_for(tokens: int, min_bucket: int = 1) -> int | None:
-    """The smallest bucket holding `tokens` (at least `min_bucket`); None past the largest."""
+def bucket_for(tokens: int, min_rows: int = 1, batch: int = 1) -> int | None:
+    """The smallest bucket holding `tokens` whose batch of steps has at least `min_rows` rows in all;
+    None past the largest."""
+    floor = max(tokens, -(-min_rows // batch))
     for b in BUCKETS:
-        if b >= max(tokens, min_bucket):
+        if b >= floor:
             return b
     return None
 

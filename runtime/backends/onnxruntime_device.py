@@ -7,8 +7,9 @@ the bus:
 
 * KV cache: one tensor [2*layers, B, KVH, rows, D]; slice 2i is `past_key_i`, 2i+1 `past_value_i`.
   A buffer that is large enough is kept across resets (captured graphs stay valid).
-* A step is padded to a bucket (1, 2, 4, ..., 128 tokens; at least `min_bucket`, 64 for the target
-  on CUDA, so plain decoding and tree verification run the same GEMM kernels: see torch_backend).
+* A step is padded to a bucket (1, 2, 4, ..., 128 tokens; at least `min_bucket` rows with the
+  batch's other sequences, 64 for the target on CUDA, so plain decoding and tree verification run
+  the same GEMM kernels: see torch_backend).
   Each (batch, bucket) owns static input/output tensors and one IOBinding over them; with CUDA
   graphs ONNX Runtime captures each bucket once (RunOptions `gpu_graph_id`) and replays it.
 * The new K/V outputs are bound to slices of one stacked tensor, so `commit` moves the accepted
@@ -173,7 +174,7 @@ class OnnxRuntimeDeviceBackend(TreeBackend):
             raise BackendError(f"step has batch {batch} but reset() allocated {self.cache.shape[1]}")
         if int(self._lengths.max()) + t > self.cache.shape[3]:
             raise BackendError("KV cache capacity exceeded")
-        tokens = bucket_for(t, self.min_bucket) or t  # a long prefill runs at its own size
+        tokens = bucket_for(t, self.min_bucket, batch) or t  # a long prefill runs at its own size
         bucket = self._bucket(batch, tokens)
         self._fill(bucket, inputs)
         self._run(bucket)

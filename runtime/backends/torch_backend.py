@@ -12,7 +12,10 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
 * T is padded up to a bucket (1, 2, 4, ..., 128) with self-only mask rows; on CUDA each
   (batch, bucket) step is captured once in a CUDA graph (capacity is fixed per reset, so the
   graphs stay valid until the next reset changes the shape). Steps over 128 tokens run eagerly.
-* `min_bucket`: every step of the target is padded to at least this many tokens (64 on CUDA). fp16
+* `min_bucket`: every step of the target is padded to at least this many rows (64 on CUDA), counting
+  every sequence of the batch (a batch of 8 pads each to 8 tokens: padding each sequence to 64 made a
+  plain step of 64 served requests verify 4,096 rows, and the load sizer then saw no gain in plain
+  decoding). fp16
   GEMMs pick different kernels (split-K, tile shapes) for different row counts, and a one-row
   decode step rounds differently from the same row inside a 64-row tree step, which can flip an
   argmax at a near tie. Running plain decoding and tree verification through the same bucket (the
@@ -230,7 +233,7 @@ class TorchBackend(TreeBackend):
             raise BackendError(f"step has batch {batch} but reset() allocated {self._cache.shape[1]}")
         if int(self._lengths.max()) + t > self._cache.shape[3]:
             raise BackendError("KV cache capacity exceeded")
-        tokens = bucket_for(t, self.min_bucket)
+        tokens = bucket_for(t, self.min_bucket, batch)
         if tokens is None or int(self._lengths.max()) + tokens > self._cache.shape[3]:
             tokens = t  # a long prefill: run eagerly at its own size
         g = self._graph_for(batch, tokens)
