@@ -6,10 +6,14 @@ tokenizer's EOS is always kept (a draft that cannot propose the end of an answer
 pay a whole step for it), and so is every other special id that occurs in an answer.
 
 Why K = 16,384 by default: a third of SmolLM2's 49,152 rows of lm_head, the GEMM that dominated a
-draft level on the CPU; the answer tokens of the training set outside the subset (the acceptance
-it can cost) are measured per split here and written into the head's metadata
-(`draft_vocab_stats`), so the choice can be checked on every dataset. See the README's EAGLE notes
-for the timings and the coverage measured.
+draft level on the CPU (ONNX Runtime, 2 cores, the committed head, tools/cpu_draft_vocab.py: a level
+of 8 rows 10.7-13.8 -> 4.4-5.7 ms; an eagle2 d6 k8 n64 draft 89 -> 40 ms). Its cost in acceptance
+is the answer tokens outside the subset, measured here per split and written into the head's
+metadata (`draft_vocab_stats`), so the choice is checked on every dataset. On a dataset built on
+the CPU (795 prompts, 110k answer tokens, 5.6k distinct) the 16,384 ids covered 97.1% of held-out
+and 94.7% of bench answer tokens (8,192: 95.0 / 90.1; 32,768: 99.5 / 98.7), and tokens per step
+on 12 bench prompts (d6 k8 n64) went 2.81 -> 2.72; the GPU dataset (10.5M tokens) has far more
+distinct answer tokens to rank.
 """
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ def answer_tokens(data: TokenData, split: int) -> np.ndarray:
 
 
 def most_frequent(counts: np.ndarray, k: int, always: Iterable[int] = ()) -> np.ndarray:
-    """The sorted ids of `always` plus the most counted others, k in all (ties: the smaller id).
-    counts: [V] occurrences of each id."""
+    """The sorted ids of `always` plus the most counted others, k in all. counts: [V] occurrences of
+    each id. Ties, the never-seen ids included, go to the smaller id: in a BPE vocabulary the earlier
+    merge, a piece more frequent in the tokenizer's own corpus."""
     always = sorted(set(int(i) for i in always))
     if not 1 <= k <= len(counts) or len(always) > k:
         raise ValueError(f"a draft vocabulary of {k} ids must hold 1..{len(counts)} ids and the {len(always)} kept ones")
