@@ -20,7 +20,9 @@
 #      GPUS (N or all: one instance group per GPU, issue 18; LEVELS then e.g. 8,16,32,64 for 8 x N streams),
 #      FUSED (TREESPEC_TORCH_FUSED for the API and the server, e.g. triton: Triton GEMMs instead of cuBLAS,
 #      whose kernel choice may change with the batch width and so flip a near-tie argmax between a request
-#      alone and the same request in a batch: the loadtest's mismatch count says whether it does).
+#      alone and the same request in a batch: the loadtest's mismatch count says whether it does),
+#      PYSPY (seconds: py-spy samples the model's Python stub, every thread, from the loadtest's start,
+#      i.e. its requests sent alone, into $OUT/pyspy.txt; needs py-spy on PATH or in /tmp/site).
 # Files in $OUT: gpu_serve.log, api_batch1.json, serve.log, tritonserver.log, loadtest.json,
 #      loadtest.png, metrics.txt, summary.json.
 set -uo pipefail
@@ -133,6 +135,12 @@ fi
 
 # 3. the load test ----------------------------------------------------------------------------------
 stamp "loadtest at $LEVELS streams, speculative and plain ($(left) s left)"
+if [ -n "${PYSPY:-}" ]; then
+  spy=$(command -v py-spy || ls /tmp/site/py_spy-*.data/scripts/py-spy 2>/dev/null | head -1)
+  stub=$(pgrep -f triton_python_backend_stub | head -1)
+  [ -n "$spy" ] && chmod +x "$spy" && [ -n "$stub" ] && "$spy" record --pid "$stub" --duration "$PYSPY" --rate 500 \
+    --threads --format raw --nonblocking --output "$OUT/pyspy.txt" > "$OUT/pyspy.log" 2>&1 &
+fi
 timeout $(( $(left) - 25 )) python3 -m treespec.runtime.cli loadtest --url "http://127.0.0.1:$PORT" \
   --levels "$LEVELS" --trees default,none --max-tokens "$TOKENS" --num-prompts "$PROMPTS" \
   --timeout 60 --out "$OUT/loadtest"
