@@ -71,6 +71,21 @@ def _wait_for(service, key: str, value: float, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def _wait_for_cancelled_or_never_seen(service, before: dict, timeout: float = 30) -> None:
+    """The leaving request is counted cancelled by the model, unless it never reached the model: the
+    front shut its upstream connection before tritonserver handed the request over (seen once in a
+    full run on 2 loaded cores). Either way it is never decoded, which the caller checks."""
+    def requests(m: dict) -> float:
+        return sum(v for k, v in m.items() if k.startswith("treespec_requests_total"))
+
+    deadline = time.monotonic() + timeout
+    while (now := metrics(service))[CANCELLED] < before[CANCELLED] + 1:
+        if time.monotonic() > deadline:
+            assert requests(now) == requests(before) + 1, "the leaving request reached the model, not cancelled"
+            return
+        time.sleep(0.1)
+
+
 def _short_request(service) -> list[int]:
     code, raw, _ = openai_post(service.http_url, "/v2/models/treespec/generate",
                                {"text_input": PROMPT, "max_tokens": SHORT})
@@ -139,7 +154,7 @@ def test_leaving_while_waiting_for_the_slot_is_never_decoded(service, expected):
     _open_stream(service, *PATHS[0]).close()  # queued behind it, and gone before any event
     thread.join(120)
     assert not thread.is_alive()
-    _wait_for(service, CANCELLED, before[CANCELLED] + 1)
+    _wait_for_cancelled_or_never_seen(service, before)
     assert _short_request(service) == expected
     made = metrics(service)[TOKENS] - before[TOKENS]
     wasted = made - SHORT - holder["tokens"]

@@ -87,7 +87,11 @@ def grpc_stream(url: str, text=None, input_ids=None, max_tokens=MAX_TOKENS, stre
     try:
         inputs = raw_inputs(tg) if raw_inputs else _inputs(tg, text, input_ids, max_tokens, stream, tree,
                                                            request_timeout, **scalars)
-        client.async_stream_infer("treespec", inputs, enable_empty_final_response=True)
+        try:
+            client.async_stream_infer("treespec", inputs, enable_empty_final_response=True)
+        except tg.InferenceServerException as exc:  # the stream broke first (the server went away):
+            out.error = str(exc)                     # an error like the callback's, not an exception
+            return out
         while True:
             try:
                 result, error = q.get(timeout=timeout)
