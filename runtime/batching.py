@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -48,6 +48,7 @@ from treespec.runtime.verify import SamplingParams, sample_from, target_distribu
 PAD_TREE = chain_tree([0])
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHRINK_AFTER_S = 2.0  # a width holds while demand was that high this recently
+PHASES = ("admit", "draft", "target", "host")
 RECORD_SLOTS = 8  # slots per step whose trees feed the sizer's estimates (~0.1 ms each on the host)
 
 
@@ -94,6 +95,11 @@ class EngineStats:
     running: int = 0
     budget: int = 0  # nodes per sequence the last sized step drafted (0: plain decoding)
     resizes: int = 0
+    # Where the engine thread's time goes, cumulative (the metrics endpoint's
+    # treespec_engine_<phase>_seconds_total): prefills of newcomers, drafting (sizing included), the
+    # target step (its host packing and output copy included), and the rest of a step on the host
+    # (verification, commit, handing tokens to the requests, the drafter's bookkeeping).
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 def batchable(engine: TreeGenerator, tree: TreeConfig, sampling: SamplingParams) -> bool:
@@ -173,7 +179,9 @@ class BatchEngine:
                 admit.append(pending.pop(0))  # FIFO: a job waits for the batch to drain, later ones behind it
             try:  # a backend failure fails the requests it touched; the engine serves on
                 if admit:
+                    start = time.perf_counter()
                     self._admit(admit)
+                    self.stats.seconds["admit"] += time.perf_counter() - start
             except Exception as exc:
                 self._fail_all(exc, admit)
                 continue
@@ -321,9 +329,12 @@ class BatchEngine:
         return trees, proposals, draft_s
 
     def _step(self) -> None:
+        start = time.perf_counter()
         configs = self._configs()
         trees, proposals, draft_s = self._draft(configs)
+        drafted = time.perf_counter()
         out = self._target_step(trees)
+        verified = time.perf_counter()
         verdicts = {b: verify_tree(trees[b], out, b, s.req.sampling, s.rng, proposals[b])
                     for b, s in enumerate(self.slots) if s is not None}
         self.target.commit(out, [verdicts[b].path if b in verdicts else [] for b in range(len(self.slots))])
@@ -340,6 +351,10 @@ class BatchEngine:
             slot.root = verdict.tokens[-1]
             if self._emit(b, verdict.tokens) and self.drafter is not None and slot.req.tree.policy != "none":
                 self.drafter.accept(b, verdict.tokens, Features(out.hidden_states, b, verdict.path))
+        seconds = self.stats.seconds
+        seconds["draft"] += drafted - start
+        seconds["target"] += verified - drafted
+        seconds["host"] += time.perf_counter() - verified
 
     def _emit(self, b: int, tokens: list[int]) -> bool:
         """Cut at EOS / the limit, hand the tokens to the request; free the slot when it is done."""

@@ -3,7 +3,7 @@
 Two levels (1 and 3 streams), speculative (the server's default tree) and plain (`tree: none`)
 through the same server: every output equals the same request sent alone, the JSON and PNG hold
 each level's numbers, and the metrics endpoint shows the load-aware tree sizing (budget, batch
-width, tokens per step). Bad input (no server, bad levels) is one line and exit 2.
+width, tokens per step) and where the engine's time goes per step. Bad input (no server, bad levels) is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def test_loadtest_compares_speculative_and_plain_through_one_server_losslessly(s
     gauges = {k.split("{")[0]: v for k, v in metrics(service).items()}
     assert {"treespec_tree_budget", "treespec_batch_width", "treespec_tokens_per_step"} <= set(gauges)
     assert gauges["treespec_tokens_per_step"] >= 1.0 and 1 <= gauges["treespec_batch_width"] <= SLOTS
+    # and where the engine's time goes: every level's steps split into its phases
+    for row in rows.values():
+        split = row["server_ms_per_step"]
+        assert set(split) == {"admit", "draft", "target", "host"} and split["target"] > 0, split
+    assert rows[("default", 1)]["server_ms_per_step"]["draft"] > rows[("none", 1)]["server_ms_per_step"]["draft"]
 
 
 def test_loadtest_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

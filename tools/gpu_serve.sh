@@ -22,7 +22,9 @@
 #      whose kernel choice may change with the batch width and so flip a near-tie argmax between a request
 #      alone and the same request in a batch: the loadtest's mismatch count says whether it does),
 #      PYSPY (seconds: py-spy samples the model's Python stub, every thread, from the loadtest's start,
-#      i.e. its requests sent alone, into $OUT/pyspy.txt; needs py-spy on PATH or in /tmp/site).
+#      i.e. its requests sent alone, or from PYSPY_AT seconds later, into $OUT/pyspy.txt; needs py-spy on
+#      PATH or in /tmp/site). The loadtest's JSON has each level's engine time per step (admit, draft,
+#      target, host: the server's treespec_engine_*_seconds_total), and the summary repeats it.
 # Files in $OUT: gpu_serve.log, api_batch1.json, serve.log, tritonserver.log, loadtest.json,
 #      loadtest.png, metrics.txt, summary.json.
 set -uo pipefail
@@ -138,8 +140,8 @@ stamp "loadtest at $LEVELS streams, speculative and plain ($(left) s left)"
 if [ -n "${PYSPY:-}" ]; then
   spy=$(command -v py-spy || ls /tmp/site/py_spy-*.data/scripts/py-spy 2>/dev/null | head -1)
   stub=$(pgrep -f triton_python_backend_stub | head -1)
-  [ -n "$spy" ] && chmod +x "$spy" && [ -n "$stub" ] && "$spy" record --pid "$stub" --duration "$PYSPY" --rate 500 \
-    --threads --format raw --nonblocking --output "$OUT/pyspy.txt" > "$OUT/pyspy.log" 2>&1 &
+  [ -n "$spy" ] && chmod +x "$spy" && [ -n "$stub" ] && (sleep "${PYSPY_AT:-0}"; "$spy" record --pid "$stub" \
+    --duration "$PYSPY" --rate 500 --threads --format raw --nonblocking --output "$OUT/pyspy.txt") > "$OUT/pyspy.log" 2>&1 &
 fi
 timeout $(( $(left) - 25 )) python3 -m treespec.runtime.cli loadtest --url "http://127.0.0.1:$PORT" \
   --levels "$LEVELS" --trees default,none --max-tokens "$TOKENS" --num-prompts "$PROMPTS" \
@@ -165,6 +167,9 @@ if load_:
                           "x_vs_plain": round(rows[("default", c)]["total_tokens_per_s"]
                                               / max(rows[("none", c)]["total_tokens_per_s"], 1e-9), 3),
                           "budget_p50": rows[("default", c)].get("budget_p50"),
+                          "tokens_per_step": rows[("default", c)].get("server_tokens_per_step"),
+                          "speculative_ms_per_step": rows[("default", c)].get("server_ms_per_step"),
+                          "plain_ms_per_step": rows[("none", c)].get("server_ms_per_step"),
                           "errors": rows[("default", c)]["errors"] + rows[("none", c)]["errors"],
                           "mismatches": rows[("default", c)]["mismatches"] + rows[("none", c)]["mismatches"]}
                          for c in load_["levels"] if ("default", c) in rows and ("none", c) in rows]

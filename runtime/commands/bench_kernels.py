@@ -43,8 +43,9 @@ def _prefill(backend: TorchBackend, rng: np.random.Generator, past: int, capacit
     backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
 
 
-def count_kernels(backend: TorchBackend, inputs: StepInputs) -> Counter:
-    """CUDA kernels launched by one eager step (no graph), by name, counted by torch.profiler."""
+def count_kernels(backend: TorchBackend, inputs: StepInputs) -> tuple[Counter, Counter]:
+    """CUDA kernels launched by one eager step (no graph), by name, counted by torch.profiler, and
+    their summed device time in µs by name (what a fusion would save)."""
     graphs, backend.use_graphs = backend.use_graphs, False
     backend.step(inputs)  # warm-up: Triton compiles, cuBLAS picks its kernels
     torch.cuda.synchronize()
@@ -52,8 +53,12 @@ def count_kernels(backend: TorchBackend, inputs: StepInputs) -> Counter:
         backend.step(inputs)
         torch.cuda.synchronize()
     backend.use_graphs = graphs
-    return Counter(e.name[:80] for e in prof.events() if e.device_type == DeviceType.CUDA
-                   and not e.name.startswith(("Memcpy", "Memset")))
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    micros: Counter = Counter()
+    for e in kernels:
+        micros[e.name[:80]] += getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+    return Counter(e.name[:80] for e in kernels), micros
 
 
 def time_step(backend: TorchBackend, inputs: StepInputs, reps: int) -> float:
@@ -77,10 +82,12 @@ def profile_backend(decoder, fused: bool | str, sizes=SIZES, reps: int = 20, pas
     row: dict = {"kernels": {}, "ms": {}, "min_bucket": backend.min_bucket}
     for t in sizes:
         inputs = tree_step(rng, t, backend.lengths)
-        names = count_kernels(backend, inputs)
+        names, micros = count_kernels(backend, inputs)
         row["kernels"][str(t)] = sum(names.values())
-        if t == 64:
-            row["kernel_names_t64"] = dict(names.most_common(12))
+        row.setdefault("kernel_us", {})[str(t)] = round(sum(micros.values()), 1)
+        if t in (1, 64):
+            row[f"kernel_us_by_name_t{t}"] = {n: round(us, 1) for n, us in micros.most_common(12)}
+            row[f"kernel_names_t{t}"] = dict(names.most_common(12))
         row["ms"][str(t)] = time_step(backend, inputs, reps)
     padded, backend.min_bucket = backend.min_bucket, 1  # plain decoding unpadded (not bit-identical)
     row["ms_1_token_bucket"] = time_step(backend, tree_step(rng, 1, backend.lengths), reps)
@@ -115,3 +122,7 @@ def print_profile(profile: dict) -> None:
         print(f"{name:>23} kernels " + " ".join(f"{row['kernels'].get(t, ''):>7}" for t in sizes))
         print(f"{name:>23} ms      " + " ".join(f"{row['ms'].get(t, ''):>7}" for t in sizes)
               + f"   (1 token, bucket 1: {row.get('ms_1_token_bucket')} ms)")
+        print(f"{name:>23} kern µs " + " ".join(f"{row.get('kernel_us', {}).get(t, ''):>7}" for t in sizes))
+        for t in ("1", "64"):
+            by_name = row.get(f"kernel_us_by_name_t{t}", {})
+            print(f"{'':>23} T={t}: " + ", ".join(f"{n[:40]} {us}" for n, us in list(by_name.items())[:8]))

@@ -63,6 +63,10 @@ def level_summary(clients: int, mode: str, samples: list, before: dict, after: d
     made = after.get("treespec_tokens_total", 0) - before.get("treespec_tokens_total", 0)
     if steps > 0:
         out["server_tokens_per_step"] = round(made / steps, 3)  # per sequence and verification step
+        phases = {name[len("treespec_engine_"):-len("_seconds_total")]: after[name] - before.get(name, 0.0)
+                  for name in after if name.startswith("treespec_engine_") and name.endswith("_seconds_total")}
+        if phases:  # where the engine's time went, per verification step (admissions spread over them)
+            out["server_ms_per_step"] = {k: round(v / steps * 1e3, 3) for k, v in sorted(phases.items())}
     return out
 
 
@@ -106,6 +110,8 @@ def print_level(s: dict) -> None:
     if "budget_p50" in s:
         extra = f" budget p50 {s['budget_p50']:.0f} (range {s['budget_min']:.0f}-{s['budget_max']:.0f}), width {s['width_max']:.0f}"
     acc = f" acc/step {s['server_tokens_per_step']:.2f}" if "server_tokens_per_step" in s else ""
+    if "server_ms_per_step" in s:
+        acc += " ms/step " + " ".join(f"{k} {v:.2f}" for k, v in s["server_ms_per_step"].items())
     print(f"[{s['mode']}] {s['clients']:3d} streams: {s['total_tokens_per_s']:9.1f} tok/s total, "
           f"{s['per_request_tokens_per_s_p50'] or 0:7.1f} tok/s per request (p50), ttft p50 "
           f"{(s['ttft_s_p50'] or 0) * 1e3:7.1f} ms, latency p50/p99 {s['latency_s_p50'] or 0:6.2f}/"

@@ -23,7 +23,9 @@ that is stuck inside one step past it, and the model is reloaded for the next re
 Custom metrics on Triton's metrics endpoint: treespec_requests_total{outcome}, treespec_tokens_total,
 treespec_steps_total, treespec_steps_by_tokens_total{tokens} (verification steps by the tokens each
 produced: the acceptance's distribution) and treespec_mean_accepted_tokens (tokens per verification
-step since the instance started). Tokens and steps are counted in the instance and published in
+step since the instance started); per instance, the batch engine's gauges (treespec_tree_budget,
+treespec_batch_width, treespec_batch_running, treespec_tokens_per_step) and where its thread's time
+went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens and steps are counted in the instance and published in
 bulk (publish_counts: before a request's final response, and with the engine's gauges): every metric
 call from the stub is a round trip to the server process, and counting as it happened took three
 such calls per step and request, beside the response's own send.
@@ -43,7 +45,7 @@ import treespec
 from treespec.errors import InputError, TreespecError
 from treespec.runtime.api import SpeculativeGenerator
 from treespec.runtime.batch_sizing import max_budget
-from treespec.runtime.batching import BatchEngine
+from treespec.runtime.batching import PHASES, BatchEngine
 from treespec.runtime.triton.client_watch import take_cancelled
 from treespec.runtime.triton.inflight import ResponseWorker, slot_request
 from treespec.runtime.triton.env import WATCH_ENV
@@ -152,6 +154,9 @@ class TreespecModel:
             "running": pb_utils.MetricFamily("treespec_batch_running", "Requests in the running batch", gauge),
             "rate": pb_utils.MetricFamily("treespec_tokens_per_step", "Tokens per sequence and speculative "
                                           "batched step (moving average: the acceptance)", gauge),
+            **{f"seconds_{phase}": pb_utils.MetricFamily(f"treespec_engine_{phase}_seconds_total",
+                                                         f"Seconds the batch engine spent in {phase}", counter)
+               for phase in PHASES},
         }
         self.m_requests = {o: self._fam["requests"].Metric(labels={**label, "outcome": o})
                            for o in ("success", "invalid", "failed", "cancelled")}
@@ -161,6 +166,9 @@ class TreespecModel:
         self.m_mean = self._fam["mean"].Metric(labels={**label, "instance": self.instance})
         self.m_engine = {k: self._fam[k].Metric(labels={**label, "instance": self.instance})
                          for k in ("budget", "width", "running", "rate")}
+        self.m_seconds = {phase: self._fam[f"seconds_{phase}"].Metric(labels={**label, "instance": self.instance})
+                          for phase in PHASES}
+        self._published_seconds = dict.fromkeys(PHASES, 0.0)
         self.total_accepted = 0
         self.total_steps = 0
         self._counts_lock = threading.Lock()  # the execute thread and the response thread both count
@@ -233,6 +241,10 @@ class TreespecModel:
             steps, tokens = self._unpublished, self._unpublished_tokens
             self._unpublished, self._unpublished_tokens = {}, 0
             mean = self.total_accepted / self.total_steps if self.total_steps else None
+            seconds = self._unpublished_seconds()
+        for phase, spent in seconds.items():
+            if spent > 0:
+                self.m_seconds[phase].increment(spent)
         if tokens:
             self.m_tokens.increment(tokens)
         if steps:
@@ -244,6 +256,15 @@ class TreespecModel:
             self.m_by_tokens[count].increment(n)
         if steps and mean is not None:
             self.m_mean.set(mean)
+
+    def _unpublished_seconds(self) -> dict[str, float]:
+        """The batch engine's seconds per phase since the last call (under _counts_lock)."""
+        if self.batch is None:
+            return {}
+        totals = dict(self.batch.stats.seconds)  # a copy: the engine thread adds to them meanwhile
+        spent = {phase: totals[phase] - self._published_seconds[phase] for phase in PHASES}
+        self._published_seconds = totals
+        return spent
 
     def update_engine_gauges(self) -> None:
         """The batch engine's load and tree sizing on the metrics endpoint, and the counts so far
