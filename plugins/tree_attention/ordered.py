@@ -18,6 +18,9 @@ in every step shape, and gets bit-identical output. Cost: each query token scans
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -27,12 +30,37 @@ from .kernel import dot_precision, empty_state, softmax_step
 LOG2E = 1.4426950408889634
 
 
+@dataclass(frozen=True)
+class OrderedLaunch:
+    """Launch parameters of the ordered kernel. Every step shape of a model must use the same ones
+    (the key blocks fix the summation order, hence the bits), so they are process-wide, not tuned
+    per shape. tools/attention_tune.py times the candidates on a GPU; TREESPEC_ORDERED_ATTENTION
+    ("BLOCK_N,warps,stages") overrides the default for such experiments."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "OrderedLaunch":
+        block_n, warps, stages = (int(x) for x in text.split(","))
+        if block_n & (block_n - 1) or not 16 <= block_n <= 256 or warps not in (1, 2, 4, 8) or not 1 <= stages <= 4:
+            raise ValueError(f"TREESPEC_ORDERED_ATTENTION={text!r}: want BLOCK_N (16..256, a power of two),"
+                             " warps (1, 2, 4, 8), stages (1..4)")
+        return cls(block_n, warps, stages)
+
+
+LAUNCH = OrderedLaunch.parse(os.environ["TREESPEC_ORDERED_ATTENTION"]) if os.environ.get(
+    "TREESPEC_ORDERED_ATTENTION") else OrderedLaunch()
+
+
 @triton.jit
 def ordered_tree_attention_kernel(Q, K, V, LENGTHS, ANCESTORS, DEPTHS, OUT,
                                   T, H,
                                   sqb, sqh, sqt, skb, skh, skr, svb, svh, svr,
                                   QK_SCALE: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                                  STAGES: tl.constexpr):
     pid = tl.program_id(0)  # b * T + t
     kvh = tl.program_id(1)
     b = pid // T
@@ -48,7 +76,7 @@ def ordered_tree_attention_kernel(Q, K, V, LENGTHS, ANCESTORS, DEPTHS, OUT,
     k_base = K + b.to(tl.int64) * skb + kvh * skh
     v_base = V + b.to(tl.int64) * svb + kvh * svh
     ancestors = ANCESTORS + pid.to(tl.int64) * T
-    for start in range(0, last + 1, BLOCK_N):
+    for start in tl.range(0, last + 1, BLOCK_N, num_stages=STAGES):  # STAGES > 1: loads run ahead
         pos = start + tl.arange(0, BLOCK_N)
         ok = pos <= last
         in_tree = pos >= length
@@ -81,7 +109,7 @@ def tree_ancestors(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            lengths: torch.Tensor, ancestors: torch.Tensor, depths: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, launch: OrderedLaunch | None = None) -> torch.Tensor:
     """q [B, H, T, D] (any strides, last dim contiguous); k/v_cache [B, KVH, rows, D] holding the
     committed rows [0, L_b) and this step's tree rows at [L_b, L_b + T); lengths [B] (L_b).
     Returns [B, T, H, D] in q's dtype."""
@@ -95,10 +123,11 @@ def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError("ordered tree attention needs the head dim contiguous")
     out = torch.empty(batch, tokens, heads, dim, dtype=q.dtype, device=q.device)
     block_m = max(16, triton.next_power_of_2(groups))
+    launch = launch or LAUNCH
     ordered_tree_attention_kernel[(batch * tokens, kv_heads)](
         q, k_cache, v_cache, lengths, ancestors, depths, out, tokens, heads,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=64, DOT_PREC=dot_precision(q.dtype),
-        num_warps=4)
+        QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=launch.block_n,
+        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, num_warps=launch.num_warps)
     return out
