@@ -24,19 +24,10 @@ request rates). So the engine picks the budget n per step that maximises tokens 
   and a draft after plain steps or an admission first feeds the drafter the features it missed
   (EAGLE's catch-up). With those in, the first H200 serving runs priced every tree out for good:
   plain steps record nothing to wash such a sample out.
-* Per request: E(n) is estimated per slot (acceptance is a property of the text: on an H100, at one
-  stream, a request whose drafts were rarely accepted left a shared average so low that the next
-  request, which accepted 3.3 tokens a step alone, decoded most of its tokens plainly). A new
-  request starts from the shared average and its own steps take over fast (a running mean, then
-  an EMA); the step's budget maximises the slots' mean E(n) over the step's cost.
 The full budget is drafted now and then, so the estimates of larger budgets follow the text
 (acceptance changes with the prompt): every EXPLORE_EVERY steps while it is (nearly) the best
 choice, less often the dearer its step is than the chosen one's, so that exploring never costs more
-than about 1/EXPLORE_EVERY of the time (at 64 streams a full tree's step costs ~10 plain ones). Its
-price includes the drafter's one-off work at the last exploration (EAGLE's catch-up over the
-features of every plain step since), which grows with the plain steps between two explorations.
-The first step after an admission explores as well when a full tree costs at most FRESH_EXPLORE
-times the chosen step (batch 1 on a GPU), so a new request's estimate starts from its own text.
+than about 1/EXPLORE_EVERY of the time (at 64 streams a full tree's step costs ~10 plain ones).
 Lossless whatever n is: verification is exact, and only greedy requests are sized (a sampled
 request keeps its tree, so its random draws stay those of the request sent alone).
 """
@@ -59,8 +50,6 @@ CANDIDATES = (0, 2, 4, 8, 16, 24, 32, 48, 63, 96, 127)  # node budgets per seque
 EXPLORE_EVERY = 16
 EXPLORE_EVERY_MAX = 1024
 EMA = 0.1
-SLOT_EMA = 0.25  # a slot's estimate: a running mean over its first samples, then this EMA
-FRESH_EXPLORE = 2.5
 DRAFT_SAMPLES = 5
 MEASURE_PAST = 64  # cached tokens per sequence while the curve is measured
 MEASURE_REPS = 3
@@ -116,10 +105,6 @@ class LoadSizer:
     explored: int = 0  # the step that last drafted the full budget
     budget: int = 0  # the last choice (metrics)
     tokens_per_step: float = 0.0  # moving average over speculative slot-steps (metrics)
-    slot_gain: dict[int, dict[int, float]] = field(default_factory=dict)  # E(n) per slot
-    slot_samples: dict[int, int] = field(default_factory=dict)
-    explore_one_off_s: float = 0.0  # the drafter's one-off work at the last explorations (EMA)
-    fresh: bool = False  # a request was admitted since the last choice
 
     def candidates(self, full: int) -> list[int]:
         return sorted({n for n in CANDIDATES if n < full and n + 1 <= self.max_tree_tokens} | {full})
@@ -137,17 +122,9 @@ class LoadSizer:
         self.curves[width] = measure_width(backend, width, capacity, self.sizes(full))
         return self.curves[width]
 
-    def admit(self, slot: int) -> None:
-        """A new request in `slot`: its own estimate starts over."""
-        self.slot_gain.pop(slot, None)
-        self.slot_samples.pop(slot, None)
-        self.fresh = True
-
-    def choose(self, width: int, full: int, slots: tuple[int, ...] | list[int] = ()) -> int:
-        """The budget for the next step of a batch of `width` whose configs allow up to `full` nodes;
-        `slots`: the sized slots of the step (their estimates; none: the shared one)."""
+    def choose(self, width: int, full: int) -> int:
+        """The budget for the next step of a batch of `width` whose configs allow up to `full` nodes."""
         self.steps += 1
-        fresh, self.fresh = self.fresh, False
         if full <= 0:
             self.budget = 0
             return 0
@@ -156,28 +133,19 @@ class LoadSizer:
         else:
             curve = self.curves[width]
             cost = {n: self._draft(n) + curve(n + 1) for n in self.candidates(full)}
-            gains = self._gains(list(cost), slots)
-            rate = {n: gains[n] / cost[n] for n in cost}
+            rate = {n: self._gain(n) / cost[n] for n in cost}
             best = max(rate, key=lambda n: (rate[n], -n))
-            explore = cost[full] + self.explore_one_off_s
-            every = min(EXPLORE_EVERY * max(1.0, explore / cost[best]), EXPLORE_EVERY_MAX)
-            due = self.steps - self.explored >= every or (fresh and explore <= FRESH_EXPLORE * cost[best])
-            self.budget = full if due else best
+            every = min(EXPLORE_EVERY * max(1.0, cost[full] / cost[best]), EXPLORE_EVERY_MAX)
+            self.budget = full if self.steps - self.explored >= every else best
         if self.budget == full:
             self.explored = self.steps
         return self.budget
 
-    def _gains(self, budgets: list[int], slots: tuple[int, ...] | list[int] = ()) -> dict[int, float]:
-        """E(n) for each budget: the mean over `slots` of their own estimates (the shared one for a
-        slot without samples), or the shared estimate. Dict lookups only: at 64 slots this runs every
-        step."""
-        shared = {n: _at_or_below(self.gain, n) if n else 1.0 for n in budgets}
-        own = [t for t in (self.slot_gain.get(b) for b in slots) if t]
-        if not own:
-            return shared
-        rest = len(slots) - len(own)
-        return {n: (sum(t[n] if n in t else _at_or_below(t, n) for t in own) + rest * shared[n]) / len(slots)
-                if n else 1.0 for n in budgets}
+    def _gain(self, n: int) -> float:
+        if n == 0:
+            return 1.0
+        known = [m for m in self.gain if m <= n]
+        return self.gain[max(known)] if known else 1.0  # never drafted at or below n: assume nothing
 
     def _draft(self, n: int) -> float:
         if n == 0:
@@ -187,40 +155,19 @@ class LoadSizer:
         larger = [m for m in self.draft_s if m >= n]
         return statistics.median(self.draft_s[min(larger) if larger else max(self.draft_s)])  # (numpy's: 15 us)
 
-    def record(self, budget: int, draft_s: float, steps: list[tuple[int, Tree, Verdict]],
-               one_off_s: float = 0.0) -> None:
-        """After a verified step drafted with `budget` nodes: its draft time (one-off work left out; the
-        one-off work itself prices the next exploration when this step explored) and, per slot and
-        candidate n, the tokens its trees would have given cut to n nodes."""
+    def record(self, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
+        """After a verified step drafted with `budget` nodes: its draft time (one-off work left out)
+        and, per candidate n, the tokens its trees would have given cut to n nodes."""
         if budget <= 0 or not steps:
             return
         self.draft_s.setdefault(budget, deque(maxlen=DRAFT_SAMPLES)).append(draft_s)
-        if self.explored == self.steps:
-            self.explore_one_off_s = 0.5 * (self.explore_one_off_s + one_off_s)
         sums: dict[int, list[int]] = {}
-        for slot, tree, verdict in steps:
-            cut = tokens_if_cut(tree, verdict, self.candidates(budget))
-            self._record_slot(slot, cut)
-            for n, tokens in cut.items():
+        for tree, verdict in steps:
+            for n, tokens in tokens_if_cut(tree, verdict, self.candidates(budget)).items():
                 sums.setdefault(n, []).append(tokens)
         for n, values in sums.items():
             self.gain[n] = _ema(self.gain.get(n), float(np.mean(values)))
-        self.tokens_per_step = _ema(self.tokens_per_step or None, float(np.mean([len(v.tokens) for _, _, v in steps])))
-
-    def _record_slot(self, slot: int, cut: dict[int, int]) -> None:
-        seen = self.slot_samples.get(slot, 0)
-        weight = max(SLOT_EMA, 1.0 / (seen + 2))  # the shared estimate counts as the first sample
-        own = self.slot_gain.setdefault(slot, {})
-        for n, tokens in cut.items():
-            prior = own[n] if n in own else _at_or_below(self.gain, n)
-            own[n] = (1 - weight) * prior + weight * tokens
-        self.slot_samples[slot] = seen + 1
-
-
-def _at_or_below(gain: dict[int, float], n: int) -> float:
-    """E(n) from the estimate of the largest budget <= n (never drafted there: 1, no gain assumed)."""
-    known = [m for m in gain if m <= n]
-    return gain[max(known)] if known else 1.0
+        self.tokens_per_step = _ema(self.tokens_per_step or None, float(np.mean([len(v.tokens) for _, v in steps])))
 
 
 def _ema(old: float | None, new: float) -> float:

@@ -262,8 +262,6 @@ class BatchEngine:
             b = self.slots.index(None)
             limit = min(req.max_new_tokens, self.engine.max_context - len(req.prompt))
             self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit, tree_key=repr(req.tree))
-            if self.sizer is not None:
-                self.sizer.admit(b)
             self.target.lengths[b] = 0  # the slot's old rows are dead: past_lengths masks them
         trees = [chain_tree(placed[b].req.prompt) if b in placed else PAD_TREE for b in range(len(self.slots))]
         out = self._target_step(trees)
@@ -301,7 +299,7 @@ class BatchEngine:
         full = max((max_budget(configs[b][1]) for b in greedy), default=0)
         if full <= 0:
             return configs
-        budget = self.stats.budget = self.sizer.choose(len(self.slots), full, greedy)
+        budget = self.stats.budget = self.sizer.choose(len(self.slots), full)
         for b in greedy:
             key, cfg = configs[b]
             if (key, budget) not in self._sized:
@@ -309,9 +307,9 @@ class BatchEngine:
             configs[b] = (f"{key}@{budget}", self._sized[(key, budget)])
         return configs
 
-    def _draft(self, configs: dict[int, tuple[str, TreeConfig]]) -> tuple[list[Tree], list[dict], float, float]:
+    def _draft(self, configs: dict[int, tuple[str, TreeConfig]]) -> tuple[list[Tree], list[dict], float]:
         """Each running slot's tree, grown by its own config (slots sharing a config draft together),
-        the seconds drafting took, one-off work left out (what the sizer prices), and that one-off work."""
+        and the seconds drafting took, one-off work left out (what the sizer prices)."""
         roots = [s.root if s else 0 for s in self.slots]
         trees: list[Tree] = [PAD_TREE] * len(self.slots)
         proposals: list[dict] = [{} for _ in self.slots]
@@ -320,21 +318,20 @@ class BatchEngine:
             groups.setdefault(key, []).append(b)
         if self.drafter is not None:
             self.drafter.return_distributions = False
-        draft_s = one_off_s = 0.0
+        draft_s = 0.0
         for members in groups.values():
             cfg = configs[members[0]][1]
             drafter = self.drafter if cfg.policy != "none" else None
             drafted = draft_trees(cfg, drafter, roots, active=[b in members for b in range(len(self.slots))])
             draft_s += drafted.draft_s
-            one_off_s += drafter.one_off_s if drafter is not None else 0.0
             for b in members:
                 trees[b], proposals[b] = drafted.trees[b], drafted.proposals[b]
-        return trees, proposals, draft_s, one_off_s
+        return trees, proposals, draft_s
 
     def _step(self) -> None:
         start = time.perf_counter()
         configs = self._configs()
-        trees, proposals, draft_s, one_off_s = self._draft(configs)
+        trees, proposals, draft_s = self._draft(configs)
         drafted = time.perf_counter()
         out = self._target_step(trees)
         verified = time.perf_counter()
@@ -347,9 +344,8 @@ class BatchEngine:
         self.stats.peak = max(self.stats.peak, len(verdicts))
         if self.sizer is not None:
             sized_slots = [b for b in verdicts if configs[b][1].policy != "none" and self.slots[b].req.sampling.greedy]
-            self.sizer.record(self.stats.budget, draft_s, [(b, trees[b], verdicts[b]) for b in
-                                                           _sample(sized_slots, RECORD_SLOTS, self.stats.steps)],
-                              one_off_s)
+            self.sizer.record(self.stats.budget, draft_s, [(trees[b], verdicts[b]) for b in
+                                                           _sample(sized_slots, RECORD_SLOTS, self.stats.steps)])
         for b, verdict in verdicts.items():
             slot = self.slots[b]
             slot.root = verdict.tokens[-1]

@@ -11,7 +11,6 @@ the width, and the verify-latency curve is measured per width.
 from __future__ import annotations
 
 import threading
-from collections import deque
 
 import pytest
 
@@ -69,42 +68,11 @@ def test_one_slow_draft_a_graph_capture_does_not_price_the_tree_out():
     sizer = LoadSizer(64, curves={1: flat}, gain={0: 1.0, 63: 3.4})
     tree = _tree()
     verdict = Verdict([0, 1, 3], [1, 3, 9])
-    sizer.record(63, 0.08, [(0, tree, verdict)])  # capture
+    sizer.record(63, 0.08, [(tree, verdict)])  # capture
     assert sizer.choose(1, 63) == 0  # with nothing else known, 80 ms of drafting does not pay
     for _ in range(2):
-        sizer.record(63, 0.9e-3, [(0, tree, verdict)])
+        sizer.record(63, 0.9e-3, [(tree, verdict)])
     assert sizer.choose(1, 63) == 63
-
-def test_a_new_request_is_sized_by_its_own_acceptance():
-    """At one stream on an H100 a request that accepted little left the shared estimate so low that
-    the next one, which accepted 3.3 tokens a step alone, decoded most of its tokens plainly. Now a
-    new request explores at once (a full tree costs 2x a plain step here) and its own steps decide."""
-    flat = LatencyCurve([1, 64], [1e-3, 1.0e-3])
-    sizer = LoadSizer(64, curves={1: flat}, gain={0: 1.0, 63: 1.3}, draft_s={63: deque([0.5e-3])})
-    assert sizer.choose(1, 63, [0]) == 0  # 1.3 tokens for 1.5 ms: plain pays
-    sizer.admit(0)
-    assert sizer.choose(1, 63, [0]) == 63  # the new request's first step explores
-    sizer.record(63, 0.5e-3, [(0, _tree(), Verdict([0, 1, 3], [1, 3, 9]))])  # 3 tokens from 2 nodes
-    assert sizer.slot_gain[0][2] == pytest.approx(2.0)  # the shared 1.0 counts as its first sample
-    assert sizer.choose(1, 63, [0]) > 0  # 2 tokens for 1.5 ms beat 1 for 1 ms: it speculates again
-    assert sizer._gains([63], [1]) == sizer._gains([63]) == {63: pytest.approx(1.3)}  # none of its own: shared
-
-
-def test_exploring_is_priced_with_the_catch_up_it_causes():
-    """The full tree after many plain steps first feeds the drafter every feature it missed (EAGLE's
-    catch-up, one-off work): that work, measured at the last exploration, spaces the next ones."""
-    knee = LatencyCurve([1, 16, 64], [1e-3, 1.2e-3, 8e-3])
-    gain = {0: 1.0, 2: 1.1, 16: 1.2, 63: 1.3}
-
-    def explorations(one_off_s: float) -> int:
-        sizer = LoadSizer(64, curves={8: knee}, gain=dict(gain), draft_s={63: deque([1e-3])})
-        sizer.choose(8, 63)
-        sizer.explored = sizer.steps  # as if this step explored
-        sizer.record(63, 1e-3, [(0, _tree(), Verdict([0], [9]))], one_off_s)
-        return [sizer.choose(8, 63) for _ in range(1000)].count(63)
-
-    assert explorations(0.0) > 2 * explorations(0.1) >= 2
-
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
@@ -206,7 +174,7 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts, device):
         engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2],
                              budget=gen.default_tree.budget)
         turns = iter(range(10**6))
-        engine.sizer.choose = lambda width, full, slots=(): full if next(turns) % 3 == 2 else 0  # 2 plain steps in 3
+        engine.sizer.choose = lambda width, full: full if next(turns) % 3 == 2 else 0  # 2 plain steps in 3
         try:  # one request at a time: the steps do not depend on when requests arrive
             assert [_run_engine(engine, gen, [p])[0] for p in PROMPTS[:3]] == alone
             head = engine.drafter.torch_head

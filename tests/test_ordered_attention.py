@@ -12,8 +12,10 @@ import sys
 import pytest
 
 
-def run_check(device: str, *extra: str) -> dict:
+def run_check(device: str, *extra: str, launch: str | None = None) -> dict:
     env = dict(os.environ)
+    if launch is not None:
+        env["TREESPEC_ORDERED_ATTENTION"] = launch
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-m", "treespec.plugins.tree_attention.ordered_check",
@@ -34,6 +36,21 @@ def test_ordered_kernel_in_the_interpreter():
     result = run_check("cpu", "--small", "--trees", "1")
     check(result)
     print(json.dumps(result))
+
+
+def test_another_launch_keeps_the_property():
+    """TREESPEC_ORDERED_ATTENTION picks the launch (the former default here): every launch must keep
+    tree nodes bitwise equal to plain decoding, since each fixes its own summation order."""
+    check(run_check("cpu", "--small", "--trees", "1", launch="64,4,1"))
+
+
+def test_a_bad_launch_is_refused_with_its_rule():
+    from treespec.plugins.tree_attention.ordered import OrderedLaunch
+
+    assert OrderedLaunch.parse("128,4,3") == OrderedLaunch()
+    for bad in ("100,4,1", "64,3,1", "64,4,9", "64,4", "a,b,c"):
+        with pytest.raises(ValueError, match="TREESPEC_ORDERED_ATTENTION"):
+            OrderedLaunch.parse(bad)
 
 
 @pytest.mark.gpu

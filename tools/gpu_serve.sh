@@ -17,6 +17,7 @@
 # Env: ART (required), OUT, SLOTS (64), LEVELS (1,8,32,64), TOKENS (128 per request), PROMPTS (40),
 #      LIMIT (280 s for the whole call), NUMPY1 (/tmp/numpy1), PORT (8000), TREE (server default tree),
 #      DEVICE (cuda; cpu for a dry run of this script on a CPU machine), DRAFTER (eagle),
+#      SIZING (the server's --tree-sizing: load, its default, or fixed),
 #      GPUS (N or all: one instance group per GPU, issue 18; LEVELS then e.g. 8,16,32,64 for 8 x N streams),
 #      FUSED (TREESPEC_TORCH_FUSED for the API and the server, e.g. triton: Triton GEMMs instead of cuBLAS,
 #      whose kernel choice may change with the batch width and so flip a near-tie argmax between a request
@@ -115,7 +116,7 @@ stamp "API done (exit $?)"
 # 2. the server -----------------------------------------------------------------------------------
 stamp "starting treespec serve (torch, $DEVICE, $DRAFTER, $SLOTS slots)"
 python3 -m treespec.runtime.cli serve --artifacts "$ART" --backend torch --device "$DEVICE" --drafter "$DRAFTER" \
-  ${TREE:+--tree "$TREE"} ${GPUS:+--gpus "$GPUS"} --batch-slots "$SLOTS" --port "$PORT" --grpc-port $((PORT + 1)) \
+  ${TREE:+--tree "$TREE"} ${GPUS:+--gpus "$GPUS"} ${SIZING:+--tree-sizing "$SIZING"} --batch-slots "$SLOTS" --port "$PORT" --grpc-port $((PORT + 1)) \
   --metrics-port $((PORT + 2)) --repo /tmp/treespec-repo --log-file "$OUT/tritonserver.log" > "$OUT/serve.log" 2>&1 &
 serve_pid=$!
 stop_server() {

@@ -65,7 +65,9 @@ def level_summary(clients: int, mode: str, samples: list, before: dict, after: d
         out["server_tokens_per_step"] = round(made / steps, 3)  # per sequence and verification step
         phases = {name[len("treespec_engine_"):-len("_seconds_total")]: after[name] - before.get(name, 0.0)
                   for name in after if name.startswith("treespec_engine_") and name.endswith("_seconds_total")}
-        if phases:  # where the engine's time went, per verification step (admissions spread over them)
+        # Where the engine's time went per verification step of one sequence (admissions spread over
+        # them): with W sequences running, one engine step takes about W times these.
+        if phases:
             out["server_ms_per_step"] = {k: round(v / steps * 1e3, 3) for k, v in sorted(phases.items())}
     return out
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 import traceback
@@ -52,8 +51,6 @@ from treespec.runtime.triton.inflight import ResponseWorker, slot_request
 from treespec.runtime.triton.env import WATCH_ENV
 from treespec.runtime.triton.schema import DEADLINE_MESSAGE, FIELDS, MAX_INPUT_IDS, GenerateRequest, check_request
 from treespec.runtime.trees.config import show_value
-
-GIL_SWITCH_S = 2e-4  # see initialize()
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -128,12 +125,6 @@ class TreespecModel:
                                      sizing=params.get("tree_sizing", "load") != "fixed",
                                      budget=max_budget(self.gen.default_tree))
             self.responses = ResponseWorker(self.cancel_dir, gauges=self.update_engine_gauges)
-            # Two threads share the GIL: when a step's GPU work ends, the engine thread waits for the
-            # GIL while the response thread builds and sends responses. CPython hands it over only
-            # after the switch interval (5 ms by default). On an H100 the server's target step (the
-            # engine's time from the step's inputs to its outputs on the host) took 1.38 ms at 1 stream
-            # where the Python API's takes ~1.1 ms.
-            sys.setswitchinterval(GIL_SWITCH_S)
         pb_utils.Logger.log_info(
             f"treespec: loaded {artifact_dir} ({self.backend} on {device}) in {time.perf_counter() - t0:.1f} s")
 
