@@ -19,6 +19,7 @@ import json
 import torch
 
 from treespec.plugins.tree_attention.ordered import OrderedLaunch, ordered_tree_attention, tree_ancestors
+from treespec.plugins.tree_attention.ordered_check import random_tree
 
 HEADS, KV_HEADS, DIM, PAST = 9, 3, 64, 320
 CASES = ((1, 1), (1, 64), (8, 8))  # (batch, tree tokens)
@@ -29,13 +30,7 @@ def _inputs(batch: int, tokens: int, gen: torch.Generator):
     q = torch.randn(batch, HEADS, tokens, DIM, generator=gen).half().cuda()
     k = torch.randn(batch, KV_HEADS, rows, DIM, generator=gen).half().cuda()
     v = torch.randn(batch, KV_HEADS, rows, DIM, generator=gen).half().cuda()
-    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, tokens)]
-    mask = torch.zeros(tokens, tokens, dtype=torch.bool)
-    for i in range(tokens):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
+    _, mask = random_tree(tokens, gen)
     anc, depth = tree_ancestors(mask.expand(batch, tokens, tokens).contiguous().cuda())
     lengths = torch.full((batch,), PAST, dtype=torch.int64, device="cuda")
     return q, k, v, lengths, anc, depth
