@@ -3,7 +3,8 @@
 Two levels (1 and 3 streams), speculative (the server's default tree) and plain (`tree: none`)
 through the same server: every output equals the same request sent alone, the JSON and PNG hold
 each level's numbers, and the metrics endpoint shows the load-aware tree sizing (budget, batch
-width, tokens per step) and where the engine's time goes per step. Bad input (no server, bad levels) is one line and exit 2.
+width, tokens per step) and where the engine's time goes per step. Bad input (no server, bad
+levels) is one line and exit 2.
 """
 from __future__ import annotations
 

@@ -25,10 +25,10 @@ treespec_steps_total, treespec_steps_by_tokens_total{tokens} (verification steps
 produced: the acceptance's distribution) and treespec_mean_accepted_tokens (tokens per verification
 step since the instance started); per instance, the batch engine's gauges (treespec_tree_budget,
 treespec_batch_width, treespec_batch_running, treespec_tokens_per_step) and where its thread's time
-went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens and steps are counted in the instance and published in
-bulk (publish_counts: before a request's final response, and with the engine's gauges): every metric
-call from the stub is a round trip to the server process, and counting as it happened took three
-such calls per step and request, beside the response's own send.
+went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens, steps and seconds are counted
+in the instance and published in bulk (publish_counts: before a request's final response, and with
+the engine's gauges): every metric call from the stub is a round trip to the server process, and
+counting as it happened took three such calls per step and request, beside the response's own send.
 """
 from __future__ import annotations
 
