@@ -3,7 +3,7 @@ API on the same prompts, one request at a time: a drafting bug that only the eng
 read from a reused output buffer, a catch-up that misses rows) shows as fewer tokens per step with
 the same output. Fixed trees (sizing off) compare like with like; sizing on shows what the load
 sizer chooses at width 1. Also the milliseconds per step of each phase: the API on the main thread,
-the API on a second thread (as the engine runs), and the engine: on the H100 the server's target
+the API on a second thread (as the engine runs; also with one torch intra-op thread), and the engine: on the H100 the server's target
 step took ~1.4 ms where the API's verify took ~1.1; on this CPU running the API from a second thread
 alone cost 10-40% (tiny model, torch backend), and the engine matched the API-in-a-thread.
 
@@ -52,12 +52,19 @@ def api_phases(gen: SpeculativeGenerator, prompts: list, tokens: int) -> dict[st
     return {k: round(v / max(1, steps) * 1e3, 3) for k, v in split.items()}
 
 
-def on_a_thread(work):
-    """work() run on a second thread, as the batch engine runs its steps."""
+def on_a_thread(work, torch_threads: int | None = None):
+    """work() run on a second thread, as the batch engine runs its steps (with torch limited to
+    `torch_threads` intra-op threads meanwhile)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     out: list = []
     thread = threading.Thread(target=lambda: out.append(work()))
     thread.start()
     thread.join()
+    torch.set_num_threads(before)
     return out[0]
 
 
@@ -80,7 +87,10 @@ def main() -> None:
         "api_tokens_per_step_over_all_steps": round(sum(len(r.token_ids) - 1 for r in api)
                                                     / max(1, sum(r.stats["steps"] for r in api)), 3),
         "api_ms_per_step": api_phases(gen, prompts, args.tokens),
-        "api_on_a_thread_ms_per_step": on_a_thread(lambda: api_phases(gen, prompts, args.tokens))}
+        "api_on_a_thread_ms_per_step": on_a_thread(lambda: api_phases(gen, prompts, args.tokens)),
+        # the candidate fix if a thread is the cause: one intra-op thread for torch (process-wide)
+        "api_on_a_thread_one_torch_thread_ms_per_step": on_a_thread(
+            lambda: api_phases(gen, prompts, args.tokens), torch_threads=1)}
     for sizing in (False, True):
         engine = BatchEngine(gen.engine, 1, gen.manifest.profile("target").tree_tokens[2], sizing=sizing)
         made = same = steps = 0
