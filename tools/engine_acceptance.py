@@ -3,9 +3,10 @@ API on the same prompts, one request at a time: a drafting bug that only the eng
 read from a reused output buffer, a catch-up that misses rows) shows as fewer tokens per step with
 the same output. Fixed trees (sizing off) compare like with like; sizing on shows what the load
 sizer chooses at width 1. Also the milliseconds per step of each phase: the API on the main thread,
-the API on a second thread (as the engine runs; also with one torch intra-op thread), and the engine: on the H100 the server's target
-step took ~1.4 ms where the API's verify took ~1.1; on this CPU running the API from a second thread
-alone cost 10-40% (tiny model, torch backend), and the engine matched the API-in-a-thread.
+the API on a second thread (as the engine runs; also with one torch intra-op thread), and the
+engine: on the H100 the server's target step took ~1.4 ms where the API's verify took ~1.1; on this
+CPU running the API from a second thread alone cost 10-40% (tiny model, torch backend), and the
+engine matched the API-in-a-thread.
 
     python3 tools/engine_acceptance.py ARTIFACTS [--device cuda] [--prompts 8] [--tokens 128]
 """
