@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from treespec.plugins.tree_attention.ordered import tree_ancestors as torch_ancestors
 from treespec.plugins.tree_attention.ordered_check import random_tree
 
-from .gemm import linear, linear_silu_mul, qkv_rope, rotated_rows
+from .gemm import EPI_QKV_ROPE, EPI_SILU_MUL, GemmLaunch, ResidualIn, RopeOut, fused_linear, rotated_rows
 from .kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
 
 
@@ -90,44 +90,75 @@ def check_silu_mul(device, dtype, gen) -> float:
     return _err(got, F.silu(gate.float()) * up.float())
 
 
+def _launch(split_k: int = 1, block_n: int = 16) -> GemmLaunch:
+    return GemmLaunch(block_m=16, block_n=block_n, split_k=split_k, num_warps=4)
+
+
 def check_gemm(device, dtype, gen) -> float:
-    """The Triton GEMM (bias or not, rows not a tile multiple) and its SiLU*mul epilogue."""
+    """The Triton GEMM's three epilogues: split-K partial sums (summed by add_rmsnorm, bias or not, rows
+    not a tile multiple), the add+RMSNorm prologue with the residual written out, SiLU*mul."""
     worst = 0.0
-    for rows, k, n in [(64, 576, 96), (5, 100, 70)]:
+    eps = 1e-5
+    for rows, k, n, split in [(64, 576, 96, 3), (5, 100, 70, 2), (3, 64, 48, 1)]:
         x = torch.randn(rows, k, generator=gen).to(dtype)
         w = (torch.randn(2 * n, k, generator=gen) / k ** 0.5).to(dtype)
         bias = torch.randn(2 * n, generator=gen).to(dtype)
         xd, wd, bd = x.to(device), w.to(device), bias.to(device)
-        worst = max(worst, _err(linear(xd, wd[:n]), x.float() @ w[:n].float().T),
-                    _err(linear(xd, wd, bd), x.float() @ w.float().T + bias.float()))
-        gate_up = (x.float() @ w.float().T + bias.float()).to(dtype).float()
-        ref = (F.silu(gate_up[:, :n]).to(dtype).float() * gate_up[:, n:])
-        worst = max(worst, _err(linear_silu_mul(xd, wd, bd), ref))
+        for b in (None, bd[:n]):
+            sums = torch.empty(split, rows, n, dtype=torch.float32, device=device)
+            fused_linear(xd, wd[:n], b, sums, _launch(split))
+            ref = (x.float() @ w[:n].float().T + (0 if b is None else bias[:n].float())).to(dtype)
+            res, normed = torch.zeros(rows, n, dtype=dtype, device=device), torch.empty(rows, n, dtype=dtype, device=device)
+            add_rmsnorm(sums, res, normed, torch.ones(n, dtype=dtype, device=device), eps)
+            worst = max(worst, _err(res, ref))
+        # prologue: residual + the partials above, normed, then the SiLU*mul GEMM
+        resid, norm_w = torch.randn(rows, n, generator=gen).to(dtype), (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype)
+        w_mlp = (torch.randn(2 * k, n, generator=gen) / n ** 0.5).to(dtype)
+        out_res = torch.empty(rows, n, dtype=dtype, device=device)
+        act = torch.empty(rows, k, dtype=dtype, device=device)
+        start = ResidualIn(resid.to(device), sums, norm_w.to(device), out_res, eps)
+        fused_linear(start, w_mlp.to(device), None, act, _launch(), EPI_SILU_MUL)
+        h = (resid.float() + ref.float()).to(dtype)
+        gate_up = (rms_reference(h, norm_w, eps).float() @ w_mlp.float().T).to(dtype).float()
+        act_ref = F.silu(gate_up[:, :k]).to(dtype).float() * gate_up[:, k:]
+        worst = max(worst, _err(out_res, h), _err(act, act_ref))
     return worst
 
 
 def check_qkv_rope(device, dtype, gen) -> float:
-    """The Triton QKV GEMM with RoPE and the cache write, with and without bias."""
+    """The Triton QKV GEMM with the add+RMSNorm prologue (the embedding gather of layer 0 too), RoPE
+    and the cache write, with and without bias."""
     batch, tokens, heads, kvh, dim, rows, k = 2, 5, 6, 2, 32, 40, 96
-    x = torch.randn(batch * tokens, k, generator=gen).to(dtype)
+    m, eps = batch * tokens, 1e-5
+    resid = torch.randn(m, k, generator=gen).to(dtype)
+    sums = torch.randn(2, m, k, generator=gen)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
+    table, ids = torch.randn(50, k, generator=gen).to(dtype), torch.randint(0, 50, (m,), generator=gen)
     w = (torch.randn((heads + 2 * kvh) * dim, k, generator=gen) / k ** 0.5).to(dtype)
     pos = torch.randint(0, 30, (batch, tokens), generator=gen)
     lengths = torch.tensor([3, 20])
     angles = torch.arange(rows)[:, None].float() * (0.1 ** torch.arange(dim // 2).float())[None]
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     worst = 0.0
-    for bias in (None, torch.randn(w.shape[0], generator=gen).to(dtype)):
+    for bias, gather in [(None, False), (torch.randn(w.shape[0], generator=gen).to(dtype), True)]:
         kc = torch.zeros(batch, kvh, rows, dim, dtype=dtype)
         vc = torch.zeros_like(kc)
         kc_dev, vc_dev = kc.clone().to(device), vc.clone().to(device)
-        dev = [t.to(device) if t is not None else None for t in (x, w, bias, pos, lengths, cos, sin)]
-        rot_bias = rotated_rows(dev[2], heads + kvh, dim) if bias is not None else None
-        q = qkv_rope(dev[0], dev[1], rotated_rows(dev[1], heads + kvh, dim), dev[2], rot_bias, dev[3], dev[4],
-                     dev[5], dev[6], kc_dev, vc_dev, tokens, heads, kvh)
-        y = x.float() @ w.float().T + (bias.float() if bias is not None else 0)
-        y = y.view(batch, tokens, heads + 2 * kvh, dim)
+        dev = [t.to(device) if t is not None else None for t in (w, bias, pos, lengths, cos, sin)]
+        rot_bias = rotated_rows(dev[1], heads + kvh, dim) if bias is not None else None
+        q = torch.empty(m, heads * dim, dtype=dtype, device=device)
+        rope = RopeOut(q, rotated_rows(dev[0], heads + kvh, dim), rot_bias, dev[2], dev[3], dev[4], dev[5],
+                       kc_dev, vc_dev, tokens, heads, kvh)
+        out_res = torch.empty(m, k, dtype=dtype, device=device)
+        start = (ResidualIn(table.to(device), None, norm_w.to(device), out_res, eps, ids.to(device)) if gather
+                 else ResidualIn(resid.to(device), sums.to(device), norm_w.to(device), out_res, eps))
+        fused_linear(start, dev[0], dev[1], q, _launch(block_n=16), EPI_QKV_ROPE, rope)
+        h = table[ids] if gather else (resid.float() + sums.sum(0).to(dtype).float()).to(dtype)
+        y = rms_reference(h, norm_w, eps).float() @ w.float().T + (bias.float() if bias is not None else 0)
+        y = y.to(dtype).float().view(batch, tokens, heads + 2 * kvh, dim)
         q_ref = _rope_write_reference(y, cos, sin, pos, lengths, kc, vc, heads, kvh)
-        worst = max(worst, _err(q.view(batch, tokens, heads, dim), q_ref), _err(kc_dev, kc), _err(vc_dev, vc))
+        worst = max(worst, _err(q.view(batch, tokens, heads, dim), q_ref), _err(kc_dev, kc), _err(vc_dev, vc),
+                    _err(out_res, h))
     return worst
 
 

@@ -1,17 +1,29 @@
-"""Triton GEMMs for the fused step, with epilogues: the option `gemm="triton"` of
-treespec.models.fused_decoder (TorchBackend(fused="triton"), TREESPEC_TORCH_FUSED=triton).
+"""Triton GEMMs with their neighbours fused in, for the fused step's `gemm="triton"` mode: a decoder
+layer is five kernels (treespec.models.fused_decoder.FusedDecoder):
 
-Why: at a step's 64 rows cuBLAS may split K (a GEMM and a reduction kernel) for SmolLM2's narrow
-projections (N = 576), and GEMM outputs are written only for the next element-wise kernel to read
-them back. Here every GEMM is one kernel with no split of K; the QKV GEMM applies RoPE and writes
-K/V to the cache (`qkv_rope`), gate/up applies SiLU*mul (`linear_silu_mul`): 7 kernels per layer
-instead of 9. Which is faster on the H200 is for `treespec bench`'s step profile to say (not
-measured when this was written).
+  1. residual add + RMSNorm + QKV GEMM + RoPE + K/V cache write (layer 0: the embedding gather instead
+     of the add), 2. ordered tree attention, 3. o_proj GEMM, 4. residual add + RMSNorm + gate/up GEMM
+     + SiLU*mul, 5. down GEMM.
 
-Bit-identity across steps: each output element's K loop and tile shapes are fixed by the bucket,
-so a row's result does not depend on the other rows. Must stay in a .py file (Triton's interpreter).
+Why: a SmolLM2 step is ~30 small dependent kernels a layer's worth of latency, not of bytes (270 MB of
+weights need 0.06 ms). cuBLAS cannot take a prologue, so with it a layer is nine kernels. Here a GEMM
+whose output feeds the residual stream (o_proj, down) writes fp32 partial sums [SPLIT_K, M, N] (split K
+spreads SmolLM2's narrow projections over more SMs) and the next kernel adds them, in split order, while
+it loads its input: no reduction kernel, no atomics, the result fixed by the launch alone.
+
+Each program holds its whole K range in one tile (BLOCK_K = K / SPLIT_K rounded up to a power of two),
+so it reads its weight tile before it waits for the previous kernel: launched with programmatic
+dependent launch (PDL, Hopper and newer), a kernel's weight reads overlap the kernel before it.
+
+Bit-identity across steps: a row's result depends only on that row and the launch (tile shapes and
+splits fixed per GEMM, never per step shape), so a row computes the same bits in a 1-token step, a
+padded step, a tree step or a batch of requests. Must stay in a .py file (Triton's interpreter).
 """
 from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,86 +31,184 @@ import triton.language as tl
 
 from treespec.plugins.tree_attention.kernel import dot_precision
 
-BLOCK_N = 32
+EPI_PARTIAL, EPI_SILU_MUL, EPI_QKV_ROPE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    """Tiles of one GEMM. Process-wide, like the attention's launch: the splits fix the bits."""
+
+    block_m: int = 16
+    block_n: int = 16
+    split_k: int = 1
+    num_warps: int = 4
+
+    def splits(self, k: int) -> int:
+        """SPLIT_K for a reduction of length k: at most split_k, none of them empty (a tiny model's K)."""
+        split = self.split_k
+        while split > 1 and triton.next_power_of_2(triton.cdiv(k, split)) * (split - 1) >= k:
+            split -= 1
+        return split
+
+
+# Per GEMM of a layer; TREESPEC_FUSED_GEMMS="qkv=16,16,1,4;o=...;gate_up=...;down=..." overrides any
+# of them (BLOCK_M,BLOCK_N,SPLIT_K,warps) for tools/gemm_tune.py's experiments.
+DEFAULT_LAUNCHES = {"qkv": GemmLaunch(), "o": GemmLaunch(split_k=3), "gate_up": GemmLaunch(),
+                    "down": GemmLaunch(split_k=6)}
+
+
+def parse_launches(text: str) -> dict[str, GemmLaunch]:
+    rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
+            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16, warps 1, 2, 4 or 8")
+    launches = dict(DEFAULT_LAUNCHES)
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        name, _, values = item.partition("=")
+        try:
+            block_m, block_n, split_k, warps = (int(v) for v in values.split(","))
+        except ValueError:
+            raise ValueError(rule) from None
+        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (block_m, block_n))
+        if name not in launches or not blocks_ok or not 1 <= split_k <= 16 or warps not in (1, 2, 4, 8):
+            raise ValueError(rule)
+        launches[name] = GemmLaunch(block_m, block_n, split_k, warps)
+    return launches
+
+
+LAUNCHES = parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    triton_has_it = hasattr(CUDAOptions, "launch_pdl") and hasattr(tl.extra.cuda, "gdc_wait")
+    return triton_has_it and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA on Hopper or newer with a Triton that has it, unless
+    TREESPEC_FUSED_PDL=0."""
+    if device.type != "cuda" or os.environ.get("TREESPEC_FUSED_PDL", "1") == "0":
+        return False
+    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit
-def linear_kernel(X, W, BIAS, OUT, M, N, K,
-                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # OUT [M, N] = X [M, K] @ W[:N].T (+ bias); SILU_MUL: W is [2N, K] (gate rows, then up rows)
-    # and OUT = SiLU(X @ gate.T) * (X @ up.T), each GEMM output rounded to the dtype as HF does.
+def _residual(H, IDS, DP, rm, rk, m_ok, k_ok, M, K, GATHER: tl.constexpr, SPLIT_IN: tl.constexpr):
+    """Rows rm, columns rk of the residual stream: H (or the embedding rows of IDS) plus the previous
+    GEMM's output, its SPLIT_IN fp32 partials summed in order and rounded to the dtype as HF rounds
+    `residual + out`."""
+    mask = m_ok[:, None] & k_ok[None, :]
+    if GATHER:
+        src = tl.load(IDS + rm, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = rm.to(tl.int64)
+    h = tl.load(H + src[:, None] * K + rk[None, :], mask=mask, other=0.0)
+    if SPLIT_IN > 0:
+        d = tl.zeros(h.shape, dtype=tl.float32)
+        for s in tl.static_range(SPLIT_IN):
+            d += tl.load(DP + (s * M + rm[:, None]).to(tl.int64) * K + rk[None, :], mask=mask, other=0.0)
+        h = (h.to(tl.float32) + d.to(h.dtype).to(tl.float32)).to(h.dtype)
+    return h
+
+
+@triton.jit
+def fused_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OUT,
+                        POS, LENGTHS, COS, SIN, KC, VC,
+                        M, N, K, T, eps, skb, skh, skr, svb, svh, svr,
+                        NORM: tl.constexpr, GATHER: tl.constexpr, SPLIT_IN: tl.constexpr, EPI: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HQ: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                        DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # OUT = epilogue(input @ W[n].T): input is X [M, K], or with NORM RMSNorm(residual) * NORM_W where
+    # the residual (see _residual) is also written to RES_OUT by the programs of column block 0.
+    # Program (m, n, s): BLOCK_M rows, BLOCK_N columns, the K range of split s in one tile.
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = rm < M, rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(X + rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w_ptr = W + rn[None, :].to(tl.int64) * K + (k0 + rk)[:, None]  # [BLOCK_K, BLOCK_N]
-        w = tl.load(w_ptr, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
-        if SILU_MUL:
-            up = tl.load(w_ptr + N * K, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            acc_up = tl.dot(x, up, acc_up, input_precision=DOT_PREC)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if SILU_MUL:
-            acc_up += tl.load(BIAS + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    n0 = tl.program_id(1) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    rk = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok, n_ok, k_ok = rm < M, rn < N, rk < K
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    # Weights first: they do not depend on the kernel before, whose end PDL lets this one overlap.
+    w_offs = rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    w_mask = n_ok[None, :] & k_ok[:, None]
+    w = tl.load(W + w_offs, mask=w_mask, other=0.0)
+    if EPI == 1:  # gate rows [0, N), up rows [N, 2N)
+        w2 = tl.load(W + N * K + w_offs, mask=w_mask, other=0.0)
+    elif EPI == 2:  # rotate_half of the Q and K heads' rows; V heads (rows >= (HQ + KVH) * D) read nothing
+        w2 = tl.load(WROT + w_offs, mask=w_mask & (rn < (HQ + KVH) * D)[None, :], other=0.0)
+    if NORM:
+        nw = tl.load(NORM_W + rk, mask=k_ok, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if NORM:
+        h = _residual(X, IDS, DP, rm, rk, m_ok, k_ok, M, K, GATHER, SPLIT_IN)
+        if n0 == 0:
+            tl.store(RES_OUT + rm[:, None].to(tl.int64) * K + rk[None, :], h, mask=m_ok[:, None] & k_ok[None, :])
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)
+        x = ((hf * rstd[:, None]).to(h.dtype).to(tl.float32) * nw[None, :]).to(h.dtype)
+    else:
+        x = tl.load(X + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    acc = tl.dot(x, w, input_precision=DOT_PREC)
+    if EPI != 0:
+        acc2 = tl.dot(x, w2, input_precision=DOT_PREC)
+    if EPI == 0:  # fp32 partials [SPLIT_K, M, N]; split 0 carries the bias
+        if HAS_BIAS:
+            if split == 0:
+                acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        dst = OUT + (split * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+        tl.store(dst, acc, mask=m_ok[:, None] & n_ok[None, :])
+    elif EPI == 1:
+        _silu_mul_store(acc, acc2, BIAS, OUT, rm, rn, m_ok, n_ok, N, HAS_BIAS)
+    else:
+        _rope_store(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, m_ok, T,
+                    skb, skh, skr, svb, svh, svr, HAS_BIAS, HQ, KVH, D)
+
+
+@triton.jit
+def _silu_mul_store(gate, up, BIAS, OUT, rm, rn, m_ok, n_ok, N, HAS_BIAS: tl.constexpr):
+    # OUT [M, N] = SiLU(gate) * up, each GEMM output and the SiLU rounded to the dtype as HF rounds them
     dtype = OUT.dtype.element_ty
-    if SILU_MUL:
-        gate = acc.to(dtype).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-        acc = act * acc_up.to(dtype).to(tl.float32)
-    tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+    if HAS_BIAS:
+        gate += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(BIAS + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    g = gate.to(dtype).to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(dtype).to(tl.float32)
+    out = act * up.to(dtype).to(tl.float32)
+    tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], out.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def qkv_rope_kernel(X, W, WROT, BIAS, BIAS_ROT, POS, LENGTHS, COS, SIN, Q, KC, VC, M, K, T,
-                    skb, skh, skr, svb, svh, svr,
-                    HAS_BIAS: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One program: BLOCK_M rows x one head of the QKV projection. Q and K heads also accumulate
-    # x @ WROT.T = rotate_half(x @ W.T), so RoPE is q * cos + q_rot * sin in the epilogue; Q goes
-    # to Q [M, H * D], K and V straight to their cache rows L_b + t.
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
-    rn = tl.arange(0, D)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    w_rows = (head * D + rn).to(tl.int64)
-    rotate = w_rows < (H + KVH) * D  # [D]: all true for a Q or K head, all false for a V head
-    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    acc_rot = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(X + rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        offs = w_rows[None, :] * K + (k0 + rk)[:, None]  # [BLOCK_K, D]
-        acc = tl.dot(x, tl.load(W + offs, mask=k_ok[:, None], other=0.0), acc, input_precision=DOT_PREC)
-        w_rot = tl.load(WROT + offs, mask=k_ok[:, None] & rotate[None, :], other=0.0)  # V heads: no reads
-        acc_rot = tl.dot(x, w_rot, acc_rot, input_precision=DOT_PREC)
+def _rope_store(acc, acc_rot, BIAS, BIAS_ROT, Q, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, m_ok, T,
+                skb, skh, skr, svb, svh, svr, HAS_BIAS: tl.constexpr, HQ: tl.constexpr, KVH: tl.constexpr,
+                D: tl.constexpr):
+    # RoPE as q * cos + rotate_half(q) * sin (acc_rot is rotate_half of the output, exactly: negation
+    # and a permutation of W's rows); Q goes to Q [M, HQ * D], K and V to their cache rows L_b + t.
+    head = n0 // D
+    col = rn - head * D
     if HAS_BIAS:
-        acc += tl.load(BIAS + w_rows).to(tl.float32)[None, :]
-        acc_rot += tl.load(BIAS_ROT + w_rows, mask=rotate, other=0.0).to(tl.float32)[None, :]
-    pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.int64)
-    trig = pos[:, None] * D + rn[None, :]
-    cos = tl.load(COS + trig, mask=m_ok[:, None], other=0.0)
-    sin = tl.load(SIN + trig, mask=m_ok[:, None], other=0.0)
-    y = tl.where(rotate[None, :], acc * cos + acc_rot * sin, acc)
+        acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
+        acc_rot += tl.load(BIAS_ROT + rn, mask=rn < (HQ + KVH) * D, other=0.0).to(tl.float32)[None, :]
+    dtype = Q.dtype.element_ty
+    y = acc.to(dtype).to(tl.float32)
+    if head < HQ + KVH:
+        pos = tl.load(POS + rm, mask=m_ok, other=0).to(tl.int64)
+        trig = pos[:, None] * D + col[None, :]
+        cos = tl.load(COS + trig, mask=m_ok[:, None], other=0.0)
+        sin = tl.load(SIN + trig, mask=m_ok[:, None], other=0.0)
+        y = y * cos + acc_rot.to(dtype).to(tl.float32) * sin
     b = (rm // T).to(tl.int64)
     row = tl.load(LENGTHS + b, mask=m_ok, other=0) + rm % T
-    if head < H:
-        tl.store(Q + rm[:, None].to(tl.int64) * (H * D) + head * D + rn[None, :], y.to(Q.dtype.element_ty),
-                 mask=m_ok[:, None])
-    elif head < H + KVH:
-        dst = KC + (b * skb + (head - H) * skh + row * skr)[:, None] + rn[None, :]
+    if head < HQ:
+        tl.store(Q + rm[:, None].to(tl.int64) * (HQ * D) + rn[None, :], y.to(dtype), mask=m_ok[:, None])
+    elif head < HQ + KVH:
+        dst = KC + (b * skb + (head - HQ) * skh + row * skr)[:, None] + col[None, :]
         tl.store(dst, y.to(KC.dtype.element_ty), mask=m_ok[:, None])
     else:
-        dst = VC + (b * svb + (head - H - KVH) * svh + row * svr)[:, None] + rn[None, :]
+        dst = VC + (b * svb + (head - HQ - KVH) * svh + row * svr)[:, None] + col[None, :]
         tl.store(dst, y.to(VC.dtype.element_ty), mask=m_ok[:, None])
 
 
@@ -110,47 +220,79 @@ def rotated_rows(weight: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
     return torch.cat([-w[:, half:], w[:, :half]], 1).reshape(heads * dim, *weight.shape[1:]).contiguous()
 
 
-def qkv_rope(x: torch.Tensor, qkv: torch.Tensor, qk_rot: torch.Tensor, bias: torch.Tensor | None,
-             bias_rot: torch.Tensor | None, pos: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor,
-             sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: int, heads: int,
-             kv_heads: int) -> torch.Tensor:
-    """x [M = B*T, K]; qkv [(H + 2 KVH) * D, K]; qk_rot = rotated_rows(qkv, H + KVH, D): the QKV
-    GEMM with RoPE, K/V written to cache rows L_b + t. Returns the rotated Q [M, H * D]."""
-    rows, k = x.shape
-    dim = cos.shape[1]
-    q = torch.empty(rows, heads * dim, dtype=x.dtype, device=x.device)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    grid = (triton.cdiv(rows, block_m), heads + 2 * kv_heads)
-    has_bias = bias is not None
-    qkv_rope_kernel[grid](x, qkv, qk_rot, bias if has_bias else qkv, bias_rot if has_bias else qkv, pos, lengths,
-                          cos, sin, q, k_cache, v_cache, rows, k, tokens,
-                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                          v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                          HAS_BIAS=has_bias, H=heads, KVH=kv_heads, D=dim, DOT_PREC=dot_precision(x.dtype),
-                          BLOCK_M=block_m, BLOCK_K=64, num_warps=4)
-    return q
+@dataclass
+class ResidualIn:
+    """The input of a GEMM that starts with the residual add and RMSNorm: `residual` [M, K] (or the
+    embedding table [V, K] with `ids` [M]) plus `partials` [S, M, K] fp32 (the last GEMM's output;
+    None: nothing to add), normed with `norm_weight`; the sum is written to `residual_out` [M, K]
+    (not `residual`: other programs still read it)."""
+
+    residual: torch.Tensor
+    partials: torch.Tensor | None
+    norm_weight: torch.Tensor
+    residual_out: torch.Tensor
+    eps: float
+    ids: torch.Tensor | None = None
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, silu_mul: bool) -> torch.Tensor:
-    rows, k = x.shape
-    if x.stride(1) != 1 or x.stride(0) != k or not weight.is_contiguous():
-        raise ValueError("triton linear needs a contiguous [M, K] input and [N, K] weight")
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    # Narrow tiles: at 64 rows SmolLM2's GEMMs have few tiles, and more programs read the weights
-    # in parallel (down_proj: 18 programs of 98 KB each instead of 9 of 196 KB).
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, BLOCK_N))
-    linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k,
-                        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, DOT_PREC=dot_precision(x.dtype),
-                        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=64, num_warps=4)
-    return out
+@dataclass
+class RopeOut:
+    """Where the QKV GEMM's RoPE epilogue writes: Q [M, H * D], K/V cache rows L_b + t."""
+
+    q: torch.Tensor
+    rot: torch.Tensor  # rotated_rows(qkv, H + KVH, D)
+    rot_bias: torch.Tensor | None
+    pos: torch.Tensor  # [B, T]
+    lengths: torch.Tensor  # [B]
+    cos: torch.Tensor  # [positions, D] fp32
+    sin: torch.Tensor
+    k_cache: torch.Tensor  # [B, KVH, rows, D]
+    v_cache: torch.Tensor
+    tokens: int
+    heads: int
+    kv_heads: int
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, one kernel."""
-    return _launch(x, weight, bias, weight.shape[0], False)
+def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                 launch: GemmLaunch, epilogue: int = EPI_PARTIAL, rope: RopeOut | None = None) -> None:
+    """One fused GEMM into `out`: fp32 partials [SPLIT_K, M, N] (EPI_PARTIAL), SiLU(gate) * up [M, N]
+    of a [2N, K] gate/up weight (EPI_SILU_MUL), or RoPE'd Q, K, V (EPI_QKV_ROPE, `out` = rope.q)."""
+    norm = isinstance(x, ResidualIn)
+    src = x.residual if norm else x
+    rows = out.shape[-2] if epilogue != EPI_QKV_ROPE else rope.q.shape[0]
+    k = weight.shape[1]
+    cols = weight.shape[0] // 2 if epilogue == EPI_SILU_MUL else weight.shape[0]
+    if not norm and (x.stride(1) != 1 or x.stride(0) != k) or not weight.is_contiguous():
+        raise ValueError("fused_linear needs a contiguous [M, K] input and [N, K] weight")
+    split = launch.splits(k)
+    if (norm or epilogue != EPI_PARTIAL) and split != 1:
+        raise ValueError("only a GEMM writing partials splits K")
+    if epilogue == EPI_PARTIAL and out.shape[0] != split:
+        raise ValueError(f"partials out holds {out.shape[0]} splits, the launch makes {split} for K = {k}")
+    if epilogue == EPI_QKV_ROPE and rope.cos.shape[1] % launch.block_n:
+        raise ValueError(f"the QKV GEMM's column block ({launch.block_n}) must divide the head dim")
+    block_k = triton.next_power_of_2(triton.cdiv(k, split))
+    partials = x.partials if norm else None
+    r = rope
+    dummy = weight
+    grid = (triton.cdiv(rows, launch.block_m), triton.cdiv(cols, launch.block_n), split)
+    fused_linear_kernel[grid](
+        src, x.ids if norm and x.ids is not None else dummy, partials if partials is not None else dummy,
+        x.norm_weight if norm else dummy, x.residual_out if norm else dummy, weight,
+        r.rot if r else dummy, bias if bias is not None else dummy,
+        r.rot_bias if r and r.rot_bias is not None else dummy, out,
+        r.pos if r else dummy, r.lengths if r else dummy, r.cos if r else dummy, r.sin if r else dummy,
+        r.k_cache if r else dummy, r.v_cache if r else dummy,
+        rows, cols, k, r.tokens if r else 1, x.eps if norm else 0.0,
+        *(r.k_cache.stride()[:3] if r else (0, 0, 0)), *(r.v_cache.stride()[:3] if r else (0, 0, 0)),
+        NORM=norm, GATHER=norm and x.ids is not None, SPLIT_IN=partials.shape[0] if partials is not None else 0,
+        EPI=epilogue, HAS_BIAS=bias is not None, HQ=r.heads if r else 1, KVH=r.kv_heads if r else 1,
+        D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=use_pdl(out.device),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=block_k, num_warps=launch.num_warps,
+        **pdl_launch(out.device))
 
 
-def linear_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K], gate_up [2I, K] (gate rows, then up rows) -> SiLU(x @ gate.T) * (x @ up.T) [M, I]."""
-    return _launch(x, gate_up, bias, gate_up.shape[0] // 2, True)
+def pdl_launch(device: torch.device) -> dict:
+    """The launch option that lets a kernel start while the one before it ends (its gdc_wait holds it
+    until that one's writes are visible)."""
+    return {"launch_pdl": True} if use_pdl(device) else {}

@@ -26,14 +26,19 @@ import triton.language as tl
 
 
 @triton.jit
-def add_rmsnorm_kernel(X, IDS, RES, W, NORMED, N, eps,
-                       GATHER: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr):
+def add_rmsnorm_kernel(X, IDS, RES, W, NORMED, M, N, eps,
+                       GATHER: tl.constexpr, ADD: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     if GATHER:  # layer 0: X is the embedding table, the row's token id picks the row
         src = tl.load(IDS + row).to(tl.int64)
         h = tl.load(X + src * N + offs, mask=ok, other=0.0)
+    elif SPLIT > 0:  # X: fp32 partial sums [SPLIT, M, N] of a split-K GEMM, added in order, rounded
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(X + (s * M + row) * N + offs, mask=ok, other=0.0)
+        h = acc.to(RES.dtype.element_ty)
     else:
         h = tl.load(X + row * N + offs, mask=ok, other=0.0)
     if ADD:  # h = residual + x, rounded to the model dtype as HF's `residual + out` is
@@ -106,12 +111,14 @@ def tree_ancestors_kernel(MASK, ANCESTORS, DEPTHS, T, BLOCK_T: tl.constexpr):
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor,
                 eps: float, ids: torch.Tensor | None = None, add: bool = True) -> None:
     """residual [M, N] (+)= x [M, N]; normed [M, N] = RMSNorm(residual) * weight. With `ids` [M]:
-    x is the embedding table [V, N] and the rows are gathered (no add)."""
+    x is the embedding table [V, N] and the rows are gathered (no add). A 3-d fp32 x [S, M, N]
+    holds the partial sums of a split-K GEMM (plugins/fused/gemm.py)."""
     rows, width = residual.shape
     gather = ids is not None
-    add_rmsnorm_kernel[(rows,)](x, ids if gather else x, residual, weight, normed, width, eps,
-                                GATHER=gather, ADD=add and not gather, BLOCK=triton.next_power_of_2(width),
-                                num_warps=4)
+    split = x.shape[0] if x.dim() == 3 else 0
+    add_rmsnorm_kernel[(rows,)](x, ids if gather else x, residual, weight, normed, rows, width, eps,
+                                GATHER=gather, ADD=add and not gather, SPLIT=split,
+                                BLOCK=triton.next_power_of_2(width), num_warps=4)
 
 
 def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

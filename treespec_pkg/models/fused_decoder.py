@@ -1,19 +1,21 @@
-"""The torch backend's few-kernel decoder step: a layer is 9 kernels instead of ~40 (issue 16).
+"""The torch backend's few-kernel decoder step: a layer is 9 kernels instead of ~40 (issue 16), or 5.
 
 Why: on the H200 a SmolLM2 step launched ~1,200 small kernels (2.9-3.6 ms) while its weights need
-0.06 ms. Here, per layer: add+RMSNorm (Triton), QKV GEMM (the three projections concatenated once
+0.06 ms, so the step is made of too many kernels, not of too many bytes. With cuBLAS GEMMs
+(gemm="cublas"), per layer: add+RMSNorm (Triton), QKV GEMM (the three projections concatenated once
 at construction), RoPE + K/V cache write (Triton), position-ordered tree attention (Triton), o_proj
-GEMM, add+RMSNorm, gate/up GEMM (concatenated), SiLU*mul (Triton), down GEMM. Per step, besides:
-the ancestor lists (1 kernel), the final add+RMSNorm, lm_head and the argmax:
-274 kernels for 30 layers when cuBLAS runs each GEMM as one kernel (the GPU test counts them).
-With gemm="triton" (plugins/fused/gemm.py) each GEMM is one Triton kernel, the QKV GEMM applies
-RoPE and writes K/V to the cache, gate/up carries the SiLU*mul: 7 kernels per layer, 214 per step.
+GEMM, add+RMSNorm, gate/up GEMM (concatenated), SiLU*mul (Triton), down GEMM; per step, besides: the
+ancestor lists (1 kernel), the final add+RMSNorm, lm_head and the argmax: 274 kernels for 30 layers.
+With gemm="triton" (plugins/fused/gemm.py) the GEMMs are Triton kernels that take the add+RMSNorm as
+their prologue and RoPE or SiLU*mul as their epilogue: 5 kernels a layer, 154 a step, each row's
+result independent of the step's shape and batch.
 
 Same contract as TorchBackend's unfused `_forward`: the new K/V rows go straight to the cache
 rows [L_b, L_b + T) of the fixed-capacity buffer [2*layers, B, KVH, rows, D] and `commit` moves
-the accepted ones. Lossless: every kernel is row-local and the GEMMs' shapes are fixed per bucket,
-so padded plain steps and tree steps run the same kernels and a node verified in a tree is bitwise
-equal to plain decoding (the ordered attention reduces keys in position order).
+the accepted ones. Lossless: every kernel is row-local and the GEMMs' shapes are fixed per bucket
+(cuBLAS) or per process (Triton), so padded plain steps and tree steps run the same kernels and a
+node verified in a tree is bitwise equal to plain decoding (the ordered attention reduces keys in
+position order).
 """
 from __future__ import annotations
 
@@ -127,7 +129,6 @@ class FusedDecoder:
             raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
         self.decoder = decoder
         self.gemm = gemm  # "triton": the layers' GEMMs in Triton, gate/up fused with SiLU*mul
-        self.linear = triton_gemm.linear if gemm == "triton" else F.linear
         rope_heads = decoder.num_heads + decoder.num_kv_heads if gemm == "triton" else 0
         with torch.no_grad():
             self.layers = [fuse_layer(layer, rope_heads, decoder.head_dim) for layer in decoder.layers]
@@ -154,10 +155,13 @@ class FusedDecoder:
         dec = self.decoder
         residual = torch.empty(batch * tokens, dec.embed.weight.shape[1], dtype=cache.dtype, device=cache.device)
         normed = torch.empty_like(residual)
-        add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
-            self.layer_step(layer, residual, normed, nxt, ctx, cache[2 * i], cache[2 * i + 1], batch, tokens)
+        if self.gemm == "triton":
+            self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens)
+        else:
+            add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
+            for i, layer in enumerate(self.layers):
+                nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+                self.layer_step(layer, residual, normed, nxt, ctx, cache[2 * i], cache[2 * i + 1], batch, tokens)
         hidden = normed.view(batch, tokens, -1)
         # Logits stay in the model dtype (host copies are fp32, exact): no [T, V] conversion kernel.
         logits = F.linear(hidden, dec.lm_head.weight, dec.lm_head.bias)
@@ -165,22 +169,46 @@ class FusedDecoder:
 
     def layer_step(self, layer: FusedLayer, residual, normed, next_norm, ctx: StepContext, k_cache, v_cache,
                    batch: int, tokens: int) -> None:
-        """One layer (the draft LM's and an EAGLE head's layers too): residual/normed [M, hidden]
-        updated in place, normed becoming the input of the layer whose norm is `next_norm`."""
+        """One layer with cuBLAS GEMMs: residual/normed [M, hidden] updated in place, normed becoming
+        the input of the layer whose norm is `next_norm`."""
         heads, kvh, dim = self.heads, self.kv_heads, self.head_dim
-        if self.gemm == "triton":  # one kernel: QKV GEMM, RoPE, K/V to the cache
-            q = triton_gemm.qkv_rope(normed, layer.qkv, layer.qk_rot, layer.qkv_bias, layer.qk_rot_bias, ctx.pos,
-                                     ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
-        else:
-            q = F.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
-            rope_write(q, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
+        q = F.linear(normed, layer.qkv, layer.qkv_bias)  # [M, (H + 2 KVH) * D]
+        rope_write(q, ctx.pos, ctx.lengths, ctx.cos, ctx.sin, k_cache, v_cache, tokens, heads, kvh)
         q = q.view(batch, tokens, -1)[..., :heads * dim].view(batch, tokens, heads, dim).transpose(1, 2)
         out = ordered.ordered_tree_attention(q, k_cache, v_cache, ctx.lengths, ctx.ancestors, ctx.depths,
                                              self.decoder.scale)
-        attn = self.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias)
-        add_rmsnorm(attn, residual, normed, layer.post_norm, self.eps)
-        if self.gemm == "triton":
-            act = triton_gemm.linear_silu_mul(normed, layer.gate_up, layer.gate_up_bias)  # [M, inter]
-        else:
-            act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
-        add_rmsnorm(self.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)
+        add_rmsnorm(F.linear(out.view(batch * tokens, heads * dim), layer.o_proj, layer.o_bias),
+                    residual, normed, layer.post_norm, self.eps)
+        act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
+        add_rmsnorm(F.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)
+
+    def triton_layers(self, ids, residual, normed, ctx: StepContext, cache, batch: int, tokens: int) -> None:
+        """Every layer in five kernels (plugins/fused/gemm.py), then the final add+RMSNorm into
+        residual/normed [M, hidden]. The residual stream alternates between two buffers (a GEMM's
+        programs read one while its first column block writes the other); o_proj and down leave fp32
+        partial sums that the next kernel adds."""
+        heads, kvh, dim, eps = self.heads, self.kv_heads, self.head_dim, self.eps
+        rows, width = residual.shape
+        launch = triton_gemm.LAUNCHES
+        stream = (torch.empty_like(residual), residual)
+        q = torch.empty(rows, heads * dim, dtype=residual.dtype, device=residual.device)
+        act = torch.empty(rows, self.layers[0].down.shape[1], dtype=residual.dtype, device=residual.device)
+        attn_sums = torch.empty(launch["o"].splits(heads * dim), rows, width, dtype=torch.float32, device=residual.device)
+        mlp_sums = torch.empty(launch["down"].splits(act.shape[1]), rows, width, dtype=torch.float32, device=residual.device)
+        source, sums = self.decoder.embed.weight, None
+        for i, layer in enumerate(self.layers):
+            rope = triton_gemm.RopeOut(q, layer.qk_rot, layer.qk_rot_bias, ctx.pos, ctx.lengths, ctx.cos, ctx.sin,
+                                       cache[2 * i], cache[2 * i + 1], tokens, heads, kvh)
+            start = triton_gemm.ResidualIn(source, sums, layer.input_norm, stream[0], eps, ids if i == 0 else None)
+            triton_gemm.fused_linear(start, layer.qkv, layer.qkv_bias, q, launch["qkv"], triton_gemm.EPI_QKV_ROPE,
+                                     rope)
+            out = ordered.ordered_tree_attention(q.view(batch, tokens, heads, dim).transpose(1, 2), cache[2 * i],
+                                                 cache[2 * i + 1], ctx.lengths, ctx.ancestors, ctx.depths,
+                                                 self.decoder.scale)
+            triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, attn_sums, launch["o"])
+            mlp_in = triton_gemm.ResidualIn(stream[0], attn_sums, layer.post_norm, stream[1], eps)
+            triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, act, launch["gate_up"],
+                                     triton_gemm.EPI_SILU_MUL)
+            triton_gemm.fused_linear(act, layer.down, layer.down_bias, mlp_sums, launch["down"])
+            source, sums = stream[1], mlp_sums
+        add_rmsnorm(mlp_sums, residual, normed, self.final_norm, eps)

@@ -1,0 +1,157 @@
+"""Time the fused step's Triton GEMM launches on a GPU and pick each GEMM's tiles (issue 16).
+
+    python3 tools/gemm_tune.py [--json OUT] [--budget 240]
+
+A random SmolLM2-135M-shaped model (30 layers, hidden 576, 9/3 heads, fp16; the weights' values do
+not change the time), FusedDecoder steps captured in CUDA graphs and replayed, for T = 1 and 64 tree
+tokens at batch 1 and T = 8 at batch 8 after 320 cached tokens: microseconds per whole step (lm_head
+and the argmax included). First the cuBLAS step (gemm="cublas") and the Triton step with the default
+launches, then one GEMM at a time (down, gate/up, QKV, o_proj) over its candidates with the others
+fixed, keeping the least summed time; then the pick without programmatic dependent launch. Also
+checks that a row's final hidden state is bitwise the same in a 1-token step and in a 64-token step
+(the Triton step's promise; cuBLAS may pick other kernels per shape). Prints the value for
+TREESPEC_FUSED_GEMMS; --json writes every timing.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+
+import torch
+
+from treespec.models.fused_decoder import FusedDecoder
+from treespec.models.tree_model import TreeDecoder
+from treespec.plugins.fused import gemm
+
+PAST = 320
+CASES = ((1, 1), (1, 64), (8, 8))  # (batch, tree tokens)
+CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
+    "down": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 2, 3, 6, 12), (4, 8))],
+    "gate_up": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
+    "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
+    "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
+}
+
+
+def smollm2_shaped() -> TreeDecoder:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                      rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).half().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() == 2 else p.uniform_(0.8, 1.2)
+    return TreeDecoder(model)
+
+
+def step_inputs(decoder: TreeDecoder, batch: int, tokens: int):
+    gen = torch.Generator(device="cuda").manual_seed(batch * 1000 + tokens)
+    ids = torch.randint(0, 49152, (batch, tokens), device="cuda", generator=gen)
+    pos = (PAST + torch.arange(tokens, device="cuda")).repeat(batch, 1)
+    mask = torch.tril(torch.ones(tokens, tokens, dtype=torch.int64, device="cuda")).repeat(batch, 1, 1)
+    lengths = torch.full((batch,), PAST, dtype=torch.int64, device="cuda")
+    shape = (2 * decoder.num_layers, batch, decoder.num_kv_heads, PAST + tokens + 8, decoder.head_dim)
+    cache = torch.randn(shape, device="cuda", generator=gen).half()
+    return ids, pos, mask, lengths, cache
+
+
+def step_us(fused: FusedDecoder, inputs, reps: int = 30) -> float:
+    """Microseconds per step replayed from a CUDA graph (compiled and warmed first)."""
+    with torch.no_grad():
+        fused(*inputs)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fused(*inputs)
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def timings(fused: FusedDecoder, cases: dict) -> dict:
+    return {name: round(step_us(fused, inp), 1) for name, inp in cases.items()}
+
+
+def row_is_shape_independent(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
+    """Row 0's final hidden state in a 1-token step == in a 64-token padded step (padding rows see
+    only themselves), bitwise."""
+    ids, pos, _, lengths, cache = step_inputs(decoder, 1, 64)
+    eye = torch.eye(64, dtype=torch.int64, device="cuda")[None]
+    with torch.no_grad():
+        one = fused(ids[:, :1], pos[:, :1], eye[:, :1, :1].contiguous(), lengths, cache.clone()).hidden[0, 0]
+        padded = fused(ids, pos, eye, lengths, cache.clone()).hidden[0, 0]
+    return bool(torch.equal(one, padded))
+
+
+def spec(launches: dict) -> str:
+    return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps}" for k, l in launches.items())
+
+
+def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list) -> dict:
+    best = dict(gemm.DEFAULT_LAUNCHES)
+    gemm.LAUNCHES = dict(best)
+    best_sum = sum(timings(fused, cases).values())
+    for name, candidates in CANDIDATES.items():
+        for cand in candidates:
+            if time.time() > deadline:
+                print("budget spent: search stopped", flush=True)
+                return best
+            trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
+            gemm.LAUNCHES = trial
+            try:
+                us = timings(fused, cases)
+            except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
+                print(f"{spec({name: trial[name]})}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                continue
+            rows.append({"launches": spec(trial), "us": us})
+            total = sum(us.values())
+            print(f"{spec({name: trial[name]}):24s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items())
+                  + f"  sum {total:7.1f}", flush=True)
+            if total < best_sum:
+                best, best_sum = trial, total
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the search")
+    args = ap.parse_args()
+    start = time.time()
+    decoder = smollm2_shaped()
+    cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CASES}
+    cublas, triton_step = FusedDecoder(decoder, "cublas"), FusedDecoder(decoder, "triton")
+    result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": gemm.use_pdl(torch.device("cuda"))}
+    result["cublas_us"] = timings(cublas, cases)
+    print(f"cuBLAS step: {result['cublas_us']}", flush=True)
+    gemm.LAUNCHES = dict(gemm.DEFAULT_LAUNCHES)
+    result["triton_default_us"] = timings(triton_step, cases)
+    print(f"Triton step, default launches: {result['triton_default_us']}", flush=True)
+    rows: list = []
+    best = tune(triton_step, cases, start + args.budget, rows)
+    gemm.LAUNCHES = best
+    result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
+                  row_bitwise_1_vs_64=row_is_shape_independent(triton_step, decoder))
+    os.environ["TREESPEC_FUSED_PDL"] = "0"
+    result["best_without_pdl_us"] = timings(triton_step, cases)
+    print(f"best {result['best']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
+          f"cuBLAS {result['cublas_us']}; row bitwise 1 vs 64 tokens: {result['row_bitwise_1_vs_64']}")
+    if args.json:
+        json.dump(result, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
