@@ -6,11 +6,11 @@ A random SmolLM2-135M-shaped model (30 layers, hidden 576, 9/3 heads, fp16; the 
 not change the time), FusedDecoder steps captured in CUDA graphs and replayed, for T = 1 and 64 tree
 tokens at batch 1 and T = 8 at batch 8 after 320 cached tokens: microseconds per whole step (lm_head
 and the argmax included). First the cuBLAS step (gemm="cublas") and the Triton step with the default
-launches, then one GEMM at a time (down, gate/up, QKV, o_proj) over its candidates with the others
+launches, then one wide-step GEMM at a time (down, gate/up, QKV, o_proj) over its candidates with the others
 fixed, keeping the least summed time; then the pick without programmatic dependent launch. Also
-checks that a row's final hidden state is bitwise the same in a 1-token step and in a 64-token step
-(the Triton step's promise; cuBLAS may pick other kernels per shape). Prints the value for
-TREESPEC_FUSED_GEMMS; --json writes every timing.
+checks that a row's final hidden state is bitwise the same alone and in a batch of two (the Triton
+step's promise; cuBLAS may pick other kernels per shape). Prints the value for TREESPEC_FUSED_GEMMS;
+--json writes every timing.
 """
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ from treespec.plugins.fused import gemm
 
 PAST = 320
 CASES = ((1, 1), (1, 64), (8, 8))  # (batch, tree tokens)
-CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
-    "down": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 2, 3, 6, 12), (4, 8))],
-    "gate_up": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
-    "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
-    "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
+NARROW, WIDE = ("B1 T1",), ("B1 T64", "B8 T8")  # the cases each kind of launch serves (gemm.WIDE_ROWS)
+CANDIDATES = {  # GemmLaunch(BLOCK_M, BLOCK_N, SPLIT_K, warps, BLOCK_K, stages) of the wide launches
+    "down.wide": [(64, n, s, 4, k, 3) for n, s, k in itertools.product((16, 32), (1, 2, 3, 4), (64, 128))],
+    "gate_up.wide": [(64, n, 1, w, k, 3) for n, w, k in itertools.product((16, 32, 64), (4, 8), (64, 128))],
+    "qkv.wide": [(64, n, 1, w, k, 3) for n, w, k in itertools.product((16, 32, 64), (4, 8), (64, 128))],
+    "o.wide": [(64, n, s, w, 64, 3) for n, s, w in itertools.product((16, 32), (1, 2, 3), (4, 8))],
+    "stages": [2, 4],  # then the best wide launches with other pipeline depths
 }
 
 
@@ -85,44 +87,56 @@ def timings(fused: FusedDecoder, cases: dict) -> dict:
     return {name: round(step_us(fused, inp), 1) for name, inp in cases.items()}
 
 
-def row_is_shape_independent(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
-    """Row 0's final hidden state in a 1-token step == in a 64-token padded step (padding rows see
-    only themselves), bitwise."""
-    ids, pos, _, lengths, cache = step_inputs(decoder, 1, 64)
-    eye = torch.eye(64, dtype=torch.int64, device="cuda")[None]
+def row_is_batch_independent(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
+    """A row's final hidden state in a 64-token step alone == beside another sequence (a batch of 2),
+    bitwise: what keeps a request's output the same alone and in a batch."""
+    ids, pos, mask, lengths, cache = step_inputs(decoder, 2, 64)
     with torch.no_grad():
-        one = fused(ids[:, :1], pos[:, :1], eye[:, :1, :1].contiguous(), lengths, cache.clone()).hidden[0, 0]
-        padded = fused(ids, pos, eye, lengths, cache.clone()).hidden[0, 0]
-    return bool(torch.equal(one, padded))
+        alone = fused(ids[:1], pos[:1], mask[:1].contiguous(), lengths[:1], cache[:, :1].clone()).hidden[0]
+        batched = fused(ids, pos, mask, lengths, cache.clone()).hidden[0]
+    return bool(torch.equal(alone, batched))
 
 
 def spec(launches: dict) -> str:
-    return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps}" for k, l in launches.items())
+    return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps},{l.block_k},{l.stages}"
+                    for k, l in launches.items())
+
+
+def _try(fused: FusedDecoder, cases: dict, trial: dict, label: str, rows: list) -> float | None:
+    gemm.LAUNCHES = trial
+    try:
+        us = timings(fused, {k: cases[k] for k in WIDE})
+    except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
+        print(f"{label}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        return None
+    rows.append({"launches": spec(trial), "us": us})
+    print(f"{label:34s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items()) + f"  sum {sum(us.values()):7.1f}",
+          flush=True)
+    return sum(us.values())
 
 
 def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list) -> dict:
-    best = dict(gemm.DEFAULT_LAUNCHES)
-    gemm.LAUNCHES = dict(best)
-    best_sum = sum(timings(fused, cases).values())
+    """One wide GEMM at a time over its candidates, the others fixed; least summed time over WIDE."""
+    best = dict(gemm.LAUNCHES)
+    best_sum = _try(fused, cases, best, "default", rows)
     for name, candidates in CANDIDATES.items():
         for cand in candidates:
             if time.time() > deadline:
                 print("budget spent: search stopped", flush=True)
                 return best
-            trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
-            gemm.LAUNCHES = trial
-            try:
-                us = timings(fused, cases)
-            except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
-                print(f"{spec({name: trial[name]})}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-                continue
-            rows.append({"launches": spec(trial), "us": us})
-            total = sum(us.values())
-            print(f"{spec({name: trial[name]}):24s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items())
-                  + f"  sum {total:7.1f}", flush=True)
-            if total < best_sum:
+            if name == "stages":
+                trial = {k: (gemm.GemmLaunch(*(*spec_tuple(v)[:5], cand)) if k.endswith(".wide") else v)
+                         for k, v in best.items()}
+            else:
+                trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
+            total = _try(fused, cases, trial, f"{name}={cand}", rows)
+            if total is not None and total < best_sum:
                 best, best_sum = trial, total
     return best
+
+
+def spec_tuple(launch: gemm.GemmLaunch) -> tuple:
+    return launch.block_m, launch.block_n, launch.split_k, launch.num_warps, launch.block_k, launch.stages
 
 
 def main() -> None:
@@ -138,17 +152,19 @@ def main() -> None:
     result["cublas_us"] = timings(cublas, cases)
     print(f"cuBLAS step: {result['cublas_us']}", flush=True)
     gemm.LAUNCHES = dict(gemm.DEFAULT_LAUNCHES)
+    if os.environ.get("TREESPEC_FUSED_GEMMS"):
+        gemm.LAUNCHES = gemm.parse_launches(os.environ["TREESPEC_FUSED_GEMMS"])
     result["triton_default_us"] = timings(triton_step, cases)
     print(f"Triton step, default launches: {result['triton_default_us']}", flush=True)
     rows: list = []
     best = tune(triton_step, cases, start + args.budget, rows)
     gemm.LAUNCHES = best
     result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
-                  row_bitwise_1_vs_64=row_is_shape_independent(triton_step, decoder))
+                  row_bitwise_alone_vs_batch=row_is_batch_independent(triton_step, decoder))
     os.environ["TREESPEC_FUSED_PDL"] = "0"
     result["best_without_pdl_us"] = timings(triton_step, cases)
     print(f"best {result['best']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
-          f"cuBLAS {result['cublas_us']}; row bitwise 1 vs 64 tokens: {result['row_bitwise_1_vs_64']}")
+          f"cuBLAS {result['cublas_us']}; row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
     if args.json:
         json.dump(result, open(args.json, "w"), indent=1)
 

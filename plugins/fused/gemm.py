@@ -36,42 +36,67 @@ EPI_PARTIAL, EPI_SILU_MUL, EPI_QKV_ROPE = 0, 1, 2
 
 @dataclass(frozen=True)
 class GemmLaunch:
-    """Tiles of one GEMM. Process-wide, like the attention's launch: the splits fix the bits."""
+    """Tiles of one GEMM. Process-wide per step width, like the attention's launch: they fix the bits.
+    block_k 0: each program's K range in one tile (weights read before the PDL wait, for narrow
+    steps); else a loop over block_k slices pipelined over `stages` (for wide steps)."""
 
     block_m: int = 16
-    block_n: int = 16
+    block_n: int = 32
     split_k: int = 1
     num_warps: int = 4
+    block_k: int = 0
+    stages: int = 3
+
+    def k_extent(self, k: int, split: int) -> int:
+        """The K range of one split (a multiple of the tile)."""
+        part = triton.cdiv(k, split)
+        return triton.cdiv(part, self.block_k) * self.block_k if self.block_k else triton.next_power_of_2(part)
 
     def splits(self, k: int) -> int:
         """SPLIT_K for a reduction of length k: at most split_k, none of them empty (a tiny model's K)."""
         split = self.split_k
-        while split > 1 and triton.next_power_of_2(triton.cdiv(k, split)) * (split - 1) >= k:
+        while split > 1 and self.k_extent(k, split) * (split - 1) >= k:
             split -= 1
         return split
 
 
-# Per GEMM of a layer; TREESPEC_FUSED_GEMMS="qkv=16,16,1,4;o=...;gate_up=...;down=..." overrides any
-# of them (BLOCK_M,BLOCK_N,SPLIT_K,warps) for tools/gemm_tune.py's experiments.
-DEFAULT_LAUNCHES = {"qkv": GemmLaunch(), "o": GemmLaunch(split_k=3), "gate_up": GemmLaunch(),
-                    "down": GemmLaunch(split_k=6)}
+# Per GEMM of a layer, for steps of at most WIDE_ROWS rows (batch x tokens) and, as "NAME.wide", for
+# wider ones. A row's bits depend on the launch, so every step a request can take past its prefill
+# must use one of them: the batch engine's steps and tree buckets have >= 64 rows (the wide launches),
+# only 1-token plain decoding takes the narrow ones. Picked by tools/gemm_tune.py on an H100
+# (bench/h100-2026-12-07-night/gemm_tune*.json); TREESPEC_FUSED_GEMMS="down.wide=64,32,2,4,64,3;..."
+# (BLOCK_M,BLOCK_N,SPLIT_K,warps[,BLOCK_K,stages]) overrides any of them for experiments.
+WIDE_ROWS = 16
+DEFAULT_LAUNCHES = {
+    "qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8), "gate_up": GemmLaunch(16, 32, 1, 8),
+    "down": GemmLaunch(16, 32, 2, 4),
+    "qkv.wide": GemmLaunch(64, 32, 1, 4, 64), "o.wide": GemmLaunch(64, 32, 1, 4, 64),
+    "gate_up.wide": GemmLaunch(64, 32, 1, 4, 64), "down.wide": GemmLaunch(64, 32, 2, 4, 64),
+}
 
 
 def parse_launches(text: str) -> dict[str, GemmLaunch]:
-    rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
-            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16, warps 1, 2, 4 or 8")
+    rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps[,BLOCK_K,stages];...' with "
+            f"names from {sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128 (BLOCK_K 0: one tile), "
+            "SPLIT_K 1..16, warps 1, 2, 4 or 8, stages 1..5")
     launches = dict(DEFAULT_LAUNCHES)
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, values = item.partition("=")
         try:
-            block_m, block_n, split_k, warps = (int(v) for v in values.split(","))
-        except ValueError:
+            launch = GemmLaunch(*(int(v) for v in values.split(",")))
+        except (TypeError, ValueError):
             raise ValueError(rule) from None
-        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (block_m, block_n))
-        if name not in launches or not blocks_ok or not 1 <= split_k <= 16 or warps not in (1, 2, 4, 8):
+        blocks = (launch.block_m, launch.block_n) + ((launch.block_k,) if launch.block_k else ())
+        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in blocks)
+        if (name not in launches or not blocks_ok or not 1 <= launch.split_k <= 16
+                or launch.num_warps not in (1, 2, 4, 8) or not 1 <= launch.stages <= 5):
             raise ValueError(rule)
-        launches[name] = GemmLaunch(block_m, block_n, split_k, warps)
+        launches[name] = launch
     return launches
+
+
+def launch_for(name: str, rows: int) -> GemmLaunch:
+    return LAUNCHES[name if rows <= WIDE_ROWS else f"{name}.wide"]
 
 
 LAUNCHES = parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
@@ -135,6 +160,7 @@ def fused_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OU
     w_offs = rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N]
     w_mask = n_ok[None, :] & k_ok[:, None]
     w = tl.load(W + w_offs, mask=w_mask, other=0.0)
+    w2 = w
     if EPI == 1:  # gate rows [0, N), up rows [N, 2N)
         w2 = tl.load(W + N * K + w_offs, mask=w_mask, other=0.0)
     elif EPI == 2:  # rotate_half of the Q and K heads' rows; V heads (rows >= (HQ + KVH) * D) read nothing
@@ -153,8 +179,72 @@ def fused_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OU
     else:
         x = tl.load(X + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     acc = tl.dot(x, w, input_precision=DOT_PREC)
+    acc2 = acc
     if EPI != 0:
         acc2 = tl.dot(x, w2, input_precision=DOT_PREC)
+    _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
+              skb, skh, skr, svb, svh, svr, EPI, HAS_BIAS, HQ, KVH, D)
+
+
+@triton.jit
+def looped_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OUT,
+                         POS, LENGTHS, COS, SIN, KC, VC,
+                         M, N, K, T, eps, skb, skh, skr, svb, svh, svr,
+                         NORM: tl.constexpr, GATHER: tl.constexpr, SPLIT_IN: tl.constexpr, EPI: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HQ: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+                         DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         K_SPLIT: tl.constexpr, STAGES: tl.constexpr):
+    # fused_linear_kernel for wide steps (many rows): a pipelined loop over BLOCK_K slices of the
+    # split's K range instead of one tile, so that 64-row tiles fit in shared memory; the norm
+    # prologue takes a first pass over the row for its RMS.
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = tl.program_id(1) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    m_ok, n_ok = rm < M, rn < N
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    if NORM:
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            h = _residual(X, IDS, DP, rm, rk, m_ok, rk < K, M, K, GATHER, SPLIT_IN)
+            if n0 == 0:
+                tl.store(RES_OUT + rm[:, None].to(tl.int64) * K + rk[None, :], h,
+                         mask=m_ok[:, None] & (rk < K)[None, :])
+            hf = h.to(tl.float32)
+            squares += tl.sum(hf * hf, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(split * K_SPLIT, split * K_SPLIT + K_SPLIT, BLOCK_K, num_stages=STAGES):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        w_offs = rn[None, :].to(tl.int64) * K + rk[:, None]
+        w_mask = n_ok[None, :] & k_ok[:, None]
+        if NORM:
+            h = _residual(X, IDS, DP, rm, rk, m_ok, k_ok, M, K, GATHER, SPLIT_IN).to(tl.float32)
+            nw = tl.load(NORM_W + rk, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((h * rstd[:, None]).to(W.dtype.element_ty).to(tl.float32) * nw[None, :]).to(W.dtype.element_ty)
+        else:
+            x = tl.load(X + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        acc = tl.dot(x, tl.load(W + w_offs, mask=w_mask, other=0.0), acc, input_precision=DOT_PREC)
+        if EPI == 1:
+            acc2 = tl.dot(x, tl.load(W + N * K + w_offs, mask=w_mask, other=0.0), acc2, input_precision=DOT_PREC)
+        elif EPI == 2:
+            w2 = tl.load(WROT + w_offs, mask=w_mask & (rn < (HQ + KVH) * D)[None, :], other=0.0)
+            acc2 = tl.dot(x, w2, acc2, input_precision=DOT_PREC)
+    _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
+              skb, skh, skr, svb, svh, svr, EPI, HAS_BIAS, HQ, KVH, D)
+
+
+@triton.jit
+def _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
+              skb, skh, skr, svb, svh, svr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HQ: tl.constexpr,
+              KVH: tl.constexpr, D: tl.constexpr):
     if EPI == 0:  # fp32 partials [SPLIT_K, M, N]; split 0 carries the bias
         if HAS_BIAS:
             if split == 0:
@@ -269,14 +359,21 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         raise ValueError("only a GEMM writing partials splits K")
     if epilogue == EPI_PARTIAL and out.shape[0] != split:
         raise ValueError(f"partials out holds {out.shape[0]} splits, the launch makes {split} for K = {k}")
-    if epilogue == EPI_QKV_ROPE and rope.cos.shape[1] % launch.block_n:
-        raise ValueError(f"the QKV GEMM's column block ({launch.block_n}) must divide the head dim")
-    block_k = triton.next_power_of_2(triton.cdiv(k, split))
+    block_n = launch.block_n
+    if epilogue == EPI_QKV_ROPE:  # a column block within one head (a small model's head may be narrower)
+        block_n = min(block_n, rope.cos.shape[1])
+        if rope.cos.shape[1] % block_n:
+            raise ValueError(f"the QKV GEMM's column block ({block_n}) must divide the head dim")
+    k_extent = launch.k_extent(k, split)
     partials = x.partials if norm else None
     r = rope
     dummy = weight
-    grid = (triton.cdiv(rows, launch.block_m), triton.cdiv(cols, launch.block_n), split)
-    fused_linear_kernel[grid](
+    if launch.block_k:
+        kernel, tiles = looped_linear_kernel, {"BLOCK_K": launch.block_k, "K_SPLIT": k_extent, "STAGES": launch.stages}
+    else:
+        kernel, tiles = fused_linear_kernel, {"BLOCK_K": k_extent}
+    grid = (triton.cdiv(rows, launch.block_m), triton.cdiv(cols, block_n), split)
+    kernel[grid](
         src, x.ids if norm and x.ids is not None else dummy, partials if partials is not None else dummy,
         x.norm_weight if norm else dummy, x.residual_out if norm else dummy, weight,
         r.rot if r else dummy, bias if bias is not None else dummy,
@@ -288,7 +385,7 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         NORM=norm, GATHER=norm and x.ids is not None, SPLIT_IN=partials.shape[0] if partials is not None else 0,
         EPI=epilogue, HAS_BIAS=bias is not None, HQ=r.heads if r else 1, KVH=r.kv_heads if r else 1,
         D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=use_pdl(out.device),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=block_k, num_warps=launch.num_warps,
+        BLOCK_M=launch.block_m, BLOCK_N=block_n, num_warps=launch.num_warps, **tiles,
         **pdl_launch(out.device))
 
 

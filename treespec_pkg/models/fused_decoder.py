@@ -189,7 +189,7 @@ class FusedDecoder:
         partial sums that the next kernel adds."""
         heads, kvh, dim, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         rows, width = residual.shape
-        launch = triton_gemm.LAUNCHES
+        launch = {name: triton_gemm.launch_for(name, rows) for name in ("qkv", "o", "gate_up", "down")}
         stream = (torch.empty_like(residual), residual)
         q = torch.empty(rows, heads * dim, dtype=residual.dtype, device=residual.device)
         act = torch.empty(rows, self.layers[0].down.shape[1], dtype=residual.dtype, device=residual.device)
