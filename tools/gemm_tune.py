@@ -25,6 +25,7 @@ import torch
 from treespec.models.fused_decoder import FusedDecoder
 from treespec.models.tree_model import TreeDecoder
 from treespec.plugins.fused import gemm
+from treespec.plugins.pdl import use_pdl
 
 PAST = 320
 CASES = ((1, 1), (1, 64), (8, 8))  # (batch, tree tokens)
@@ -148,7 +149,7 @@ def main() -> None:
     decoder = smollm2_shaped()
     cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CASES}
     cublas, triton_step = FusedDecoder(decoder, "cublas"), FusedDecoder(decoder, "triton")
-    result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": gemm.use_pdl(torch.device("cuda"))}
+    result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": use_pdl(torch.device("cuda"))}
     result["cublas_us"] = timings(cublas, cases)
     print(f"cuBLAS step: {result['cublas_us']}", flush=True)
     gemm.LAUNCHES = dict(gemm.DEFAULT_LAUNCHES)

@@ -21,7 +21,6 @@ padded step, a tree step or a batch of requests. Must stay in a .py file (Triton
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from treespec.plugins.pdl import pdl_launch, pdl_start, use_pdl
 from treespec.plugins.tree_attention.kernel import dot_precision
 
 EPI_PARTIAL, EPI_SILU_MUL, EPI_QKV_ROPE = 0, 1, 2
@@ -100,22 +100,6 @@ def launch_for(name: str, rows: int) -> GemmLaunch:
 
 
 LAUNCHES = parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_capable(index: int) -> bool:
-    from triton.backends.nvidia.compiler import CUDAOptions
-
-    triton_has_it = hasattr(CUDAOptions, "launch_pdl") and hasattr(tl.extra.cuda, "gdc_wait")
-    return triton_has_it and torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA on Hopper or newer with a Triton that has it, unless
-    TREESPEC_FUSED_PDL=0."""
-    if device.type != "cuda" or os.environ.get("TREESPEC_FUSED_PDL", "1") == "0":
-        return False
-    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit
@@ -203,9 +187,7 @@ def looped_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, O
     rn = n0 + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
     m_ok, n_ok = rm < M, rn < N
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_start(PDL)
     if NORM:
         squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -387,9 +369,3 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=use_pdl(out.device),
         BLOCK_M=launch.block_m, BLOCK_N=block_n, num_warps=launch.num_warps, **tiles,
         **pdl_launch(out.device))
-
-
-def pdl_launch(device: torch.device) -> dict:
-    """The launch option that lets a kernel start while the one before it ends (its gdc_wait holds it
-    until that one's writes are visible)."""
-    return {"launch_pdl": True} if use_pdl(device) else {}

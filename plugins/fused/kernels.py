@@ -24,10 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from treespec.plugins.pdl import pdl_launch, pdl_start, use_pdl
+
 
 @triton.jit
 def add_rmsnorm_kernel(X, IDS, RES, W, NORMED, M, N, eps,
-                       GATHER: tl.constexpr, ADD: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                       GATHER: tl.constexpr, ADD: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
@@ -55,7 +59,9 @@ def add_rmsnorm_kernel(X, IDS, RES, W, NORMED, M, N, eps,
 @triton.jit
 def rope_write_kernel(QKV, POS, LENGTHS, COS, SIN, KC, VC, T, s_row,
                       skb, skh, skr, svb, svh, svr,
-                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                      PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0)  # b * T + t
     head = tl.program_id(1)  # Q heads, then K heads, then V heads
     b = row // T
@@ -83,7 +89,8 @@ def rope_write_kernel(QKV, POS, LENGTHS, COS, SIN, KC, VC, T, s_row,
 
 
 @triton.jit
-def silu_mul_kernel(GU, OUT, INTER, BLOCK: tl.constexpr):
+def silu_mul_kernel(GU, OUT, INTER, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < INTER
@@ -118,7 +125,8 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, normed: torch.Tensor, w
     split = x.shape[0] if x.dim() == 3 else 0
     add_rmsnorm_kernel[(rows,)](x, ids if gather else x, residual, weight, normed, rows, width, eps,
                                 GATHER=gather, ADD=add and not gather, SPLIT=split,
-                                BLOCK=triton.next_power_of_2(width), num_warps=4)
+                                BLOCK=triton.next_power_of_2(width), PDL=use_pdl(normed.device), num_warps=4,
+                                **pdl_launch(normed.device))
 
 
 def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -130,7 +138,8 @@ def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos:
     rope_write_kernel[grid](qkv, pos, lengths, cos, sin, k_cache, v_cache, tokens, qkv.stride(0),
                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                            H=heads, KVH=kv_heads, D=dim, HALF=dim // 2, num_warps=1)
+                            H=heads, KVH=kv_heads, D=dim, HALF=dim // 2, PDL=use_pdl(qkv.device), num_warps=1,
+                            **pdl_launch(qkv.device))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -138,7 +147,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
-    silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+    silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, PDL=use_pdl(out.device),
+                                                       num_warps=4, **pdl_launch(out.device))
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..pdl import pdl_launch, pdl_start, use_pdl
 from .kernel import dot_precision, empty_state, softmax_step
 
 LOG2E = 1.4426950408889634
@@ -70,7 +71,8 @@ def ordered_tree_attention_kernel(Q, K, V, LENGTHS, ANCESTORS, DEPTHS, OUT,
                                   sqb, sqh, sqt, skb, skh, skr, svb, svh, svr,
                                   QK_SCALE: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                                  STAGES: tl.constexpr):
+                                  STAGES: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)  # launched while the QKV kernel ends, waits for its Q and K/V rows
     pid = tl.program_id(0)  # b * T + t
     kvh = tl.program_id(1)
     b = pid // T
@@ -139,5 +141,6 @@ def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=launch.block_n,
-        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, num_warps=launch.num_warps)
+        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, PDL=use_pdl(q.device),
+        num_warps=launch.num_warps, **pdl_launch(q.device))
     return out
