@@ -6,11 +6,12 @@ A random SmolLM2-135M-shaped model (30 layers, hidden 576, 9/3 heads, fp16; the 
 not change the time), FusedDecoder steps captured in CUDA graphs and replayed, for T = 1 and 64 tree
 tokens at batch 1 and T = 8 at batch 8 after 320 cached tokens: microseconds per whole step (lm_head
 and the argmax included). First the cuBLAS step (gemm="cublas") and the Triton step with the default
-launches, then one wide-step GEMM at a time (down, gate/up, QKV, o_proj) over its candidates with the others
+launches, then one GEMM at a time (down, gate/up, QKV, o_proj) over its candidates with the others
 fixed, keeping the least summed time; then the pick without programmatic dependent launch. Also
 checks that a row's final hidden state is bitwise the same alone and in a batch of two (the Triton
 step's promise; cuBLAS may pick other kernels per shape). Prints the value for TREESPEC_FUSED_GEMMS;
---json writes every timing.
+--json writes every timing. Measured on an H100: bench/h100-2026-12-07-night/gemm_tune.json (this
+search) and gemm_tune_wide.json (a loop over K slices with 64-row tiles, since removed: slower).
 """
 from __future__ import annotations
 
@@ -29,13 +30,11 @@ from treespec.plugins.pdl import use_pdl
 
 PAST = 320
 CASES = ((1, 1), (1, 64), (8, 8))  # (batch, tree tokens)
-NARROW, WIDE = ("B1 T1",), ("B1 T64", "B8 T8")  # the cases each kind of launch serves (gemm.WIDE_ROWS)
-CANDIDATES = {  # GemmLaunch(BLOCK_M, BLOCK_N, SPLIT_K, warps, BLOCK_K, stages) of the wide launches
-    "down.wide": [(64, n, s, 4, k, 3) for n, s, k in itertools.product((16, 32), (1, 2, 3, 4), (64, 128))],
-    "gate_up.wide": [(64, n, 1, w, k, 3) for n, w, k in itertools.product((16, 32, 64), (4, 8), (64, 128))],
-    "qkv.wide": [(64, n, 1, w, k, 3) for n, w, k in itertools.product((16, 32, 64), (4, 8), (64, 128))],
-    "o.wide": [(64, n, s, w, 64, 3) for n, s, w in itertools.product((16, 32), (1, 2, 3), (4, 8))],
-    "stages": [2, 4],  # then the best wide launches with other pipeline depths
+CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
+    "down": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 2, 3, 6), (4, 8))],
+    "gate_up": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
+    "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
+    "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
 }
 
 
@@ -99,45 +98,31 @@ def row_is_batch_independent(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
 
 
 def spec(launches: dict) -> str:
-    return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps},{l.block_k},{l.stages}"
-                    for k, l in launches.items())
-
-
-def _try(fused: FusedDecoder, cases: dict, trial: dict, label: str, rows: list) -> float | None:
-    gemm.LAUNCHES = trial
-    try:
-        us = timings(fused, {k: cases[k] for k in WIDE})
-    except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
-        print(f"{label}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-        return None
-    rows.append({"launches": spec(trial), "us": us})
-    print(f"{label:34s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items()) + f"  sum {sum(us.values()):7.1f}",
-          flush=True)
-    return sum(us.values())
+    return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps}" for k, l in launches.items())
 
 
 def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list) -> dict:
-    """One wide GEMM at a time over its candidates, the others fixed; least summed time over WIDE."""
     best = dict(gemm.LAUNCHES)
-    best_sum = _try(fused, cases, best, "default", rows)
+    best_sum = sum(timings(fused, cases).values())
     for name, candidates in CANDIDATES.items():
         for cand in candidates:
             if time.time() > deadline:
                 print("budget spent: search stopped", flush=True)
                 return best
-            if name == "stages":
-                trial = {k: (gemm.GemmLaunch(*(*spec_tuple(v)[:5], cand)) if k.endswith(".wide") else v)
-                         for k, v in best.items()}
-            else:
-                trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
-            total = _try(fused, cases, trial, f"{name}={cand}", rows)
-            if total is not None and total < best_sum:
+            trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
+            gemm.LAUNCHES = trial
+            try:
+                us = timings(fused, cases)
+            except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
+                print(f"{spec({name: trial[name]})}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                continue
+            rows.append({"launches": spec(trial), "us": us})
+            total = sum(us.values())
+            print(f"{spec({name: trial[name]}):24s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items())
+                  + f"  sum {total:7.1f}", flush=True)
+            if total < best_sum:
                 best, best_sum = trial, total
     return best
-
-
-def spec_tuple(launch: gemm.GemmLaunch) -> tuple:
-    return launch.block_m, launch.block_n, launch.split_k, launch.num_warps, launch.block_k, launch.stages
 
 
 def main() -> None:
@@ -152,9 +137,7 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": use_pdl(torch.device("cuda"))}
     result["cublas_us"] = timings(cublas, cases)
     print(f"cuBLAS step: {result['cublas_us']}", flush=True)
-    gemm.LAUNCHES = dict(gemm.DEFAULT_LAUNCHES)
-    if os.environ.get("TREESPEC_FUSED_GEMMS"):
-        gemm.LAUNCHES = gemm.parse_launches(os.environ["TREESPEC_FUSED_GEMMS"])
+    gemm.LAUNCHES = gemm.parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
     result["triton_default_us"] = timings(triton_step, cases)
     print(f"Triton step, default launches: {result['triton_default_us']}", flush=True)
     rows: list = []
@@ -162,10 +145,11 @@ def main() -> None:
     gemm.LAUNCHES = best
     result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
                   row_bitwise_alone_vs_batch=row_is_batch_independent(triton_step, decoder))
+    result["auto_us"] = timings(FusedDecoder(decoder, "auto"), cases)
     os.environ["TREESPEC_FUSED_PDL"] = "0"
     result["best_without_pdl_us"] = timings(triton_step, cases)
     print(f"best {result['best']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
-          f"cuBLAS {result['cublas_us']}; row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
+          f"cuBLAS {result['cublas_us']}; auto {result['auto_us']}; row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
     if args.json:
         json.dump(result, open(args.json, "w"), indent=1)
 

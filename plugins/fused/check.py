@@ -90,12 +90,11 @@ def check_silu_mul(device, dtype, gen) -> float:
     return _err(got, F.silu(gate.float()) * up.float())
 
 
-def _launch(split_k: int = 1, block_n: int = 16, looped: bool = False) -> GemmLaunch:
-    """One tile per program's K range, or (looped) a loop over 32-wide slices of it."""
-    return GemmLaunch(16, block_n, split_k, 4, 32 if looped else 0, 2)
+def _launch(split_k: int = 1) -> GemmLaunch:
+    return GemmLaunch(block_m=16, block_n=16, split_k=split_k, num_warps=4)
 
 
-def check_gemm(device, dtype, gen, looped: bool) -> float:
+def check_gemm(device, dtype, gen) -> float:
     """The Triton GEMM's three epilogues: split-K partial sums (summed by add_rmsnorm, bias or not, rows
     not a tile multiple), the add+RMSNorm prologue with the residual written out, SiLU*mul."""
     worst = 0.0
@@ -107,7 +106,7 @@ def check_gemm(device, dtype, gen, looped: bool) -> float:
         xd, wd, bd = x.to(device), w.to(device), bias.to(device)
         for b in (None, bd[:n]):
             sums = torch.empty(split, rows, n, dtype=torch.float32, device=device)
-            fused_linear(xd, wd[:n], b, sums, _launch(split, looped=looped))
+            fused_linear(xd, wd[:n], b, sums, _launch(split))
             ref = (x.float() @ w[:n].float().T + (0 if b is None else bias[:n].float())).to(dtype)
             res, normed = torch.zeros(rows, n, dtype=dtype, device=device), torch.empty(rows, n, dtype=dtype, device=device)
             add_rmsnorm(sums, res, normed, torch.ones(n, dtype=dtype, device=device), eps)
@@ -118,7 +117,7 @@ def check_gemm(device, dtype, gen, looped: bool) -> float:
         out_res = torch.empty(rows, n, dtype=dtype, device=device)
         act = torch.empty(rows, k, dtype=dtype, device=device)
         start = ResidualIn(resid.to(device), sums, norm_w.to(device), out_res, eps)
-        fused_linear(start, w_mlp.to(device), None, act, _launch(looped=looped), EPI_SILU_MUL)
+        fused_linear(start, w_mlp.to(device), None, act, _launch(), EPI_SILU_MUL)
         h = (resid.float() + ref.float()).to(dtype)
         gate_up = (rms_reference(h, norm_w, eps).float() @ w_mlp.float().T).to(dtype).float()
         act_ref = F.silu(gate_up[:, :k]).to(dtype).float() * gate_up[:, k:]
@@ -126,7 +125,7 @@ def check_gemm(device, dtype, gen, looped: bool) -> float:
     return worst
 
 
-def check_qkv_rope(device, dtype, gen, looped: bool) -> float:
+def check_qkv_rope(device, dtype, gen) -> float:
     """The Triton QKV GEMM with the add+RMSNorm prologue (the embedding gather of layer 0 too), RoPE
     and the cache write, with and without bias."""
     batch, tokens, heads, kvh, dim, rows, k = 2, 5, 6, 2, 32, 40, 96
@@ -153,7 +152,7 @@ def check_qkv_rope(device, dtype, gen, looped: bool) -> float:
         out_res = torch.empty(m, k, dtype=dtype, device=device)
         start = (ResidualIn(table.to(device), None, norm_w.to(device), out_res, eps, ids.to(device)) if gather
                  else ResidualIn(resid.to(device), sums.to(device), norm_w.to(device), out_res, eps))
-        fused_linear(start, dev[0], dev[1], q, _launch(looped=looped), EPI_QKV_ROPE, rope)
+        fused_linear(start, dev[0], dev[1], q, _launch(), EPI_QKV_ROPE, rope)
         h = table[ids] if gather else (resid.float() + sums.sum(0).to(dtype).float()).to(dtype)
         y = rms_reference(h, norm_w, eps).float() @ w.float().T + (bias.float() if bias is not None else 0)
         y = y.to(dtype).float().view(batch, tokens, heads + 2 * kvh, dim)
@@ -188,10 +187,8 @@ def main() -> None:
         result[f"add_rmsnorm_{name}"] = check_add_rmsnorm(args.device, dtype, gen)
         result[f"rope_write_{name}"] = check_rope_write(args.device, dtype, gen)
         result[f"silu_mul_{name}"] = check_silu_mul(args.device, dtype, gen)
-        for looped in (False, True):  # narrow-step and wide-step kernels
-            suffix = "_looped" if looped else ""
-            result[f"gemm{suffix}_{name}"] = check_gemm(args.device, dtype, gen, looped)
-            result[f"qkv_rope{suffix}_{name}"] = check_qkv_rope(args.device, dtype, gen, looped)
+        result[f"gemm_{name}"] = check_gemm(args.device, dtype, gen)
+        result[f"qkv_rope_{name}"] = check_qkv_rope(args.device, dtype, gen)
     print(json.dumps(result))
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treespec.plugins.pdl import pdl_launch, pdl_start, use_pdl
+from treespec.plugins.pdl import pdl_launch, use_pdl
 from treespec.plugins.tree_attention.kernel import dot_precision
 
 EPI_PARTIAL, EPI_SILU_MUL, EPI_QKV_ROPE = 0, 1, 2
@@ -36,21 +36,16 @@ EPI_PARTIAL, EPI_SILU_MUL, EPI_QKV_ROPE = 0, 1, 2
 
 @dataclass(frozen=True)
 class GemmLaunch:
-    """Tiles of one GEMM. Process-wide per step width, like the attention's launch: they fix the bits.
-    block_k 0: each program's K range in one tile (weights read before the PDL wait, for narrow
-    steps); else a loop over block_k slices pipelined over `stages` (for wide steps)."""
+    """Tiles of one GEMM. Process-wide, like the attention's launch: they fix the bits."""
 
     block_m: int = 16
     block_n: int = 32
     split_k: int = 1
     num_warps: int = 4
-    block_k: int = 0
-    stages: int = 3
 
     def k_extent(self, k: int, split: int) -> int:
-        """The K range of one split (a multiple of the tile)."""
-        part = triton.cdiv(k, split)
-        return triton.cdiv(part, self.block_k) * self.block_k if self.block_k else triton.next_power_of_2(part)
+        """The K range of one split: one tile, a power of two."""
+        return triton.next_power_of_2(triton.cdiv(k, split))
 
     def splits(self, k: int) -> int:
         """SPLIT_K for a reduction of length k: at most split_k, none of them empty (a tiny model's K)."""
@@ -60,25 +55,19 @@ class GemmLaunch:
         return split
 
 
-# Per GEMM of a layer, for steps of at most WIDE_ROWS rows (batch x tokens) and, as "NAME.wide", for
-# wider ones. A row's bits depend on the launch, so every step a request can take past its prefill
-# must use one of them: the batch engine's steps and tree buckets have >= 64 rows (the wide launches),
-# only 1-token plain decoding takes the narrow ones. Picked by tools/gemm_tune.py on an H100
-# (bench/h100-2026-12-07-night/gemm_tune*.json); TREESPEC_FUSED_GEMMS="down.wide=64,32,2,4,64,3;..."
-# (BLOCK_M,BLOCK_N,SPLIT_K,warps[,BLOCK_K,stages]) overrides any of them for experiments.
-WIDE_ROWS = 16
-DEFAULT_LAUNCHES = {
-    "qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8), "gate_up": GemmLaunch(16, 32, 1, 8),
-    "down": GemmLaunch(16, 32, 2, 4),
-    "qkv.wide": GemmLaunch(64, 32, 1, 4, 64), "o.wide": GemmLaunch(64, 32, 1, 4, 64),
-    "gate_up.wide": GemmLaunch(64, 32, 1, 4, 64), "down.wide": GemmLaunch(64, 32, 2, 4, 64),
-}
+# Per GEMM of a layer. Picked by tools/gemm_tune.py on an H100 (bench/h100-2026-12-07-night/):
+# 1-token steps 0.70 ms with these and PDL, 0.96 ms without PDL, 0.85 ms with cuBLAS GEMMs; at 64
+# rows 1.08 ms against cuBLAS's 0.92 (which is why gemm="auto" takes cuBLAS there). A loop over K
+# slices with 64-row tiles (to read each weight once at 64 rows) lost at every shape tried: 1.48 ms
+# at 64 rows. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
+# (BLOCK_M,BLOCK_N,SPLIT_K,warps) overrides any of them for experiments.
+DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8),
+                    "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4)}
 
 
 def parse_launches(text: str) -> dict[str, GemmLaunch]:
-    rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps[,BLOCK_K,stages];...' with "
-            f"names from {sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128 (BLOCK_K 0: one tile), "
-            "SPLIT_K 1..16, warps 1, 2, 4 or 8, stages 1..5")
+    rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
+            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16, warps 1, 2, 4 or 8")
     launches = dict(DEFAULT_LAUNCHES)
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, values = item.partition("=")
@@ -86,17 +75,11 @@ def parse_launches(text: str) -> dict[str, GemmLaunch]:
             launch = GemmLaunch(*(int(v) for v in values.split(",")))
         except (TypeError, ValueError):
             raise ValueError(rule) from None
-        blocks = (launch.block_m, launch.block_n) + ((launch.block_k,) if launch.block_k else ())
-        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in blocks)
-        if (name not in launches or not blocks_ok or not 1 <= launch.split_k <= 16
-                or launch.num_warps not in (1, 2, 4, 8) or not 1 <= launch.stages <= 5):
+        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (launch.block_m, launch.block_n))
+        if name not in launches or not blocks_ok or not 1 <= launch.split_k <= 16 or launch.num_warps not in (1, 2, 4, 8):
             raise ValueError(rule)
         launches[name] = launch
     return launches
-
-
-def launch_for(name: str, rows: int) -> GemmLaunch:
-    return LAUNCHES[name if rows <= WIDE_ROWS else f"{name}.wide"]
 
 
 LAUNCHES = parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
@@ -166,59 +149,6 @@ def fused_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OU
     acc2 = acc
     if EPI != 0:
         acc2 = tl.dot(x, w2, input_precision=DOT_PREC)
-    _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
-              skb, skh, skr, svb, svh, svr, EPI, HAS_BIAS, HQ, KVH, D)
-
-
-@triton.jit
-def looped_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OUT,
-                         POS, LENGTHS, COS, SIN, KC, VC,
-                         M, N, K, T, eps, skb, skh, skr, svb, svh, svr,
-                         NORM: tl.constexpr, GATHER: tl.constexpr, SPLIT_IN: tl.constexpr, EPI: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HQ: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
-                         DOT_PREC: tl.constexpr, PDL: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         K_SPLIT: tl.constexpr, STAGES: tl.constexpr):
-    # fused_linear_kernel for wide steps (many rows): a pipelined loop over BLOCK_K slices of the
-    # split's K range instead of one tile, so that 64-row tiles fit in shared memory; the norm
-    # prologue takes a first pass over the row for its RMS.
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n0 = tl.program_id(1) * BLOCK_N
-    rn = n0 + tl.arange(0, BLOCK_N)
-    split = tl.program_id(2)
-    m_ok, n_ok = rm < M, rn < N
-    pdl_start(PDL)
-    if NORM:
-        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            h = _residual(X, IDS, DP, rm, rk, m_ok, rk < K, M, K, GATHER, SPLIT_IN)
-            if n0 == 0:
-                tl.store(RES_OUT + rm[:, None].to(tl.int64) * K + rk[None, :], h,
-                         mask=m_ok[:, None] & (rk < K)[None, :])
-            hf = h.to(tl.float32)
-            squares += tl.sum(hf * hf, axis=1)
-        rstd = tl.rsqrt(squares / K + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(split * K_SPLIT, split * K_SPLIT + K_SPLIT, BLOCK_K, num_stages=STAGES):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        w_offs = rn[None, :].to(tl.int64) * K + rk[:, None]
-        w_mask = n_ok[None, :] & k_ok[:, None]
-        if NORM:
-            h = _residual(X, IDS, DP, rm, rk, m_ok, k_ok, M, K, GATHER, SPLIT_IN).to(tl.float32)
-            nw = tl.load(NORM_W + rk, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((h * rstd[:, None]).to(W.dtype.element_ty).to(tl.float32) * nw[None, :]).to(W.dtype.element_ty)
-        else:
-            x = tl.load(X + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-        acc = tl.dot(x, tl.load(W + w_offs, mask=w_mask, other=0.0), acc, input_precision=DOT_PREC)
-        if EPI == 1:
-            acc2 = tl.dot(x, tl.load(W + N * K + w_offs, mask=w_mask, other=0.0), acc2, input_precision=DOT_PREC)
-        elif EPI == 2:
-            w2 = tl.load(WROT + w_offs, mask=w_mask & (rn < (HQ + KVH) * D)[None, :], other=0.0)
-            acc2 = tl.dot(x, w2, acc2, input_precision=DOT_PREC)
     _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
               skb, skh, skr, svb, svh, svr, EPI, HAS_BIAS, HQ, KVH, D)
 
@@ -346,16 +276,11 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         block_n = min(block_n, rope.cos.shape[1])
         if rope.cos.shape[1] % block_n:
             raise ValueError(f"the QKV GEMM's column block ({block_n}) must divide the head dim")
-    k_extent = launch.k_extent(k, split)
     partials = x.partials if norm else None
     r = rope
     dummy = weight
-    if launch.block_k:
-        kernel, tiles = looped_linear_kernel, {"BLOCK_K": launch.block_k, "K_SPLIT": k_extent, "STAGES": launch.stages}
-    else:
-        kernel, tiles = fused_linear_kernel, {"BLOCK_K": k_extent}
     grid = (triton.cdiv(rows, launch.block_m), triton.cdiv(cols, block_n), split)
-    kernel[grid](
+    fused_linear_kernel[grid](
         src, x.ids if norm and x.ids is not None else dummy, partials if partials is not None else dummy,
         x.norm_weight if norm else dummy, x.residual_out if norm else dummy, weight,
         r.rot if r else dummy, bias if bias is not None else dummy,
@@ -367,5 +292,5 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         NORM=norm, GATHER=norm and x.ids is not None, SPLIT_IN=partials.shape[0] if partials is not None else 0,
         EPI=epilogue, HAS_BIAS=bias is not None, HQ=r.heads if r else 1, KVH=r.kv_heads if r else 1,
         D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=use_pdl(out.device),
-        BLOCK_M=launch.block_m, BLOCK_N=block_n, num_warps=launch.num_warps, **tiles,
+        BLOCK_M=launch.block_m, BLOCK_N=block_n, BLOCK_K=launch.k_extent(k, split), num_warps=launch.num_warps,
         **pdl_launch(out.device))

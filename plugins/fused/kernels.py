@@ -59,9 +59,7 @@ def add_rmsnorm_kernel(X, IDS, RES, W, NORMED, M, N, eps,
 @triton.jit
 def rope_write_kernel(QKV, POS, LENGTHS, COS, SIN, KC, VC, T, s_row,
                       skb, skh, skr, svb, svh, svr,
-                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                      PDL: tl.constexpr):
-    pdl_start(PDL)
+                      H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
     row = tl.program_id(0)  # b * T + t
     head = tl.program_id(1)  # Q heads, then K heads, then V heads
     b = row // T
@@ -89,8 +87,7 @@ def rope_write_kernel(QKV, POS, LENGTHS, COS, SIN, KC, VC, T, s_row,
 
 
 @triton.jit
-def silu_mul_kernel(GU, OUT, INTER, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
+def silu_mul_kernel(GU, OUT, INTER, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < INTER
@@ -116,17 +113,18 @@ def tree_ancestors_kernel(MASK, ANCESTORS, DEPTHS, T, BLOCK_T: tl.constexpr):
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, normed: torch.Tensor, weight: torch.Tensor,
-                eps: float, ids: torch.Tensor | None = None, add: bool = True) -> None:
+                eps: float, ids: torch.Tensor | None = None, add: bool = True, pdl: bool = False) -> None:
     """residual [M, N] (+)= x [M, N]; normed [M, N] = RMSNorm(residual) * weight. With `ids` [M]:
     x is the embedding table [V, N] and the rows are gathered (no add). A 3-d fp32 x [S, M, N]
-    holds the partial sums of a split-K GEMM (plugins/fused/gemm.py)."""
+    holds the partial sums of a split-K GEMM (plugins/fused/gemm.py). `pdl`: launched with
+    programmatic dependent launch where the device has it (treespec.plugins.pdl)."""
     rows, width = residual.shape
     gather = ids is not None
     split = x.shape[0] if x.dim() == 3 else 0
     add_rmsnorm_kernel[(rows,)](x, ids if gather else x, residual, weight, normed, rows, width, eps,
                                 GATHER=gather, ADD=add and not gather, SPLIT=split,
-                                BLOCK=triton.next_power_of_2(width), PDL=use_pdl(normed.device), num_warps=4,
-                                **pdl_launch(normed.device))
+                                BLOCK=triton.next_power_of_2(width), PDL=pdl and use_pdl(normed.device),
+                                num_warps=4, **(pdl_launch(normed.device) if pdl else {}))
 
 
 def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -138,8 +136,7 @@ def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos:
     rope_write_kernel[grid](qkv, pos, lengths, cos, sin, k_cache, v_cache, tokens, qkv.stride(0),
                             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                            H=heads, KVH=kv_heads, D=dim, HALF=dim // 2, PDL=use_pdl(qkv.device), num_warps=1,
-                            **pdl_launch(qkv.device))
+                            H=heads, KVH=kv_heads, D=dim, HALF=dim // 2, num_warps=1)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -147,8 +144,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
-    silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, PDL=use_pdl(out.device),
-                                                       num_warps=4, **pdl_launch(out.device))
+    silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
     return out
 
 

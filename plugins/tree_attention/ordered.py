@@ -121,10 +121,11 @@ def tree_ancestors(tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            lengths: torch.Tensor, ancestors: torch.Tensor, depths: torch.Tensor,
-                           scale: float, launch: OrderedLaunch | None = None) -> torch.Tensor:
+                           scale: float, launch: OrderedLaunch | None = None, pdl: bool = False) -> torch.Tensor:
     """q [B, H, T, D] (any strides, last dim contiguous); k/v_cache [B, KVH, rows, D] holding the
     committed rows [0, L_b) and this step's tree rows at [L_b, L_b + T); lengths [B] (L_b).
-    Returns [B, T, H, D] in q's dtype."""
+    Returns [B, T, H, D] in q's dtype. `pdl`: launched with programmatic dependent launch where
+    the device has it (treespec.plugins.pdl), for a kernel chain built for it."""
     batch, heads, tokens, dim = q.shape
     kv_heads = k_cache.shape[1]
     groups = heads // kv_heads
@@ -141,6 +142,6 @@ def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=launch.block_n,
-        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, PDL=use_pdl(q.device),
-        num_warps=launch.num_warps, **pdl_launch(q.device))
+        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, PDL=pdl and use_pdl(q.device),
+        num_warps=launch.num_warps, **(pdl_launch(q.device) if pdl else {}))
     return out

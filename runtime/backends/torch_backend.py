@@ -29,7 +29,8 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
   columns, where a tree puts ancestors elsewhere than plain decoding does: near-tie argmaxes
   then flip in fp16 (measured on the H100: 1-3 of 10 bench prompts diverged).
 * On CUDA the step is fused by default (treespec.models.fused_decoder; TREESPEC_TORCH_FUSED=0 for
-  the unfused step, =triton for Triton GEMMs): 9 kernels per layer (concatenated QKV and gate/up
+  the unfused step, =cublas or =triton for one kind of GEMM at every width; the default, auto,
+  takes Triton GEMMs for narrow steps and cuBLAS for wide ones): 9 kernels per layer (concatenated QKV and gate/up
   GEMMs, Triton add+RMSNorm, RoPE + cache write, SiLU*mul, the ordered attention) instead of ~40,
   with the same buckets, graphs and cache contract. H200, SmolLM2 fp16: 274 kernels and 1.19 ms a
   step against 1,237 and 3.95 ms; plain decoding 1011 tok/s against 342; tree nodes bitwise equal
@@ -291,13 +292,14 @@ def _ordered_attention(head_dim: int):
 
 def _fused_decoder(decoder, fused: bool | str | None, cuda: bool):
     """The few-kernel step (treespec.models.fused_decoder) when asked for: `fused` True (cuBLAS
-    GEMMs) or "triton" (Triton GEMMs), or when it is None, on CUDA unless TREESPEC_TORCH_FUSED=0.
+    GEMMs), "triton" (Triton GEMMs) or "auto" (Triton for narrow steps, cuBLAS for wide ones), or
+    when it is None, on CUDA: TREESPEC_TORCH_FUSED (0, 1 = cublas, triton, auto; auto unless set).
     On the CPU it needs Triton's interpreter (the tests)."""
     import os
 
     if fused is None:
-        fused = os.environ.get("TREESPEC_TORCH_FUSED", "1") if cuda else False
-        fused = {"0": False, "1": True}.get(fused, fused)
+        fused = os.environ.get("TREESPEC_TORCH_FUSED", "auto") if cuda else False
+        fused = {"0": False, "1": True, "cublas": True}.get(fused, fused)
     if not fused:
         return None
     gemm = "cublas" if fused is True else str(fused)

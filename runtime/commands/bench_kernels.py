@@ -97,12 +97,13 @@ def profile_backend(decoder, fused: bool | str, sizes=SIZES, reps: int = 20, pas
 
 
 def step_profile(decoder, device: str, reps: int = 20) -> dict:
-    """The profile of the torch backend unfused, fused with cuBLAS GEMMs and fused with Triton
-    GEMMs ({} off CUDA: nothing to count)."""
+    """The profile of the torch backend unfused, fused with cuBLAS GEMMs, with Triton GEMMs and
+    with either by step width (auto, the default) ({} off CUDA: nothing to count)."""
     if device != "cuda":
         return {}
     out = {}
-    for name, fused in (("torch", False), ("torch-fused", True), ("torch-fused-triton-gemm", "triton")):
+    for name, fused in (("torch", False), ("torch-fused", True), ("torch-fused-triton-gemm", "triton"),
+                        ("torch-fused-auto", "auto")):
         try:
             out[name] = profile_backend(decoder, fused, reps=reps)
         except Exception as exc:  # report and keep the rest of the bench
