@@ -38,7 +38,8 @@ CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
 }
 
 
-def smollm2_shaped() -> TreeDecoder:
+def smollm2_shaped():
+    """A random-weight LlamaForCausalLM of SmolLM2-135M's shapes, fp16 on CUDA."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -50,7 +51,7 @@ def smollm2_shaped() -> TreeDecoder:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02) if p.dim() == 2 else p.uniform_(0.8, 1.2)
-    return TreeDecoder(model)
+    return model
 
 
 def step_inputs(decoder: TreeDecoder, batch: int, tokens: int):
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the search")
     args = ap.parse_args()
     start = time.time()
-    decoder = smollm2_shaped()
+    decoder = TreeDecoder(smollm2_shaped())
     cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CASES}
     cublas, triton_step = FusedDecoder(decoder, "cublas"), FusedDecoder(decoder, "triton")
     result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": use_pdl(torch.device("cuda"))}
