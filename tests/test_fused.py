@@ -40,9 +40,8 @@ def test_tree_ancestors_kernel_is_exact(kernels):
 
 def test_fused_step_matches_tree_decoder():
     result = _run([str(REPO / "tests" / "support" / "fused_step_check.py")])
-    for name in ("decoder", "decoder_triton_gemm", "decoder_mixed", "decoder_bias", "decoder_bias_triton_gemm",
-                 "decoder_bias_mixed"):
-        decoder = result[name]  # cuBLAS / Triton / mixed GEMMs, without / with projection biases
+    for name in ("decoder", "decoder_triton_gemm", "decoder_bias", "decoder_bias_triton_gemm"):
+        decoder = result[name]  # cuBLAS / Triton GEMMs, without / with projection biases
         for key in ("logits", "hidden", "new_kv"):
             assert decoder[key] < TOLERANCE, result
         assert decoder["argmax_equal"], result

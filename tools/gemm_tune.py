@@ -147,11 +147,10 @@ def main() -> None:
     result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
                   row_bitwise_alone_vs_batch=row_is_batch_independent(triton_step, decoder))
     result["auto_us"] = timings(FusedDecoder(decoder, "auto"), cases)
-    result["mixed_us"] = timings(FusedDecoder(decoder, "mixed"), cases)
     os.environ["TREESPEC_FUSED_PDL"] = "0"
     result["best_without_pdl_us"] = timings(triton_step, cases)
     print(f"best {result['best']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
-          f"cuBLAS {result['cublas_us']}; auto {result['auto_us']}; mixed {result['mixed_us']}; row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
+          f"cuBLAS {result['cublas_us']}; auto {result['auto_us']}; row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
     if args.json:
         json.dump(result, open(args.json, "w"), indent=1)
 

@@ -100,7 +100,6 @@ def main() -> None:
     result = {"decoder": decoder_step(model, gen, "cublas"), "decoder_triton_gemm": decoder_step(model, gen, "triton"),
               "decoder_bias": decoder_step(biased, gen, "cublas"),
               "decoder_bias_triton_gemm": decoder_step(biased, gen, "triton"),
-              "decoder_mixed": decoder_step(model, gen, "mixed"), "decoder_bias_mixed": decoder_step(biased, gen, "mixed"),
               "backend_logits": backend_steps(model, gen)}
     print(json.dumps(result))
 

@@ -34,9 +34,8 @@ from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul, tr
 from treespec.plugins.pdl import use_pdl
 from treespec.plugins.tree_attention import ordered
 
-GEMMS = ("cublas", "triton", "mixed", "auto")
-NARROW_ROWS = 16  # gemm="auto": "triton" for steps of at most this many rows (batch x tokens), else WIDE_GEMM
-WIDE_GEMM = "cublas"
+GEMMS = ("cublas", "triton", "auto")
+NARROW_ROWS = 16  # gemm="auto": Triton GEMMs for steps of at most this many rows (batch x tokens), else cuBLAS
 FUSED_ANCESTORS_MAX = 128  # the one-kernel ancestor lists hold a [T, T] tile; longer prefills use torch
 
 
@@ -161,9 +160,8 @@ class FusedDecoder:
         dec = self.decoder
         residual = torch.empty(batch * tokens, dec.embed.weight.shape[1], dtype=cache.dtype, device=cache.device)
         normed = torch.empty_like(residual)
-        gemm = self.gemm if self.gemm != "auto" else "triton" if batch * tokens <= NARROW_ROWS else WIDE_GEMM
-        if gemm != "cublas":
-            self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens, cublas_reductions=gemm == "mixed")
+        if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
+            self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens)
         else:
             add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
             for i, layer in enumerate(self.layers):
@@ -189,13 +187,11 @@ class FusedDecoder:
         act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
         add_rmsnorm(F.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)
 
-    def triton_layers(self, ids, residual, normed, ctx: StepContext, cache, batch: int, tokens: int,
-                      cublas_reductions: bool = False) -> None:
+    def triton_layers(self, ids, residual, normed, ctx: StepContext, cache, batch: int, tokens: int) -> None:
         """Every layer in five kernels (plugins/fused/gemm.py), then the final add+RMSNorm into
         residual/normed [M, hidden]. The residual stream alternates between two buffers (a GEMM's
         programs read one while its first column block writes the other); o_proj and down leave fp32
-        partial sums that the next kernel adds. With `cublas_reductions` ("mixed") o_proj and down,
-        the GEMMs with a long K and a narrow output, are cuBLAS's, their fp16 output one "partial"."""
+        partial sums that the next kernel adds."""
         heads, kvh, dim, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         rows, width = residual.shape
         launch = triton_gemm.LAUNCHES
@@ -203,14 +199,8 @@ class FusedDecoder:
         stream = (torch.empty_like(residual), residual)
         q = torch.empty(rows, heads * dim, dtype=residual.dtype, device=residual.device)
         act = torch.empty(rows, self.layers[0].down.shape[1], dtype=residual.dtype, device=residual.device)
-
-        def reduction(x, weight, bias, launch):  # -> partial sums [S, M, N]
-            if cublas_reductions:
-                return F.linear(x, weight, bias)[None]
-            sums = torch.empty(launch.splits(x.shape[1]), rows, width, dtype=torch.float32, device=x.device)
-            triton_gemm.fused_linear(x, weight, bias, sums, launch)
-            return sums
-
+        attn_sums = torch.empty(launch["o"].splits(heads * dim), rows, width, dtype=torch.float32, device=residual.device)
+        mlp_sums = torch.empty(launch["down"].splits(act.shape[1]), rows, width, dtype=torch.float32, device=residual.device)
         source, sums = self.decoder.embed.weight, None
         for i, layer in enumerate(self.layers):
             rope = triton_gemm.RopeOut(q, layer.qk_rot, layer.qk_rot_bias, ctx.pos, ctx.lengths, ctx.cos, ctx.sin,
@@ -221,9 +211,10 @@ class FusedDecoder:
             out = ordered.ordered_tree_attention(q.view(batch, tokens, heads, dim).transpose(1, 2), cache[2 * i],
                                                  cache[2 * i + 1], ctx.lengths, ctx.ancestors, ctx.depths,
                                                  self.decoder.scale, pdl=pdl)
-            attn = reduction(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, launch["o"])
-            mlp_in = triton_gemm.ResidualIn(stream[0], attn, layer.post_norm, stream[1], eps)
+            triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, attn_sums, launch["o"])
+            mlp_in = triton_gemm.ResidualIn(stream[0], attn_sums, layer.post_norm, stream[1], eps)
             triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, act, launch["gate_up"],
                                      triton_gemm.EPI_SILU_MUL)
-            source, sums = stream[1], reduction(act, layer.down, layer.down_bias, launch["down"])
-        add_rmsnorm(sums, residual, normed, self.final_norm, eps, pdl=pdl)
+            triton_gemm.fused_linear(act, layer.down, layer.down_bias, mlp_sums, launch["down"])
+            source, sums = stream[1], mlp_sums
+        add_rmsnorm(mlp_sums, residual, normed, self.final_norm, eps, pdl=pdl)
