@@ -46,3 +46,17 @@ def test_fused_step_matches_tree_decoder():
             assert decoder[key] < TOLERANCE, result
         assert decoder["argmax_equal"], result
     assert result["backend_logits"] < TOLERANCE, result
+
+
+def test_gemm_launches_parse_and_refuse_with_their_rule():
+    """TREESPEC_FUSED_GEMMS overrides the Triton GEMMs' tiles for experiments; a bad value names the rule."""
+    from treespec.plugins.fused.gemm import DEFAULT_LAUNCHES, GemmLaunch, parse_launches
+
+    assert parse_launches("") == DEFAULT_LAUNCHES
+    launches = parse_launches("down=16,32,3,8; o=64,16,1,4")
+    assert launches["down"] == GemmLaunch(16, 32, 3, 8) and launches["o"] == GemmLaunch(64, 16, 1, 4)
+    assert launches["qkv"] == DEFAULT_LAUNCHES["qkv"]
+    for bad in ("down=16,32,3", "down=24,32,3,8", "lm_head=16,32,1,4", "down=16,32,0,4", "down=16,32,1,3"):
+        with pytest.raises(ValueError, match="TREESPEC_FUSED_GEMMS"):
+            parse_launches(bad)
+    assert GemmLaunch(split_k=12).splits(64) < 12  # a tiny model's K never gets an empty split

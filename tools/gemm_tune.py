@@ -150,7 +150,8 @@ def main() -> None:
     os.environ["TREESPEC_FUSED_PDL"] = "0"
     result["best_without_pdl_us"] = timings(triton_step, cases)
     print(f"best {result['best']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
-          f"cuBLAS {result['cublas_us']}; auto {result['auto_us']}; row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
+          f"cuBLAS {result['cublas_us']}; auto {result['auto_us']}; "
+          f"row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
     if args.json:
         json.dump(result, open(args.json, "w"), indent=1)
 

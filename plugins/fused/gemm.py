@@ -72,13 +72,13 @@ def parse_launches(text: str) -> dict[str, GemmLaunch]:
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, values = item.partition("=")
         try:
-            launch = GemmLaunch(*(int(v) for v in values.split(",")))
-        except (TypeError, ValueError):
+            block_m, block_n, split_k, warps = (int(v) for v in values.split(","))
+        except ValueError:
             raise ValueError(rule) from None
-        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (launch.block_m, launch.block_n))
-        if name not in launches or not blocks_ok or not 1 <= launch.split_k <= 16 or launch.num_warps not in (1, 2, 4, 8):
+        blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (block_m, block_n))
+        if name not in launches or not blocks_ok or not 1 <= split_k <= 16 or warps not in (1, 2, 4, 8):
             raise ValueError(rule)
-        launches[name] = launch
+        launches[name] = GemmLaunch(block_m, block_n, split_k, warps)
     return launches
 
 

@@ -197,10 +197,10 @@ class FusedDecoder:
         launch = triton_gemm.LAUNCHES
         pdl = use_pdl(residual.device)
         stream = (torch.empty_like(residual), residual)
-        q = torch.empty(rows, heads * dim, dtype=residual.dtype, device=residual.device)
-        act = torch.empty(rows, self.layers[0].down.shape[1], dtype=residual.dtype, device=residual.device)
-        attn_sums = torch.empty(launch["o"].splits(heads * dim), rows, width, dtype=torch.float32, device=residual.device)
-        mlp_sums = torch.empty(launch["down"].splits(act.shape[1]), rows, width, dtype=torch.float32, device=residual.device)
+        q = residual.new_empty(rows, heads * dim)
+        act = residual.new_empty(rows, self.layers[0].down.shape[1])
+        attn_sums = residual.new_empty(launch["o"].splits(heads * dim), rows, width, dtype=torch.float32)
+        mlp_sums = residual.new_empty(launch["down"].splits(act.shape[1]), rows, width, dtype=torch.float32)
         source, sums = self.decoder.embed.weight, None
         for i, layer in enumerate(self.layers):
             rope = triton_gemm.RopeOut(q, layer.qk_rot, layer.qk_rot_bias, ctx.pos, ctx.lengths, ctx.cos, ctx.sin,
