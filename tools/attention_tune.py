@@ -17,6 +17,7 @@ import itertools
 import json
 
 import torch
+from graph_timing import replay_us
 
 from treespec.plugins.tree_attention.ordered import OrderedLaunch, ordered_tree_attention, tree_ancestors
 from treespec.plugins.tree_attention.ordered_check import random_tree
@@ -38,21 +39,11 @@ def _inputs(batch: int, tokens: int, gen: torch.Generator):
 
 def time_case(launch: OrderedLaunch, args, layers: int, reps: int = 20) -> float:
     """Microseconds per launch, replayed from a CUDA graph of `layers` launches."""
-    ordered_tree_attention(*args, 0.125, launch=launch)  # compile
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step() -> None:
         for _ in range(layers):
             ordered_tree_attention(*args, 0.125, launch=launch)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * layers)
+
+    return replay_us(step, reps) / layers
 
 
 def main() -> None:

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from graph_timing import replay_us
+
 from treespec.models.fused_decoder import FusedDecoder
 from treespec.models.tree_model import TreeDecoder
 from treespec.plugins.fused import gemm
@@ -66,22 +68,9 @@ def step_inputs(decoder: TreeDecoder, batch: int, tokens: int):
 
 
 def step_us(fused: FusedDecoder, inputs, reps: int = 30) -> float:
-    """Microseconds per step replayed from a CUDA graph (compiled and warmed first)."""
+    """Microseconds per step replayed from a CUDA graph."""
     with torch.no_grad():
-        fused(*inputs)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fused(*inputs)
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+        return replay_us(lambda: fused(*inputs), reps)
 
 
 def timings(fused: FusedDecoder, cases: dict) -> dict:

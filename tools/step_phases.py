@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from gemm_tune import smollm2_shaped  # tools/ is the script's folder, hence on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm_tune import smollm2_shaped  # noqa: E402
-
-from treespec.runtime.backends.base import StepInputs  # noqa: E402
-from treespec.runtime.backends.torch_backend import TorchBackend  # noqa: E402
-from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree  # noqa: E402
+from treespec.runtime.backends.base import StepInputs
+from treespec.runtime.backends.torch_backend import TorchBackend
+from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 
 
 def phases(backend: TorchBackend, tokens: int, reps: int) -> dict:
