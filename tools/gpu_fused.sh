@@ -4,8 +4,8 @@
 #   1. the SmolLM2 export starts in the background on the CPUs (its own treespec tree);
 #   2. the GPU tests of the fused step (tests/test_fused_gpu.py, -s: bitwise tree = plain counts,
 #      lossless rows, kernels and ms per step for T = 1...128);
-#   3. `treespec bench` with TREESPEC_TORCH_FUSED=$FUSED (1: cuBLAS GEMMs, triton: Triton GEMMs): every
-#      torch row runs the fused step; its step profile reports unfused, fused and fused-Triton-GEMM.
+#   3. `treespec bench` with TREESPEC_TORCH_FUSED=$FUSED (auto, the default; cublas; triton): every
+#      torch row runs the fused step; its step profile reports unfused and the three fused GEMM modes.
 # Logs and JSON land in $OUT (fused_gpu.log, fused_gpu.xml, $NAME.json).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -24,5 +24,5 @@ timeout "${TEST_LIMIT:-270}" python3 -m pytest -m gpu tests/test_fused_gpu.py -s
 echo "pytest exit $? after $(( $(date +%s) - start )) s"
 grep -E "fused=|step profile|kernels| ms |passed|failed|Error|assert" "$OUT/fused_gpu.log" | tail -60
 left=$(( ${LIMIT:-580} - ($(date +%s) - start) ))
-TREESPEC_TORCH_FUSED=${FUSED:-1} BACKENDS=torch DRAFTERS=${DRAFTERS:-draft,lookup} TREES=${TREES:-default,opt32,chain4} \
+TREESPEC_TORCH_FUSED=${FUSED:-auto} BACKENDS=torch DRAFTERS=${DRAFTERS:-draft,lookup} TREES=${TREES:-default,opt32,chain4} \
   BASELINES=ar PROMPTS=${PROMPTS:-10} TOKENS=${TOKENS:-128} NAME=${NAME:-bench-fused} LIMIT=$left bash tools/gpu_bench.sh

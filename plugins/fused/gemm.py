@@ -5,8 +5,8 @@ layer is five kernels (treespec.models.fused_decoder.FusedDecoder):
      of the add), 2. ordered tree attention, 3. o_proj GEMM, 4. residual add + RMSNorm + gate/up GEMM
      + SiLU*mul, 5. down GEMM.
 
-Why: a SmolLM2 step is ~30 small dependent kernels a layer's worth of latency, not of bytes (270 MB of
-weights need 0.06 ms). cuBLAS cannot take a prologue, so with it a layer is nine kernels. Here a GEMM
+Why: a SmolLM2 step costs the latency of its small dependent kernels, not its bytes (270 MB of weights
+need 0.06 ms). cuBLAS cannot take a prologue, so with it a layer is nine kernels. Here a GEMM
 whose output feeds the residual stream (o_proj, down) writes fp32 partial sums [SPLIT_K, M, N] (split K
 spreads SmolLM2's narrow projections over more SMs) and the next kernel adds them, in split order, while
 it loads its input: no reduction kernel, no atomics, the result fixed by the launch alone.
@@ -55,11 +55,11 @@ class GemmLaunch:
         return split
 
 
-# Per GEMM of a layer. Picked by tools/gemm_tune.py on an H100 (bench/h100-2026-12-07-night/):
-# 1-token steps 0.70 ms with these and PDL, 0.96 ms without PDL, 0.85 ms with cuBLAS GEMMs; at 64
-# rows 1.08 ms against cuBLAS's 0.92 (which is why gemm="auto" takes cuBLAS there). A loop over K
-# slices with 64-row tiles (to read each weight once at 64 rows) lost at every shape tried: 1.48 ms
-# at 64 rows. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
+# Per GEMM of a layer. Picked by tools/gemm_tune.py on an H100 (bench/h100-2026-12-07-night/): a
+# 1-token step 0.70 ms with these and PDL, 0.95 ms without PDL, 0.85 ms with cuBLAS GEMMs; at 64 rows
+# 1.15 ms against cuBLAS's 0.92 (which is why gemm="auto" takes cuBLAS there). Tried and removed: a
+# loop over K slices with 64-row tiles (to read each weight once at 64 rows), 1.48 ms at 64 rows;
+# Triton QKV and gate/up with cuBLAS o_proj and down, 1.28 ms. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
 # (BLOCK_M,BLOCK_N,SPLIT_K,warps) overrides any of them for experiments.
 DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8),
                     "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4)}

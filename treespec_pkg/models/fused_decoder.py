@@ -10,7 +10,7 @@ With gemm="triton" (plugins/fused/gemm.py) the GEMMs are Triton kernels that tak
 their prologue and RoPE or SiLU*mul as their epilogue: 5 kernels a layer, 154 a step, each row's
 result independent of the step's shape and batch, launched with PDL (treespec.plugins.pdl). They win
 on narrow steps (1-token decoding: 0.70 against 0.85 ms on an H100) and lose on wide ones (64 rows:
-1.08 against 0.92), so gemm="auto", the CUDA default, takes them for steps of <= NARROW_ROWS rows
+1.15 against 0.92), so gemm="auto", the CUDA default, takes them for steps of <= NARROW_ROWS rows
 and cuBLAS otherwise: a bucket always runs the same kernels, so losslessness is as with cuBLAS.
 
 Same contract as TorchBackend's unfused `_forward`: the new K/V rows go straight to the cache
@@ -133,7 +133,7 @@ class FusedDecoder:
         if gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
         self.decoder = decoder
-        self.gemm = gemm  # "triton": the layers' GEMMs in Triton, gate/up fused with SiLU*mul
+        self.gemm = gemm  # cublas, triton (plugins/fused/gemm.py) or auto (by the step's rows)
         rope_heads = decoder.num_heads + decoder.num_kv_heads if gemm != "cublas" else 0
         with torch.no_grad():
             self.layers = [fuse_layer(layer, rope_heads, decoder.head_dim) for layer in decoder.layers]
