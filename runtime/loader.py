@@ -34,7 +34,7 @@ from treespec.runtime.drafters.base import Drafter
 from treespec.runtime.drafters.draft_lm import DraftModelDrafter
 from treespec.runtime.drafters.eagle import EAGLE_TOP_K, EagleDrafter, OrtEagleHead
 from treespec.runtime.drafters.eagle_torch import TorchEagleDrafter, TorchEagleHead
-from treespec.runtime.drafters.int8_head import Int8Graph, int8_wanted
+from treespec.runtime.drafters.int8_graph import Int8Graph, int8_wanted
 from treespec.runtime.drafters.lookup import LookupDrafter
 from treespec.runtime.drafters.medusa import MedusaDrafter, TorchMedusaDrafter
 
@@ -54,14 +54,14 @@ def load_tokenizer(manifest: Manifest):
 # -- backends --------------------------------------------------------------------------------------
 
 def _open_graph_session(manifest: Manifest, name: str, device: str, threads: int | None, cuda_graphs: bool = False,
-                        logits_width: int | None = None, int8: bool = False):
-    """An ONNX Runtime session of the graph `name`; with `int8`, of its copy with int8 MatMul weights
-    (runtime/drafters/int8_head.py), which the session then holds on to."""
+                        logits_width: int | None = None):
+    """An ONNX Runtime session of the graph `name`; a drafter's fp32 graph on the CPU runs a copy with
+    int8 MatMul weights (runtime/drafters/int8_graph.py), which the session holds on to."""
     entry = manifest.graph(name)
     path = manifest.require_file(entry.onnx)
     if entry.external_data:
         manifest.require_file(entry.onnx + ".data")
-    quantized = Int8Graph(path) if int8 else None
+    quantized = Int8Graph(path) if int8_wanted(name, device, entry.precision) else None
     # A drafter's session runs between two target steps: if its threads spun on after its run, they
     # would hold the cores the target's step needs (2 CPU cores, the demo: EAGLE 0.76x -> 1.02x plain
     # decoding, Medusa 0.91x -> 1.01x). The target keeps spinning: without it plain decoding lost 20%.
@@ -251,8 +251,7 @@ def _load_eagle(manifest: Manifest, spec: DrafterEntry, backend: str, device: st
     if backend not in ("onnxruntime", "onnxruntime-device"):
         raise ArtifactError(f"the EAGLE drafter runs on onnxruntime or torch here, not {backend}")
     graph, vocab = spec.graph or "eagle", _eagle_vocab(manifest, spec)
-    int8 = backend == "onnxruntime" and int8_wanted(device, manifest.graph(graph).precision)
-    session = _open_graph_session(manifest, graph, device, threads, logits_width=vocab and len(vocab), int8=int8)
+    session = _open_graph_session(manifest, graph, device, threads, logits_width=vocab and len(vocab))
     head = OrtEagleHead(session, 1, dims.num_kv_heads, dims.head_dim, manifest.graph(graph).precision, device)
     return EagleDrafter(head, dims.hidden_size, top_k, vocab)
 

@@ -300,7 +300,7 @@ def test_eagle_sampling_follows_the_target(vocab8, tree, vocab):
 
 def test_eagle_head_runs_int8_weights_on_the_cpu(eagle_artifacts, monkeypatch):
     """On ONNX Runtime's CPU provider the head runs a copy of eagle.onnx with int8 MatMul weights
-    (runtime/drafters/int8_head.py; the lossless tests above run it); TREESPEC_EAGLE_INT8=0 keeps
+    (runtime/drafters/int8_graph.py; the lossless tests above run it); TREESPEC_DRAFTER_INT8=0 keeps
     the fp32 graph. The artifact directory is not touched."""
     import onnx
 
@@ -310,6 +310,6 @@ def test_eagle_head_runs_int8_weights_on_the_cpu(eagle_artifacts, monkeypatch):
     ops = {node.op_type for node in onnx.load(quantized.path, load_external_data=False).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
     assert sorted(p.name for p in eagle_artifacts.iterdir()) == before
-    monkeypatch.setenv("TREESPEC_EAGLE_INT8", "0")
+    monkeypatch.setenv("TREESPEC_DRAFTER_INT8", "0")
     gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, "onnxruntime", "cpu", drafter="eagle")
     assert gen.drafter.head.session.treespec_int8 is None

@@ -1,4 +1,4 @@
-"""An EAGLE head graph with int8 weights for ONNX Runtime on the CPU (issue 15).
+"""Drafter graphs with int8 weights for ONNX Runtime on the CPU (issue 15).
 
 Why: on a 2-core CPU an EAGLE head step is a GEMV over its lm_head (16,384 draft-vocabulary rows,
 38 MB of fp32 weights), bound by memory: 2.14 ms a step at one token for SmolLM2, so a 4-level
@@ -8,9 +8,10 @@ tensor) a step takes 0.75 ms; the tokens accepted per step stayed 1.79 against 1
 and 2.35 against 2.41 (eagle2 d4 k4 n16) on four bench prompts (`treespec demo` prompts, 64 tokens).
 Lossless whatever the head proposes: the target verifies every drafted token exactly.
 
-The quantized copy is made when the drafter loads (about 2 s for SmolLM2's head) into a temporary
-folder that lives as long as the object; the artifact directory is not touched.
-TREESPEC_EAGLE_INT8=0 keeps the fp32 head.
+The draft LM and the Medusa heads get the same (their lm_heads are the full vocabulary's). The
+quantized copy is made when the drafter loads (about 2 s for SmolLM2's EAGLE head) into a temporary
+folder that lives as long as the object; the artifact directory is not touched. The target graph is
+never quantized (its logits decide the output). TREESPEC_DRAFTER_INT8=0 keeps the fp32 graphs.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import tempfile
 from pathlib import Path
 
 
-def int8_wanted(device: str, precision: str) -> bool:
-    return device == "cpu" and precision == "fp32" and os.environ.get("TREESPEC_EAGLE_INT8", "1") != "0"
+def int8_wanted(graph: str, device: str, precision: str) -> bool:
+    """Whether a drafter's graph runs with int8 weights: fp32 drafter graphs on the CPU."""
+    wanted = os.environ.get("TREESPEC_DRAFTER_INT8", "1") != "0"
+    return wanted and graph != "target" and device == "cpu" and precision == "fp32"
 
 
 class Int8Graph:
