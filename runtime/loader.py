@@ -61,7 +61,7 @@ def _open_graph_session(manifest: Manifest, name: str, device: str, threads: int
     path = manifest.require_file(entry.onnx)
     if entry.external_data:
         manifest.require_file(entry.onnx + ".data")
-    quantized = Int8Graph(path) if int8_wanted(name, device, entry.precision) else None
+    quantized = Int8Graph.of(path) if int8_wanted(name, device, entry.precision) else None
     # A drafter's session runs between two target steps: if its threads spun on after its run, they
     # would hold the cores the target's step needs (2 CPU cores, the demo: EAGLE 0.76x -> 1.02x plain
     # decoding, Medusa 0.91x -> 1.01x). The target keeps spinning: without it plain decoding lost 20%.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 
@@ -29,6 +30,16 @@ def int8_wanted(graph: str, device: str, precision: str) -> bool:
 
 class Int8Graph:
     """`source` (an fp32 ONNX graph, external data beside it) with int8 MatMul weights, at `.path`."""
+
+    @classmethod
+    def of(cls, source: Path) -> "Int8Graph | None":
+        """The quantized copy, or None when the quantizer cannot read or rewrite the graph: the caller
+        then opens the fp32 graph, which either runs or fails with the loader's own clear error."""
+        try:
+            return cls(source)
+        except Exception as exc:  # a broken or unusual graph: fp32 is always a correct fallback
+            warnings.warn(f"{source.name}: running the fp32 graph, its int8 copy failed: {exc}"[:300])
+            return None
 
     def __init__(self, source: Path):
         from onnxruntime.quantization import QuantType, quantize_dynamic
