@@ -5,8 +5,8 @@ the next one launches and its first loads travel. A kernel launched with PDL sta
 before it ends, does whatever does not depend on it (a GEMM reads its weights) and then waits in
 `gdc_wait` until that kernel's writes are visible. Captured into CUDA graphs as programmatic edges.
 Hopper (compute capability 9.0) and newer, with a Triton that has `launch_pdl` (3.4+);
-TREESPEC_FUSED_PDL=0 turns it off. A kernel takes a PDL constexpr (calls gdc_launch_dependents and
-gdc_wait when true) and `pdl_launch(device)` as launch options. Must stay in a .py file (Triton's
+TREESPEC_FUSED_PDL=0 turns it off. A launch site takes `options = pdl_launch(device)` and passes
+PDL=bool(options) (the kernel's constexpr: it calls gdc_launch_dependents and gdc_wait) and **options. Must stay in a .py file (Triton's
 interpreter reads `pdl_start`'s source).
 """
 from __future__ import annotations
@@ -34,9 +34,10 @@ def use_pdl(device: torch.device) -> bool:
     return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """The launch option that lets a kernel start while the one before it ends."""
-    return {"launch_pdl": True} if use_pdl(device) else {}
+def pdl_launch(device: torch.device, wanted: bool = True) -> dict:
+    """The launch option that lets a kernel start while the one before it ends ({}: a plain launch,
+    when not `wanted` or the device cannot)."""
+    return {"launch_pdl": True} if wanted and use_pdl(device) else {}
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treespec.plugins.pdl import pdl_launch, use_pdl
+from treespec.plugins.pdl import pdl_launch
 from treespec.plugins.tree_attention.kernel import dot_precision
 
 EPI_PARTIAL, EPI_SILU_MUL, EPI_QKV_ROPE = 0, 1, 2
@@ -279,6 +279,7 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
     partials = x.partials if norm else None
     r = rope
     dummy = weight
+    pdl = pdl_launch(out.device)
     grid = (triton.cdiv(rows, launch.block_m), triton.cdiv(cols, block_n), split)
     fused_linear_kernel[grid](
         src, x.ids if norm and x.ids is not None else dummy, partials if partials is not None else dummy,
@@ -291,6 +292,6 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         *(r.k_cache.stride()[:3] if r else (0, 0, 0)), *(r.v_cache.stride()[:3] if r else (0, 0, 0)),
         NORM=norm, GATHER=norm and x.ids is not None, SPLIT_IN=partials.shape[0] if partials is not None else 0,
         EPI=epilogue, HAS_BIAS=bias is not None, HQ=r.heads if r else 1, KVH=r.kv_heads if r else 1,
-        D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=use_pdl(out.device),
+        D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=bool(pdl),
         BLOCK_M=launch.block_m, BLOCK_N=block_n, BLOCK_K=launch.k_extent(k, split), num_warps=launch.num_warps,
-        **pdl_launch(out.device))
+        **pdl)

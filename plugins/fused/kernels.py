@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treespec.plugins.pdl import pdl_launch, pdl_start, use_pdl
+from treespec.plugins.pdl import pdl_launch, pdl_start
 
 
 @triton.jit
@@ -121,10 +121,11 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, normed: torch.Tensor, w
     rows, width = residual.shape
     gather = ids is not None
     split = x.shape[0] if x.dim() == 3 else 0
+    options = pdl_launch(normed.device, pdl)
     add_rmsnorm_kernel[(rows,)](x, ids if gather else x, residual, weight, normed, rows, width, eps,
                                 GATHER=gather, ADD=add and not gather, SPLIT=split,
-                                BLOCK=triton.next_power_of_2(width), PDL=pdl and use_pdl(normed.device),
-                                num_warps=4, **(pdl_launch(normed.device) if pdl else {}))
+                                BLOCK=triton.next_power_of_2(width), PDL=bool(options),
+                                num_warps=4, **options)
 
 
 def rope_write(qkv: torch.Tensor, pos: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

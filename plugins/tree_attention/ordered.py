@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..pdl import pdl_launch, pdl_start, use_pdl
+from ..pdl import pdl_launch, pdl_start
 from .kernel import dot_precision, empty_state, softmax_step
 
 LOG2E = 1.4426950408889634
@@ -136,12 +136,13 @@ def ordered_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError("ordered tree attention needs the head dim contiguous")
     out = torch.empty(batch, tokens, heads, dim, dtype=q.dtype, device=q.device)
     block_m = max(16, triton.next_power_of_2(groups))
+    options = pdl_launch(q.device, pdl)
     launch = launch or LAUNCH
     ordered_tree_attention_kernel[(batch * tokens, kv_heads)](
         q, k_cache, v_cache, lengths, ancestors, depths, out, tokens, heads,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         QK_SCALE=scale * LOG2E, D=dim, G=groups, BLOCK_M=block_m, BLOCK_N=launch.block_n,
-        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, PDL=pdl and use_pdl(q.device),
-        num_warps=launch.num_warps, **(pdl_launch(q.device) if pdl else {}))
+        DOT_PREC=dot_precision(q.dtype), STAGES=launch.num_stages, PDL=bool(options),
+        num_warps=launch.num_warps, **options)
     return out

@@ -31,7 +31,6 @@ from torch import nn
 from treespec.models.tree_model import TreeDecoder
 from treespec.plugins.fused import gemm as triton_gemm
 from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
-from treespec.plugins.pdl import use_pdl
 from treespec.plugins.tree_attention import ordered
 
 GEMMS = ("cublas", "triton", "auto")
@@ -195,7 +194,6 @@ class FusedDecoder:
         heads, kvh, dim, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         rows, width = residual.shape
         launch = triton_gemm.LAUNCHES
-        pdl = use_pdl(residual.device)
         stream = (torch.empty_like(residual), residual)
         q = residual.new_empty(rows, heads * dim)
         act = residual.new_empty(rows, self.layers[0].down.shape[1])
@@ -210,11 +208,11 @@ class FusedDecoder:
                                      rope)
             out = ordered.ordered_tree_attention(q.view(batch, tokens, heads, dim).transpose(1, 2), cache[2 * i],
                                                  cache[2 * i + 1], ctx.lengths, ctx.ancestors, ctx.depths,
-                                                 self.decoder.scale, pdl=pdl)
+                                                 self.decoder.scale, pdl=True)
             triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, attn_sums, launch["o"])
             mlp_in = triton_gemm.ResidualIn(stream[0], attn_sums, layer.post_norm, stream[1], eps)
             triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, act, launch["gate_up"],
                                      triton_gemm.EPI_SILU_MUL)
             triton_gemm.fused_linear(act, layer.down, layer.down_bias, mlp_sums, launch["down"])
             source, sums = stream[1], mlp_sums
-        add_rmsnorm(mlp_sums, residual, normed, self.final_norm, eps, pdl=pdl)
+        add_rmsnorm(mlp_sums, residual, normed, self.final_norm, eps, pdl=True)
