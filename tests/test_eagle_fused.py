@@ -23,13 +23,15 @@ import pytest
 
 TOLERANCE = 1e-4  # fp32, relative to the reference's peak
 SHAPES = {"d4-k4-n16": (4, 4, 16), "d4-k3-n12": (4, 3, 12), "d3-k2-n6": (3, 2, 6)}
-# The fused draft's launches, derived: each of the D head runs (the feed, levels 2..D) is 13 for
-# the forward + lm_head + log_softmax + topk = 16; the feed's index arithmetic 7 (positions,
-# lengths, last row, the levels' positions and write rows); level 1 into the scratch 2; one
-# bookkeeping kernel per level 2..D; one rerank: 17D + 9 (d4: 77; d6: 111). Slack for an op that
-# a PyTorch version splits in two. The unfused draft: ~300 at d4.
+# The fused draft's launches, derived: each of the D head runs (the feed, levels 2..D) is 7 for
+# the forward (Triton GEMMs at these widths: fc, QKV, attention, o_proj, gate/up, down, the last
+# add) + lm_head + the two top-K kernels = 10; the feed's index arithmetic 7 (positions, lengths,
+# last row, the levels' positions and write rows); level 1 into the scratch 2 and its features
+# made contiguous 1; one bookkeeping kernel per level 2..D; one rerank: 11D + 10 (d4: 54; d6: 76;
+# with cuBLAS GEMMs 17D + 9). Slack for an op that a PyTorch version splits in two. The unfused
+# draft: ~300 at d4.
 DEPTH = 4
-MAX_LAUNCHES = 17 * DEPTH + 9 + 4
+MAX_LAUNCHES = 11 * DEPTH + 10 + 4
 VOCAB_SIZE, VOCAB_SHAPE = 96, "d4-k4-n16"  # a draft vocabulary of 96 of the 320 ids (every third + EOS)
 
 
@@ -42,9 +44,11 @@ def result() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_fused_head_forward_matches_unfused(result):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_fused_head_forward_matches_unfused(result, gemm):
+    forward = result["forward"] if gemm == "triton" else result["forward_cublas"]
     for key in ("logits", "predicted", "key_rows", "value_rows"):
-        assert result["forward"][key] < TOLERANCE, result["forward"]
+        assert forward[key] < TOLERANCE, forward
 
 
 def test_draft_vocab_head_fused_matches_unfused(result):
@@ -113,9 +117,9 @@ def _err(got, ref) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
 
 
-def check_forward(head) -> dict:
-    """A tree step with a past (two sequences, different lengths): fused vs unfused (their logits
-    over the head's draft vocabulary when it has one)."""
+def check_forward(head, gemm: str = "auto") -> dict:
+    """A tree step with a past (two sequences, different lengths, 14 rows: Triton GEMMs under
+    "auto"): fused vs unfused (their logits over the head's draft vocabulary when it has one)."""
     import torch
 
     from treespec.models.fused_eagle import FusedEagleHead
@@ -133,7 +137,7 @@ def check_forward(head) -> dict:
     ids = torch.randint(0, 320, (batch, tokens), generator=gen)
     with torch.no_grad():
         logits, predicted, new_key, new_value = head(feats, ids, pos, mask, lengths, key, value)
-        fused = FusedEagleHead(head)
+        fused = FusedEagleHead(head, gemm)
         ancestors, depths = ordered.tree_ancestors(mask)
         got = fused.forward(feats, ids, pos, lengths, lengths, ancestors, depths, key, value)
         got_logits = fused.logits(got)
@@ -242,7 +246,7 @@ class LaunchCounter:
     is not a view or an allocation (a TorchDispatchMode), plus every Triton launch (the aten
     ops inside a launch, which the interpreter makes, are not counted)."""
 
-    FREE = ("empty", "empty_like", "empty_strided", "detach", "lift_fresh", "_local_scalar_dense")
+    FREE = ("empty", "empty_like", "empty_strided", "new_empty", "detach", "lift_fresh", "_local_scalar_dense")
 
     def __init__(self):
         self.ops: Counter = Counter()
@@ -351,7 +355,8 @@ def main() -> None:
 
     model, head = _tiny_head()
     with torch.no_grad():
-        result = {"forward": check_forward(head), "top_children": check_top_children(), "drafts": check_drafts(head),
+        result = {"forward": check_forward(head), "forward_cublas": check_forward(head, "cublas"),
+                  "top_children": check_top_children(), "drafts": check_drafts(head),
                   "launches": check_launches(head), "reset": check_reset(head), "vocab": check_vocab(model, head)}
     print(json.dumps(result))
 

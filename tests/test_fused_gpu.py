@@ -70,7 +70,8 @@ def _path(mask: np.ndarray, node: int) -> list[int]:
 @pytest.mark.parametrize("fused", FUSED)
 def test_tree_node_bitwise_equals_plain_decoding(smollm2, fused):
     backend = TorchBackend(smollm2[0], "cuda", fused=fused)
-    assert backend.fused is not None and backend.use_graphs and backend.min_bucket == 64
+    # Triton GEMMs compute a row the same at any width: plain steps are 1-token steps there
+    assert backend.fused is not None and backend.use_graphs and backend.min_bucket == (1 if fused == "triton" else 64)
     rng = np.random.default_rng(1)
     prompt = rng.integers(10, 20000, 40).tolist()
     same = nodes = 0

@@ -32,11 +32,14 @@ from treespec.plugins.pdl import use_pdl
 
 PAST = 320
 CASES = ((1, 1), (1, 64), (8, 8))  # (batch, tree tokens)
+CURVE = ((1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (1, 24), (1, 32), (1, 48), (1, 64), (1, 128), (2, 8), (4, 8),
+         (8, 8), (2, 16), (4, 16), (8, 16))  # --curve: every width a tree or batch may verify
 CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
     "down": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 2, 3, 6), (4, 8))],
     "gate_up": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
+    "lm_head": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (32, 64, 128), (4, 8))],
 }
 
 
@@ -91,11 +94,11 @@ def spec(launches: dict) -> str:
     return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps}" for k, l in launches.items())
 
 
-def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list) -> dict:
+def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list, names: list[str]) -> dict:
     best = dict(gemm.LAUNCHES)
     best_sum = sum(timings(fused, cases).values())
-    for name, candidates in CANDIDATES.items():
-        for cand in candidates:
+    for name in names:
+        for cand in CANDIDATES[name]:
             if time.time() > deadline:
                 print("budget spent: search stopped", flush=True)
                 return best
@@ -115,13 +118,30 @@ def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list) -> dict:
     return best
 
 
+def curve(decoder: TreeDecoder, path: str | None) -> None:
+    """Microseconds per step of each GEMM kind at every (batch, tokens) of CURVE."""
+    cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CURVE}
+    result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": use_pdl(torch.device("cuda"))}
+    for kind in ("cublas", "triton"):
+        result[f"{kind}_us"] = timings(FusedDecoder(decoder, kind), cases)
+        print(f"{kind}: {result[f'{kind}_us']}", flush=True)
+    if path:
+        json.dump(result, open(path, "w"), indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the search")
+    ap.add_argument("--gemms", default=",".join(CANDIDATES), help="the GEMMs searched, comma-separated")
+    ap.add_argument("--curve", action="store_true",
+                    help="no search: the cuBLAS and Triton steps with the current launches at every width of CURVE")
     args = ap.parse_args()
     start = time.time()
     decoder = TreeDecoder(smollm2_shaped())
+    if args.curve:
+        curve(decoder, args.json)
+        return
     cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CASES}
     cublas, triton_step = FusedDecoder(decoder, "cublas"), FusedDecoder(decoder, "triton")
     result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": use_pdl(torch.device("cuda"))}
@@ -131,7 +151,7 @@ def main() -> None:
     result["triton_default_us"] = timings(triton_step, cases)
     print(f"Triton step, default launches: {result['triton_default_us']}", flush=True)
     rows: list = []
-    best = tune(triton_step, cases, start + args.budget, rows)
+    best = tune(triton_step, cases, start + args.budget, rows, args.gemms.split(","))
     gemm.LAUNCHES = best
     result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
                   row_bitwise_alone_vs_batch=row_is_batch_independent(triton_step, decoder))

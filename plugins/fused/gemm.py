@@ -61,13 +61,16 @@ class GemmLaunch:
 # loop over K slices with 64-row tiles (to read each weight once at 64 rows), 1.48 ms at 64 rows;
 # Triton QKV and gate/up with cuBLAS o_proj and down, 1.28 ms. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
 # (BLOCK_M,BLOCK_N,SPLIT_K,warps) overrides any of them for experiments.
+# lm_head (its logits in the model dtype: SPLIT_K 1) untuned so far.
 DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8),
-                    "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4)}
+                    "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4),
+                    "lm_head": GemmLaunch(16, 64, 1, 8)}
 
 
 def parse_launches(text: str) -> dict[str, GemmLaunch]:
     rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
-            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16, warps 1, 2, 4 or 8")
+            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16 (lm_head: 1), warps 1, "
+            f"2, 4 or 8")
     launches = dict(DEFAULT_LAUNCHES)
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, values = item.partition("=")
@@ -76,7 +79,8 @@ def parse_launches(text: str) -> dict[str, GemmLaunch]:
         except ValueError:
             raise ValueError(rule) from None
         blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (block_m, block_n))
-        if name not in launches or not blocks_ok or not 1 <= split_k <= 16 or warps not in (1, 2, 4, 8):
+        split_ok = 1 <= split_k <= (1 if name == "lm_head" else 16)
+        if name not in launches or not blocks_ok or not split_ok or warps not in (1, 2, 4, 8):
             raise ValueError(rule)
         launches[name] = GemmLaunch(block_m, block_n, split_k, warps)
     return launches
@@ -157,7 +161,7 @@ def fused_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OU
 def _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
               skb, skh, skr, svb, svh, svr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HQ: tl.constexpr,
               KVH: tl.constexpr, D: tl.constexpr):
-    if EPI == 0:  # fp32 partials [SPLIT_K, M, N]; split 0 carries the bias
+    if EPI == 0:  # partials [SPLIT_K, M, N] (stored in OUT's dtype); split 0 carries the bias
         if HAS_BIAS:
             if split == 0:
                 acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -257,7 +261,8 @@ class RopeOut:
 
 def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                  launch: GemmLaunch, epilogue: int = EPI_PARTIAL, rope: RopeOut | None = None) -> None:
-    """One fused GEMM into `out`: fp32 partials [SPLIT_K, M, N] (EPI_PARTIAL), SiLU(gate) * up [M, N]
+    """One fused GEMM into `out`: partials [SPLIT_K, M, N] (EPI_PARTIAL: fp32 to be summed, or with one split
+    the product rounded to out's dtype, as lm_head's logits), SiLU(gate) * up [M, N]
     of a [2N, K] gate/up weight (EPI_SILU_MUL), or RoPE'd Q, K, V (EPI_QKV_ROPE, `out` = rope.q)."""
     norm = isinstance(x, ResidualIn)
     src = x.residual if norm else x

@@ -12,7 +12,9 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
 * T is padded up to a bucket (1, 2, 4, ..., 128) with self-only mask rows; on CUDA each
   (batch, bucket) step is captured once in a CUDA graph (capacity is fixed per reset, so the
   graphs stay valid until the next reset changes the shape). Steps over 128 tokens run eagerly.
-* `min_bucket`: every step of the target is padded to at least this many rows (64 on CUDA), counting
+* `min_bucket`: every step of the target is padded to at least this many rows (64 on CUDA; 1 with
+  the fused step's Triton GEMMs, TREESPEC_TORCH_FUSED=triton, whose every kernel computes a row the
+  same bits whatever the step's width or batch, so a 1-token step and a tree step agree), counting
   every sequence of the batch (a batch of 8 pads each to 8 tokens: padding each sequence to 64 made a
   plain step of 64 served requests verify 4,096 rows, and the load sizer then saw no gain in plain
   decoding). fp16
@@ -81,11 +83,13 @@ class TorchBackend(TreeBackend):
         self.decoder = model if isinstance(model, TreeDecoder) else TreeDecoder(model)
         self.dtype = self.decoder.lm_head.weight.dtype
         self.use_graphs = self.cuda if use_graphs is None else (use_graphs and self.cuda)
-        self.min_bucket = (64 if self.cuda else 1) if min_bucket is None else min_bucket
         self.host_argmax = host_argmax  # the draft LM ranks with topk_logprobs: no argmax copy
         self._kernel = _ordered_attention(self.decoder.head_dim) if self.cuda else None
         self.ordered = self._kernel is not None
         self.fused = _fused_decoder(self.decoder, fused, self.cuda)  # None: the unfused step below
+        # Triton GEMMs compute a row the same in any step (module doc): nothing to pad for
+        row_exact = self.fused is not None and self.fused.gemm == "triton"
+        self.min_bucket = (64 if self.cuda and not row_exact else 1) if min_bucket is None else min_bucket
         dec = self.decoder
         self.num_layers = dec.num_layers
         self.groups = dec.num_heads // dec.num_kv_heads

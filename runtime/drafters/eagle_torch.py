@@ -267,4 +267,6 @@ def _fused_head(module: torch.nn.Module, fused: bool | None, cuda: bool):
         raise BackendError("the fused EAGLE head runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
     from treespec.models.fused_eagle import FusedEagleHead  # Triton: an optional heavy dependency
 
-    return FusedEagleHead(module)
+    # the GEMM kind follows the target's (TREESPEC_TORCH_FUSED): cublas, triton, or auto by rows
+    gemm = {"1": "cublas", "cublas": "cublas", "triton": "triton"}.get(os.environ.get("TREESPEC_TORCH_FUSED", ""), "auto")
+    return FusedEagleHead(module, gemm)

@@ -159,16 +159,21 @@ class FusedDecoder:
         dec = self.decoder
         residual = torch.empty(batch * tokens, dec.embed.weight.shape[1], dtype=cache.dtype, device=cache.device)
         normed = torch.empty_like(residual)
+        hidden = normed.view(batch, tokens, -1)
         if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
             self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens)
+            # lm_head too: cuBLAS would pick its kernel (and rounding) by the step's width
+            logits = residual.new_empty(1, batch * tokens, dec.lm_head.weight.shape[0])
+            triton_gemm.fused_linear(normed, dec.lm_head.weight, dec.lm_head.bias, logits,
+                                     triton_gemm.LAUNCHES["lm_head"])
+            logits = logits.view(batch, tokens, -1)
         else:
             add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
             for i, layer in enumerate(self.layers):
                 nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
                 self.layer_step(layer, residual, normed, nxt, ctx, cache[2 * i], cache[2 * i + 1], batch, tokens)
-        hidden = normed.view(batch, tokens, -1)
-        # Logits stay in the model dtype (host copies are fp32, exact): no [T, V] conversion kernel.
-        logits = F.linear(hidden, dec.lm_head.weight, dec.lm_head.bias)
+            # Logits stay in the model dtype (host copies are fp32, exact): no [T, V] conversion kernel.
+            logits = F.linear(hidden, dec.lm_head.weight, dec.lm_head.bias)
         return FusedOutputs(logits, hidden, logits.argmax(-1))
 
     def layer_step(self, layer: FusedLayer, residual, normed, next_norm, ctx: StepContext, k_cache, v_cache,

@@ -14,6 +14,14 @@ where a step's rows go to [L_b, L_b + T), the K/V write offset (`write_at`) is s
 committed length (`lengths`): an EAGLE-2 level writes its K rows past the rows of the earlier
 levels and attends to the cache plus its ancestors' rows there (tree-KV), see
 runtime/drafters/eagle_tree.py. Triton kernels: on CUDA, or on the CPU under TRITON_INTERPRET=1.
+
+With Triton GEMMs (gemm="triton", or "auto" for forwards of <= NARROW_ROWS rows: a draft's levels)
+a forward is the target's five-kernel layer (plugins/fused/gemm.py, launched with PDL) plus the fc
+GEMM and the final residual add: 7 kernels instead of 14. fc(concat(embed(x), f)) is split as
+E'[x] + W_f f, with E' = embed @ W_e.T + b computed once at load ([V, H], the embedding rows the
+QKV GEMM's prologue gathers) and W_f f the fc GEMM's fp32 partials that the prologue adds: no
+embedding or concat kernel. A draft only proposes, so its rounding (E' is rounded to the dtype
+before the add) never changes what the target accepts.
 """
 from __future__ import annotations
 
@@ -21,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from treespec.models.eagle import EagleHead
-from treespec.models.fused_decoder import _eps, fuse_layer, grown_rope_table
+from treespec.models.fused_decoder import GEMMS, NARROW_ROWS, _eps, fuse_layer, grown_rope_table
+from treespec.plugins.fused import gemm as triton_gemm
 from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul
 from treespec.plugins.tree_attention import ordered
 
@@ -29,13 +38,23 @@ from treespec.plugins.tree_attention import ordered
 class FusedEagleHead:
     """An EagleHead's weights, concatenated once (at load) for the fused kernels."""
 
-    def __init__(self, head: EagleHead):
+    def __init__(self, head: EagleHead, gemm: str = "auto"):
         core = head.core
         if core.head_dim & (core.head_dim - 1) or core.head_dim < 16:
             raise ValueError(f"the fused EAGLE head needs a power-of-two head dim >= 16, got {core.head_dim}")
+        if gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+        self.gemm = gemm
+        rope_heads = core.num_heads + core.num_kv_heads if gemm != "cublas" else 0
         with torch.no_grad():
-            self.layer = fuse_layer(head.layer)
+            self.layer = fuse_layer(head.layer, rope_heads, core.head_dim)
         self.fc_weight, self.fc_bias = head.fc.weight.detach(), head.fc.bias.detach()
+        if gemm != "cublas":
+            hidden = head.hidden_size
+            with torch.no_grad():  # E' = embed @ W_e.T + b in fp32, rounded once (module doc)
+                self.embed_fc = F.linear(head.embed.weight.float(), self.fc_weight[:, :hidden].float(),
+                                         self.fc_bias.float()).to(self.fc_weight.dtype)
+            self.fc_feat = self.fc_weight[:, hidden:].contiguous()
         self.embed = head.embed.weight.detach()
         self.lm_weight = head.lm_head.weight.detach()
         self.lm_bias = None if head.lm_head.bias is None else head.lm_head.bias.detach()
@@ -58,6 +77,8 @@ class FusedEagleHead:
         Row t's K/V go to cache row write_at[b] + t; its query sees rows < lengths[b] and rows
         lengths[b] + ancestors[b,t,e], e <= depths[b,t]. Returns predicted features [B*T, H]."""
         batch, tokens = ids.shape
+        if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
+            return self._forward_triton(feats, ids, pos, write_at, lengths, ancestors, depths, key, value)
         heads, dim, layer = self.heads, self.head_dim, self.layer
         fused_in = torch.cat([F.embedding(ids, self.embed).to(feats.dtype), feats.expand(batch, tokens, -1)], -1)
         residual = F.linear(fused_in, self.fc_weight, self.fc_bias).view(batch * tokens, -1)
@@ -72,6 +93,38 @@ class FusedEagleHead:
                     residual, normed, layer.post_norm, self.eps)
         act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
         return residual.add_(F.linear(act, layer.down, layer.down_bias))
+
+    def _forward_triton(self, feats, ids, pos, write_at, lengths, ancestors, depths, key, value) -> torch.Tensor:
+        """forward with the Triton GEMMs (module doc): the residual stream alternates between two
+        buffers as in FusedDecoder.triton_layers; the last one ends as the predicted features."""
+        batch, tokens = ids.shape
+        rows, hidden = batch * tokens, self.fc_feat.shape[0]
+        heads, kvh, dim, layer, eps = self.heads, self.kv_heads, self.head_dim, self.layer, self.eps
+        launch = triton_gemm.LAUNCHES
+        x = feats.expand(batch, tokens, -1).reshape(rows, hidden).contiguous()
+        cos, sin = self.rope_table(key.shape[2], key.device)
+        stream = (x.new_empty(rows, hidden), x.new_empty(rows, hidden))
+        q, act = x.new_empty(rows, heads * dim), x.new_empty(rows, layer.down.shape[1])
+
+        def sums(name: str, k: int) -> torch.Tensor:
+            return x.new_empty(launch[name].splits(k), rows, hidden, dtype=torch.float32)
+
+        fc_sums, attn_sums, mlp_sums = sums("o", hidden), sums("o", heads * dim), sums("down", act.shape[1])
+        triton_gemm.fused_linear(x, self.fc_feat, None, fc_sums, launch["o"])  # fc has o_proj's shape
+        rope = triton_gemm.RopeOut(q, layer.qk_rot, layer.qk_rot_bias, pos, write_at, cos, sin, key, value, tokens,
+                                   heads, kvh)
+        start = triton_gemm.ResidualIn(self.embed_fc, fc_sums, layer.input_norm, stream[0], eps, ids)
+        triton_gemm.fused_linear(start, layer.qkv, layer.qkv_bias, q, launch["qkv"], triton_gemm.EPI_QKV_ROPE, rope)
+        out = ordered.ordered_tree_attention(q.view(batch, tokens, heads, dim).transpose(1, 2), key, value, lengths,
+                                             ancestors, depths, self.scale, pdl=True)
+        triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, attn_sums, launch["o"])
+        mlp_in = triton_gemm.ResidualIn(stream[0], attn_sums, layer.post_norm, stream[1], eps)
+        triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, act, launch["gate_up"],
+                                 triton_gemm.EPI_SILU_MUL)
+        triton_gemm.fused_linear(act, layer.down, layer.down_bias, mlp_sums, launch["down"])
+        # the add of the down GEMM's partials; its RMSNorm output (into stream[0]) goes unused
+        add_rmsnorm(mlp_sums, stream[1], stream[0], layer.post_norm, eps, pdl=True)
+        return stream[1]
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """lm_head of predicted features [..., H] -> [..., V] in the model dtype (callers take
