@@ -61,7 +61,8 @@ class GemmLaunch:
 # loop over K slices with 64-row tiles (to read each weight once at 64 rows), 1.48 ms at 64 rows;
 # Triton QKV and gate/up with cuBLAS o_proj and down, 1.28 ms. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
 # (BLOCK_M,BLOCK_N,SPLIT_K,warps) overrides any of them for experiments.
-# lm_head (its logits in the model dtype: SPLIT_K 1) untuned so far.
+# lm_head (its logits in the model dtype: SPLIT_K 1): the fastest 1-token step of gemm_tune --gemms lm_head
+# (bench/h100-2026-12-07-late/): 717 us a step against 725-741 with the others that fit shared memory.
 DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8),
                     "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4),
                     "lm_head": GemmLaunch(16, 64, 1, 8)}

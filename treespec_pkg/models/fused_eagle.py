@@ -17,7 +17,7 @@ runtime/drafters/eagle_tree.py. Triton kernels: on CUDA, or on the CPU under TRI
 
 With Triton GEMMs (gemm="triton", or "auto" for forwards of <= NARROW_ROWS rows: a draft's levels)
 a forward is the target's five-kernel layer (plugins/fused/gemm.py, launched with PDL) plus the fc
-GEMM and the final residual add: 7 kernels instead of 14. fc(concat(embed(x), f)) is split as
+GEMM and the final residual add: 7 kernels instead of 14; lm_head is a Triton GEMM too (PDL). fc(concat(embed(x), f)) is split as
 E'[x] + W_f f, with E' = embed @ W_e.T + b computed once at load ([V, H], the embedding rows the
 QKV GEMM's prologue gathers) and W_f f the fc GEMM's fp32 partials that the prologue adds: no
 embedding or concat kernel. A draft only proposes, so its rounding (E' is rounded to the dtype
@@ -131,4 +131,11 @@ class FusedEagleHead:
         log_softmax in fp32: one kernel, no fp32 copy of the logits). With a draft vocabulary the
         head's lm_head holds only its K rows, so this is [..., K] and its positions are mapped back
         by the caller (runtime/drafters/eagle_tree.py, inside the captured draft)."""
-        return F.linear(predicted.to(self.lm_weight.dtype), self.lm_weight, self.lm_bias)
+        x = predicted.to(self.lm_weight.dtype)
+        rows = x.numel() // x.shape[-1]
+        if not (self.gemm == "triton" or self.gemm == "auto" and rows <= NARROW_ROWS):
+            return F.linear(x, self.lm_weight, self.lm_bias)
+        out = x.new_empty(1, rows, self.lm_weight.shape[0])  # one split: the logits themselves
+        triton_gemm.fused_linear(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias, out,
+                                 triton_gemm.LAUNCHES["lm_head"])
+        return out.view(*x.shape[:-1], -1)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issues 15/16 on the GPU machine in one `run` call (repo root, after the two model wheel parts were
+# stashed by earlier calls, tools/gpu_parts.sh stash .gpuparts/N): the SmolLM2 fp16 export with the
+# committed EAGLE head (background, CPUs) while the fused step's GPU tests run; then the EAGLE GPU
+# tests on that export; then `treespec bench` twice in one call: the default GEMMs (auto: cuBLAS at
+# the 64-row buckets) and TREESPEC_TORCH_FUSED=triton (Triton GEMMs at every width: no padding, a
+# tree step bitwise equal to 1-token decoding). Logs and JSON land in $OUT.
+#   TESTS (default: the three GPU test files), TREES, PROMPTS, TOKENS, LIMIT (seconds for the call)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+start=$(date +%s)
+A=/tmp/a16
+bash tools/gpu_parts.sh install-first /tmp/site > /dev/null
+[ -f "$A.done" ] || (TREESPEC_SRC=/tmp/treespec-src-export bash tools/gpu_export.sh "$A" fp16 decomposed eagle \
+  > "$OUT/export.log" 2>&1 &)
+source tools/gpu_env.sh
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+gpu_tests() {  # NAME FILES...
+  local name=$1; shift
+  timeout 300 python3 -m pytest -m gpu "$@" -q -s -p no:cacheprovider -o addopts="" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? after $(( $(date +%s) - start )) s"; grep -E "passed|failed" "$OUT/$name.log" | tail -2
+}
+gpu_tests fused_tests ${TESTS:-tests/test_fused_gpu.py tests/test_torch_backend.py}
+for _ in $(seq 60); do [ -f "$A.done" ] && break; sleep 3; done
+cat "$OUT/export.log"
+TREESPEC_TEST_SMOLLM2_EAGLE=$A gpu_tests eagle_tests tests/test_eagle_gpu.py
+for fused in auto triton; do
+  left=$(( ${LIMIT:-590} - ($(date +%s) - start) - 10 ))
+  [ "$left" -gt 60 ] || break
+  TREESPEC_TORCH_FUSED=$fused timeout "$left" python3 -m treespec.runtime.cli bench --artifacts "$A" \
+    --prompts tests/data/bench.jsonl --num-prompts "${PROMPTS:-20}" --max-new-tokens "${TOKENS:-256}" --device cuda \
+    --backends torch --drafters eagle --trees "${TREES:-default,eagle2-d5-k6-n32,eagle2-d4-k4-n16}" --baselines ar \
+    --no-curves --json "$OUT/bench-$fused.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -14
+done
+echo "total $(( $(date +%s) - start )) s"
