@@ -132,6 +132,8 @@ class FusedDecoder:
         if gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
         self.decoder = decoder
+        if not triton_gemm.tiles_fit(decoder.lm_head.weight):
+            gemm = "cublas"  # fp32 on a GPU
         self.gemm = gemm  # cublas, triton (plugins/fused/gemm.py) or auto (by the step's rows)
         rope_heads = decoder.num_heads + decoder.num_kv_heads if gemm != "cublas" else 0
         with torch.no_grad():
@@ -163,10 +165,7 @@ class FusedDecoder:
         if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
             self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens)
             # lm_head too: cuBLAS would pick its kernel (and rounding) by the step's width
-            logits = residual.new_empty(1, batch * tokens, dec.lm_head.weight.shape[0])
-            triton_gemm.fused_linear(normed, dec.lm_head.weight, dec.lm_head.bias, logits,
-                                     triton_gemm.LAUNCHES["lm_head"])
-            logits = logits.view(batch, tokens, -1)
+            logits = triton_gemm.rows_linear(normed, dec.lm_head.weight, dec.lm_head.bias).view(batch, tokens, -1)
         else:
             add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
             for i, layer in enumerate(self.layers):

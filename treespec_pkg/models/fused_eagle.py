@@ -44,12 +44,12 @@ class FusedEagleHead:
             raise ValueError(f"the fused EAGLE head needs a power-of-two head dim >= 16, got {core.head_dim}")
         if gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-        self.gemm = gemm
-        rope_heads = core.num_heads + core.num_kv_heads if gemm != "cublas" else 0
+        self.gemm = gemm if triton_gemm.tiles_fit(head.fc.weight) else "cublas"  # fp32 on a GPU: cuBLAS
+        rope_heads = core.num_heads + core.num_kv_heads if self.gemm != "cublas" else 0
         with torch.no_grad():
             self.layer = fuse_layer(head.layer, rope_heads, core.head_dim)
         self.fc_weight, self.fc_bias = head.fc.weight.detach(), head.fc.bias.detach()
-        if gemm != "cublas":
+        if self.gemm != "cublas":
             hidden = head.hidden_size
             with torch.no_grad():  # E' = embed @ W_e.T + b in fp32, rounded once (module doc)
                 self.embed_fc = F.linear(head.embed.weight.float(), self.fc_weight[:, :hidden].float(),
@@ -135,7 +135,5 @@ class FusedEagleHead:
         rows = x.numel() // x.shape[-1]
         if not (self.gemm == "triton" or self.gemm == "auto" and rows <= NARROW_ROWS):
             return F.linear(x, self.lm_weight, self.lm_bias)
-        out = x.new_empty(1, rows, self.lm_weight.shape[0])  # one split: the logits themselves
-        triton_gemm.fused_linear(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias, out,
-                                 triton_gemm.LAUNCHES["lm_head"])
+        out = triton_gemm.rows_linear(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias)
         return out.view(*x.shape[:-1], -1)
