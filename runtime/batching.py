@@ -253,6 +253,8 @@ class BatchEngine:
     # admission: one prefill step for the newcomers ---------------------------------------------
     def _admit(self, requests: list[SlotRequest]) -> None:
         if self._fresh:
+            widest = max((r.tree.max_nodes if self.drafter is not None else 1 for r in requests), default=1)
+            self.target.plan(len(self.slots) * widest)
             self.target.reset(len(self.slots), self.capacity)
             if self.drafter is not None:
                 self.drafter.reset([[0] for _ in self.slots], self.capacity)

@@ -142,6 +142,7 @@ class TreeGenerator:
                            and sampling.acceptance == "exact")
         if drafter is not None:
             drafter.return_distributions = sample_children
+        self.target.plan(len(prompts) * (tree.max_nodes if drafter is not None else 1))  # before any timing
         planner = self._planner(tree) if drafter is not None and tree.policy == "auto" else None
         self.stats = Stats(policy=tree.policy, acceptance=sampling.label, lossless=sampling.lossless)
         longest = max(len(p) for p in prompts)

@@ -46,6 +46,10 @@ def test_fused_step_matches_tree_decoder():
             assert decoder[key] < TOLERANCE, result
         assert decoder["argmax_equal"], result
     assert result["backend_logits"] < TOLERANCE, result
+    # TorchBackend's "auto" GEMM choice, per generation by its widest step (longspec: 69 tree tokens)
+    assert result["gemm_kinds"]["kinds"] == {"before": "auto", "plain": "triton", "chain4": "triton",
+                                             "longspec": "auto", "pinned": "triton"}, result
+    assert result["gemm_kinds"]["same_tokens"], result
 
 
 def test_gemm_launches_parse_and_refuse_with_their_rule():

@@ -50,6 +50,10 @@ class TreeBackend(ABC):
     _lengths: np.ndarray  # set by reset()
     _capacity: int
 
+    def plan(self, rows: int) -> None:
+        """The widest step (batch x tree tokens) of the generation about to start; a backend may
+        pick its kernels for the whole generation by it (the torch backend's GEMM kind)."""
+
     @abstractmethod
     def reset(self, batch_size: int, capacity: int) -> None:
         """(Re)allocate the KV cache for `batch_size` sequences of at most `capacity` tokens and

@@ -13,8 +13,8 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
   (batch, bucket) step is captured once in a CUDA graph (capacity is fixed per reset, so the
   graphs stay valid until the next reset changes the shape). Steps over 128 tokens run eagerly.
 * `min_bucket`: every step of the target is padded to at least this many rows (64 on CUDA; 1 with
-  the fused step's Triton GEMMs, TREESPEC_TORCH_FUSED=triton, whose every kernel computes a row the
-  same bits whatever the step's width or batch, so a 1-token step and a tree step agree), counting
+  the fused step's Triton GEMMs, whose every kernel, lm_head included, computes a row the same bits
+  whatever the step's width or batch, so a 1-token step and a tree step agree), counting
   every sequence of the batch (a batch of 8 pads each to 8 tokens: padding each sequence to 64 made a
   plain step of 64 served requests verify 4,096 rows, and the load sizer then saw no gain in plain
   decoding). fp16
@@ -31,12 +31,17 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
   columns, where a tree puts ancestors elsewhere than plain decoding does: near-tie argmaxes
   then flip in fp16 (measured on the H100: 1-3 of 10 bench prompts diverged).
 * On CUDA the step is fused by default (treespec.models.fused_decoder; TREESPEC_TORCH_FUSED=0 for
-  the unfused step, =cublas or =triton for one kind of GEMM at every width; the default, auto,
-  takes Triton GEMMs for narrow steps and cuBLAS for wide ones): 9 kernels per layer (concatenated QKV and gate/up
-  GEMMs, Triton add+RMSNorm, RoPE + cache write, SiLU*mul, the ordered attention) instead of ~40,
-  with the same buckets, graphs and cache contract. H200, SmolLM2 fp16: 274 kernels and 1.19 ms a
-  step against 1,237 and 3.95 ms; plain decoding 1011 tok/s against 342; tree nodes bitwise equal
-  to plain decoding (88/88).
+  the unfused step, =cublas or =triton for one kind of GEMM at every width): 9 kernels per layer with
+  cuBLAS GEMMs (concatenated QKV and gate/up GEMMs, Triton add+RMSNorm, RoPE + cache write, SiLU*mul,
+  the ordered attention) instead of ~40, 5 with Triton GEMMs, with the same buckets, graphs and cache
+  contract. The default, auto, chooses the GEMM kind per generation (`plan`, called by the generator
+  and the batch engine with the generation's widest step): Triton GEMMs and no padding up to
+  ROW_EXACT_ROWS rows (plain decoding; trees of <= 31 nodes at batch 1), else cuBLAS with every step
+  padded to 64 rows. A generation's plain and tree steps share its kind, so it is lossless against
+  plain decoding of that kind (the bench and the GPU tests hold each run to the plain reference of its
+  kind: `pinned_kind`). H200, SmolLM2 fp16, cuBLAS GEMMs: 274 kernels and 1.19 ms a step against 1,237
+  and 3.95 ms unfused; plain decoding 1011 tok/s against 342; tree nodes bitwise equal to plain
+  decoding (88/88).
 * Outputs stay on the device: `logits`/`hidden_states` are lazy host views that copy only the rows
   indexed; `argmax` (the greedy path) is computed in the graph and copied as [B, T] int64.
   `topk_logprobs` gives drafters their candidates without moving [T, V] logits to the host.
@@ -70,6 +75,12 @@ class _Graph:
         self.outputs = None
 
 
+# "auto": the widest step (batch x tree tokens) a generation may have for Triton GEMMs. Up to 32 rows the
+# Triton step beats the cuBLAS one at every width (H100: 878 us at 32 rows, cuBLAS 956-1008 at 8-64);
+# past 32 its 16-row programs run in several waves (1291 us at 64). bench/h100-2026-12-07-late/width_curve.json
+ROW_EXACT_ROWS = 32
+
+
 class TorchBackend(TreeBackend):
     name = "torch"
 
@@ -87,18 +98,37 @@ class TorchBackend(TreeBackend):
         self._kernel = _ordered_attention(self.decoder.head_dim) if self.cuda else None
         self.ordered = self._kernel is not None
         self.fused = _fused_decoder(self.decoder, fused, self.cuda)  # None: the unfused step below
-        # Triton GEMMs compute a row the same in any step (module doc): nothing to pad for
-        row_exact = self.fused is not None and self.fused.gemm == "triton"
-        self.min_bucket = (64 if self.cuda and not row_exact else 1) if min_bucket is None else min_bucket
+        # "auto": plan() picks the GEMM kind per generation (module doc), cuBLAS-padded until then
+        self.gemm_choice = self.fused.gemm if self.fused is not None else None
+        self.min_bucket_fixed = min_bucket is not None
+        self.pinned_kind: str | None = None  # the kind plan() keeps to ("triton" or "auto": the bench's references)
+        padded = self.cuda and self.gemm_choice != "triton"  # Triton GEMMs need no padding (module doc)
+        self.min_bucket = min_bucket if self.min_bucket_fixed else (64 if padded else 1)
         dec = self.decoder
         self.num_layers = dec.num_layers
         self.groups = dec.num_heads // dec.num_kv_heads
         self._cache = None
         self._capacity = 0
         self._lengths = np.zeros(0, dtype=np.int64)
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, str], _Graph] = {}
         self.graph_pool = None
         self.steps = 0
+
+    # ---- GEMM kind ---------------------------------------------------------------------------
+    @property
+    def gemm_kind(self) -> str:
+        """The fused step's GEMMs now: "triton" (row-exact, unpadded), "auto" or "cublas" (cuBLAS for
+        steps padded to 64 rows), or "unfused"."""
+        return self.fused.gemm if self.fused is not None else "unfused"
+
+    def plan(self, rows: int) -> None:
+        """The widest step (batch x tree tokens) of the generation about to start. With the "auto"
+        GEMM choice this picks the kind for the whole generation (module doc): Triton GEMMs at up to
+        ROW_EXACT_ROWS rows (every step at its own bucket), else cuBLAS with steps padded to 64 rows."""
+        if self.gemm_choice != "auto" or self.min_bucket_fixed:
+            return
+        kind = self.pinned_kind or ("triton" if rows <= ROW_EXACT_ROWS else "auto")
+        self.fused.gemm, self.min_bucket = kind, 64 if kind == "auto" and self.cuda else 1
 
     # ---- cache -------------------------------------------------------------------------------
     def reset(self, batch_size: int, capacity: int) -> None:
@@ -205,7 +235,7 @@ class TorchBackend(TreeBackend):
         g.dev.copy_(g.host, non_blocking=True)
 
     def _graph_for(self, batch: int, tokens: int) -> _Graph:
-        key = (batch, tokens)
+        key = (batch, tokens, self.gemm_kind)
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = _Graph(batch, tokens, self.device)

@@ -19,24 +19,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
 
 from treespec.errors import InputError
 from treespec.runtime.api import SpeculativeGenerator
-from treespec.runtime.backends.base import StepInputs
-from treespec.runtime.backends.torch_backend import TorchBackend
-from treespec.runtime.commands.bench_kernels import step_profile
+from treespec.runtime.commands.bench_kernels import curves, sync
 from treespec.runtime.commands.bench_report import plot, print_table, summary
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.loader import load_drafter, load_hf_draft, load_hf_model
 from treespec.runtime.prompts import BUNDLED_BENCH, read_categories, read_prompts
-from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams
 
-CURVE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,11 +90,6 @@ class _Progress:
         self.bar.close()
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _summarise(name: str, runs: list[dict], reference: list[list[int]] | None) -> dict:
     outputs = [r["tokens"] for r in runs]
     row = {
@@ -143,12 +133,12 @@ def _summarise(name: str, runs: list[dict], reference: list[list[int]] | None) -
 def _run_treespec(engine, prompts, max_new_tokens, tree, device):
     runs = []
     for ids in prompts:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         tokens: list[int] = []
         for event in engine.run([ids], max_new_tokens, tree, SamplingParams()):
             tokens += event.new_tokens[0]
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
         runs.append({"tokens": tokens, "seconds": seconds, "tokens_per_s": len(tokens) / seconds,
                      "stats": engine.stats.as_dict()})
@@ -159,63 +149,16 @@ def _run_hf(model, prompts, max_new_tokens, device, eos, **kwargs):
     runs = []
     for ids in prompts:
         x = torch.tensor([ids], device=device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **kwargs)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
         tokens = out[0, len(ids):].tolist()
         runs.append({"tokens": tokens, "seconds": seconds, "tokens_per_s": len(tokens) / seconds})
     return runs
-
-
-def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dict:
-    """Wall time of one target step (host packing + launch/replay + argmax copy) per tree size."""
-    backend.reset(1, past + max(sizes) + 8)
-    rng = np.random.default_rng(0)
-    ids, pos, mask = batch_tree_inputs([chain_tree(rng.integers(10, 1000, past).tolist())], backend.lengths)
-    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
-    curve = {}
-    for t in sizes:
-        if t > backend.capacity - past:
-            break
-        tree = chain_tree(rng.integers(10, 1000, t).tolist())
-        inputs = StepInputs(*batch_tree_inputs([tree], backend.lengths))
-        times = []
-        for i in range(reps + 2):
-            _sync(device)
-            start = time.perf_counter()
-            out = backend.step(inputs)
-            if out.argmax is None:
-                np.asarray(out.logits)
-            _sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        curve[str(t)] = round(statistics.median(times) * 1e3, 4)
-    return curve
-
-
-def _curves(result, backend_name, target, manifest, device, args) -> None:
-    """The verify curve as the generator sees it, then (CUDA) with exact-size buckets, and for the
-    torch backend eagerly too: what the padding and the CUDA graphs each cost or save."""
-    sizes = [s for s in CURVE_SIZES if s <= manifest.profile("target").tree_tokens[2]]
-    curves = result["verify_curve_ms"]
-    graphs = device == "cuda" and (getattr(target, "use_graphs", False) or getattr(target, "cuda_graphs", False))
-    curves[f"{backend_name}-cuda-graphs" if graphs else backend_name] = verify_curve(
-        target, sizes, args.curve_reps, device)
-    if device != "cuda" or target.min_bucket == 1:
-        return
-    padded, target.min_bucket = target.min_bucket, 1
-    curves[f"{backend_name}{'-cuda-graphs' if graphs else ''}-exact-buckets"] = verify_curve(
-        target, sizes, args.curve_reps, device)
-    target.min_bucket = padded
-    if backend_name == "torch":
-        result["step_profile"] = step_profile(target.decoder, device)  # kernels and ms per step, fused or not
-        eager = TorchBackend(target.decoder, device, min_bucket=1, use_graphs=False)
-        curves["torch-eager-exact-buckets"] = verify_curve(eager, sizes, 5, device)
-        eager.close()
 
 
 def _write(path: Path, result: dict) -> None:
@@ -252,30 +195,51 @@ class BenchRun:
         return _run_treespec(engine, self.prompts, self.args.max_new_tokens, tree, self.device)
 
 
-def _bench_plain(bench: BenchRun, backend_name: str, gen) -> tuple[dict, list[list[int]]]:
+def _bench_plain(bench: BenchRun, backend_name: str, gen) -> tuple[dict, dict[str, list[list[int]]]]:
     """`--tree none` on this backend: the reference tokens and tok/s every other row is held to,
     then (CUDA) plain decoding as fast as it goes, in 1-token steps not padded to the tree steps'
-    bucket (the padding is what makes plain and tree steps bit-identical, and it has a cost)."""
+    bucket (the padding is what makes plain and cuBLAS tree steps bit-identical, and it has a cost).
+    With the torch backend's per-generation GEMM kind (TorchBackend.plan) the two are the references
+    of the two kinds, cuBLAS padded and Triton unpadded: a row is held to the one of the kind it ran
+    with. Returns the first row and the references by GEMM kind."""
     target, manifest = gen.target, gen.manifest
     none_tree = gen.resolve_tree("none")
     engine = TreeGenerator(target, None, manifest.eos_token_ids, manifest.dims.max_context)
+    per_kind = bench.device == "cuda" and getattr(target, "gemm_choice", None) == "auto"
+    if per_kind:
+        target.pinned_kind = "auto"  # cuBLAS, padded to 64 rows
     runs = bench.timed(engine, none_tree)
-    reference = [r["tokens"] for r in runs]
-    base = _summarise(f"{backend_name} --tree none", runs, reference)
-    base.update(backend=backend_name, drafter="none", tree="none")
+    references = {_gemm_kind(target): [r["tokens"] for r in runs]}
+    base = _summarise(f"{backend_name} --tree none", runs, references[_gemm_kind(target)])
+    base.update(backend=backend_name, drafter="none", tree="none", gemm=_gemm_kind(target))
     bench.add("configs", base)
-    if bench.device == "cuda" and target.min_bucket > 1 and not bench.over_budget():
-        padded, target.min_bucket = target.min_bucket, 1
-        row = _summarise(f"{backend_name} --tree none, 1-token steps", bench.timed(engine, none_tree), reference)
-        row.update(backend=backend_name, drafter="none", tree="none-1-token-steps")
+    if bench.device == "cuda" and (per_kind or target.min_bucket > 1) and not bench.over_budget():
+        padded = target.min_bucket
+        if per_kind:
+            target.pinned_kind = "triton"
+        else:
+            target.min_bucket = 1
+        runs = bench.timed(engine, none_tree)
+        row = _summarise(f"{backend_name} --tree none, 1-token steps", runs, references[base["gemm"]])
+        row.update(backend=backend_name, drafter="none", tree="none-1-token-steps", gemm=_gemm_kind(target))
         bench.result["configs"].append(row)
-        target.min_bucket = padded
-    return base, reference
+        if per_kind:
+            references["triton"] = [r["tokens"] for r in runs]
+        else:
+            target.min_bucket = padded
+    if per_kind:
+        target.pinned_kind = None
+    return base, references
+
+
+def _gemm_kind(target) -> str:
+    return getattr(target, "gemm_kind", "")
 
 
 def _bench_drafter(bench: BenchRun, backend_name: str, gen, kind: str, trees: list[str],
-                   base: dict, reference: list[list[int]]) -> None:
-    """One drafter under every requested tree, each row checked token for token against `--tree none`."""
+                   base: dict, references: dict[str, list[list[int]]]) -> None:
+    """One drafter under every requested tree, each row checked token for token against `--tree none`
+    with the same GEMM kind."""
     manifest, drafter = gen.manifest, None
     for tree_name in trees:
         label = f"{backend_name} {kind} {tree_name}"
@@ -297,25 +261,26 @@ def _bench_drafter(bench: BenchRun, backend_name: str, gen, kind: str, trees: li
         except Exception as exc:  # record and go on with the other configurations
             bench.skip(label, f"{type(exc).__name__}: {exc}")
             continue
-        row = _summarise(label, runs, reference)
-        row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__,
+        gemm = _gemm_kind(gen.target)
+        row = _summarise(label, runs, references.get(gemm, references[base["gemm"]]))
+        row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__, gemm=gemm,
                    speedup_vs_tree_none=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
         bench.add("configs", row)
 
 
 def _bench_backend(bench: BenchRun, backend_name: str, gen, drafters: list[str], trees: list[str]) -> None:
-    base, reference = _bench_plain(bench, backend_name, gen)
+    base, references = _bench_plain(bench, backend_name, gen)
     for kind in drafters:
         if kind not in gen.manifest.drafters:
             bench.result["skipped"].append({"drafter": kind, "why": "not in the artifacts"})
             continue
-        _bench_drafter(bench, backend_name, gen, kind, trees, base, reference)
+        _bench_drafter(bench, backend_name, gen, kind, trees, base, references)
     # The curves and the step profile last: EAGLE's rows measured after them ran slower on the H100
     # (963 against 1,174 tok/s with the same head in the same lease; draft 1.06 / verify 1.38 / host
     # 0.21 ms against 0.93 / 1.19 / 0.14).
     if bench.args.curves and not bench.over_budget():
         try:
-            _curves(bench.result, backend_name, gen.target, gen.manifest, bench.device, bench.args)
+            curves(bench.result, backend_name, gen.target, gen.manifest, bench.device, bench.args)
         except Exception as exc:
             bench.result["skipped"].append({"config": f"{backend_name} verify curve",
                                             "why": f"{type(exc).__name__}: {exc}"[:300]})

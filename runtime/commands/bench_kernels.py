@@ -1,5 +1,6 @@
-"""`treespec bench`'s step profile: kernels per target step (torch.profiler's count) and ms per step
-for T = 1...128 tree tokens, for the torch backend unfused and fused (cuBLAS or Triton GEMMs; issue 16).
+"""`treespec bench`'s per-step measurements: the verify-latency curves (ms per target step for T = 1...128
+tree tokens, any backend) and the step profile: kernels per target step (torch.profiler's count) and ms
+per step for the torch backend unfused and fused (cuBLAS or Triton GEMMs; issue 16).
 
 Why: a SmolLM2 step on the H200 was ~1,200 small kernels (2.9-3.6 ms) for weights that need
 0.06 ms to read, so the kernel count is the number to watch next to the time. Kernels are counted
@@ -22,6 +23,11 @@ from treespec.runtime.backends.torch_backend import TorchBackend
 from treespec.runtime.trees.tree import batch_tree_inputs, chain_tree
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def tree_step(rng: np.random.Generator, tokens: int, lengths: np.ndarray) -> StepInputs:
@@ -127,3 +133,56 @@ def print_profile(profile: dict) -> None:
         for t in ("1", "64"):
             by_name = row.get(f"kernel_us_by_name_t{t}", {})
             print(f"{'':>23} T={t}: " + ", ".join(f"{n[:40]} {us}" for n, us in list(by_name.items())[:8]))
+
+
+def verify_curve(backend, sizes, reps: int, device: str, past: int = 256) -> dict:
+    """Wall time of one target step (host packing + launch/replay + argmax copy) per tree size."""
+    backend.reset(1, past + max(sizes) + 8)
+    rng = np.random.default_rng(0)
+    ids, pos, mask = batch_tree_inputs([chain_tree(rng.integers(10, 1000, past).tolist())], backend.lengths)
+    backend.commit(backend.step(StepInputs(ids, pos, mask)), [list(range(past))])
+    curve = {}
+    for t in sizes:
+        if t > backend.capacity - past:
+            break
+        tree = chain_tree(rng.integers(10, 1000, t).tolist())
+        inputs = StepInputs(*batch_tree_inputs([tree], backend.lengths))
+        times = []
+        for i in range(reps + 2):
+            sync(device)
+            start = time.perf_counter()
+            out = backend.step(inputs)
+            if out.argmax is None:
+                np.asarray(out.logits)
+            sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        curve[str(t)] = round(statistics.median(times) * 1e3, 4)
+    return curve
+
+
+def curves(result, backend_name, target, manifest, device, args) -> None:
+    """The verify curve as the generator sees it, then (CUDA) with exact-size buckets, and for the
+    torch backend eagerly too: what the padding and the CUDA graphs each cost or save."""
+    sizes = [s for s in SIZES if s <= manifest.profile("target").tree_tokens[2]]
+    curves = result["verify_curve_ms"]
+    graphs = device == "cuda" and (getattr(target, "use_graphs", False) or getattr(target, "cuda_graphs", False))
+    if device == "cuda" and getattr(target, "gemm_choice", None) == "auto":  # the Triton kind's curve first
+        target.pinned_kind = "triton"
+        target.plan(1)
+        curves[f"{backend_name}-cuda-graphs-triton-gemms"] = verify_curve(target, sizes, args.curve_reps, device)
+        target.pinned_kind = None
+    target.plan(1 << 30)  # the wide kind: padded steps (the default's, before any generation plans)
+    curves[f"{backend_name}-cuda-graphs" if graphs else backend_name] = verify_curve(
+        target, sizes, args.curve_reps, device)
+    if device != "cuda" or target.min_bucket == 1:
+        return
+    padded, target.min_bucket = target.min_bucket, 1
+    curves[f"{backend_name}{'-cuda-graphs' if graphs else ''}-exact-buckets"] = verify_curve(
+        target, sizes, args.curve_reps, device)
+    target.min_bucket = padded
+    if backend_name == "torch":
+        result["step_profile"] = step_profile(target.decoder, device)  # kernels and ms per step, fused or not
+        eager = TorchBackend(target.decoder, device, min_bucket=1, use_graphs=False)
+        curves["torch-eager-exact-buckets"] = verify_curve(eager, sizes, 5, device)
+        eager.close()

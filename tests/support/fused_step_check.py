@@ -93,6 +93,29 @@ def backend_steps(model, gen) -> float:
     return worst
 
 
+def gemm_kinds(model) -> dict:
+    """The "auto" GEMM choice picked per generation (TorchBackend.plan): plain decoding and a narrow
+    tree with Triton GEMMs, a tree of more than ROW_EXACT_ROWS rows with the wide kind, a pinned kind
+    kept; every generation's tokens equal to plain decoding's."""
+    from treespec.runtime.drafters.lookup import LookupDrafter
+    from treespec.runtime.generator import TreeGenerator
+    from treespec.runtime.trees.presets import read_tree_config
+    from treespec.runtime.verify import SamplingParams
+
+    backend = TorchBackend(model, "cpu", fused="auto")
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7]  # repeats: lookup drafts something
+    kinds, outputs = {"before": backend.gemm_kind}, {}
+    for name, tree in (("plain", "none"), ("chain4", "chain4"), ("longspec", "longspec")):
+        engine = TreeGenerator(backend, LookupDrafter() if tree != "none" else None, [1], 256)
+        outputs[name] = [t for e in engine.run([prompt], 24, read_tree_config(tree), SamplingParams())
+                         for t in e.new_tokens[0]]
+        kinds[name] = backend.gemm_kind
+    backend.pinned_kind = "triton"
+    backend.plan(1000)
+    kinds["pinned"] = backend.gemm_kind
+    return {"kinds": kinds, "same_tokens": all(o == outputs["plain"] for o in outputs.values())}
+
+
 def main() -> None:
     gen = torch.Generator().manual_seed(11)
     model = tiny_model()
@@ -100,7 +123,7 @@ def main() -> None:
     result = {"decoder": decoder_step(model, gen, "cublas"), "decoder_triton_gemm": decoder_step(model, gen, "triton"),
               "decoder_bias": decoder_step(biased, gen, "cublas"),
               "decoder_bias_triton_gemm": decoder_step(biased, gen, "triton"),
-              "backend_logits": backend_steps(model, gen)}
+              "backend_logits": backend_steps(model, gen), "gemm_kinds": gemm_kinds(model)}
     print(json.dumps(result))
 
 
