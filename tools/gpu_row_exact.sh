@@ -2,10 +2,11 @@
 # Issues 15/16 on the GPU machine in one `run` call (repo root, after the two model wheel parts were
 # stashed by earlier calls, tools/gpu_parts.sh stash .gpuparts/N): the SmolLM2 fp16 export with the
 # committed EAGLE head (background, CPUs) while the fused step's GPU tests run; then the EAGLE GPU
-# tests on that export; then `treespec bench` twice in one call: the default GEMMs (auto: cuBLAS at
-# the 64-row buckets) and TREESPEC_TORCH_FUSED=triton (Triton GEMMs at every width: no padding, a
-# tree step bitwise equal to 1-token decoding). Logs and JSON land in $OUT.
-#   TESTS (default: the three GPU test files), TREES, PROMPTS, TOKENS, LIMIT (seconds for the call)
+# tests on that export; then `treespec bench` once per value of FUSEDS (TREESPEC_TORCH_FUSED; default
+# auto: the GEMM kind chosen per generation, Triton GEMMs unpadded for trees of <= 32 tokens; triton:
+# Triton GEMMs at every width). Logs and JSON land in $OUT.
+#   TESTS (default: the fused-step and torch-backend GPU tests), FUSEDS, TREES, PROMPTS, TOKENS,
+#   LIMIT (seconds for the call)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
@@ -24,7 +25,7 @@ gpu_tests fused_tests ${TESTS:-tests/test_fused_gpu.py tests/test_torch_backend.
 for _ in $(seq 60); do [ -f "$A.done" ] && break; sleep 3; done
 cat "$OUT/export.log"
 TREESPEC_TEST_SMOLLM2_EAGLE=$A gpu_tests eagle_tests tests/test_eagle_gpu.py
-for fused in auto triton; do
+for fused in ${FUSEDS:-auto}; do
   left=$(( ${LIMIT:-590} - ($(date +%s) - start) - 10 ))
   [ "$left" -gt 60 ] || break
   TREESPEC_TORCH_FUSED=$fused timeout "$left" python3 -m treespec.runtime.cli bench --artifacts "$A" \
