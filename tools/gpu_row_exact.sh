@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issues 15/16 on the GPU machine in one `run` call (repo root, after the two model wheel parts were
 # stashed by earlier calls, tools/gpu_parts.sh stash .gpuparts/N): the SmolLM2 fp16 export with the
-# committed EAGLE head (background, CPUs) while the fused step's GPU tests run; then the EAGLE GPU
-# tests on that export; then `treespec bench` once per value of FUSEDS (TREESPEC_TORCH_FUSED; default
-# auto: the GEMM kind chosen per generation, Triton GEMMs unpadded for trees of <= 32 tokens; triton:
-# Triton GEMMs at every width). Logs and JSON land in $OUT.
-#   TESTS (default: the fused-step and torch-backend GPU tests), FUSEDS, TREES, PROMPTS, TOKENS,
-#   LIMIT (seconds for the call)
+# committed EAGLE head (background, CPUs) while the width curve (CURVE=1, tools/gemm_tune.py --curve)
+# and the GPU tests of TESTS run; then `treespec bench` once per value of FUSEDS (TREESPEC_TORCH_FUSED;
+# default auto: the GEMM kind chosen per generation, Triton GEMMs unpadded for trees of <= 32 tokens;
+# triton: Triton GEMMs at every width); then the EAGLE GPU tests on that export (EAGLE_TESTS=1).
+# Logs and JSON land in $OUT.
+#   CURVE, TESTS (e.g. "tests/test_fused_gpu.py tests/test_torch_backend.py"), FUSEDS, TREES, PROMPTS,
+#   TOKENS, EAGLE_TESTS, LIMIT (seconds for the call)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
@@ -21,10 +22,10 @@ gpu_tests() {  # NAME FILES...
   timeout 300 python3 -m pytest -m gpu "$@" -q -s -p no:cacheprovider -o addopts="" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $(( $(date +%s) - start )) s"; grep -E "passed|failed" "$OUT/$name.log" | tail -2
 }
-gpu_tests fused_tests ${TESTS:-tests/test_fused_gpu.py tests/test_torch_backend.py}
-for _ in $(seq 60); do [ -f "$A.done" ] && break; sleep 3; done
+[ -z "${CURVE:-}" ] || (cd tools && timeout 150 python3 gemm_tune.py --curve --json "$OUT/width_curve.json" 2>&1 | tail -2)
+[ -z "${TESTS:-}" ] || gpu_tests fused_tests $TESTS
+for _ in $(seq 80); do [ -f "$A.done" ] && break; sleep 3; done
 cat "$OUT/export.log"
-TREESPEC_TEST_SMOLLM2_EAGLE=$A gpu_tests eagle_tests tests/test_eagle_gpu.py
 for fused in ${FUSEDS:-auto}; do
   left=$(( ${LIMIT:-590} - ($(date +%s) - start) - 10 ))
   [ "$left" -gt 60 ] || break
@@ -33,4 +34,5 @@ for fused in ${FUSEDS:-auto}; do
     --backends torch --drafters eagle --trees "${TREES:-default,eagle2-d5-k6-n32,eagle2-d4-k4-n16}" --baselines ar \
     --no-curves --json "$OUT/bench-$fused.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -14
 done
+[ -z "${EAGLE_TESTS:-}" ] || TREESPEC_TEST_SMOLLM2_EAGLE=$A gpu_tests eagle_tests tests/test_eagle_gpu.py
 echo "total $(( $(date +%s) - start )) s"

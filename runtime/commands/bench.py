@@ -33,7 +33,6 @@ from treespec.runtime.prompts import BUNDLED_BENCH, read_categories, read_prompt
 from treespec.runtime.verify import SamplingParams
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", required=True, type=Path, help="artifact directory from treespec-export")
     p.add_argument("--prompts", type=Path, default=BUNDLED_BENCH, help="JSONL prompts")
