@@ -82,13 +82,13 @@ def timings(fused: FusedDecoder, cases: dict) -> dict:
 
 
 def row_is_batch_independent(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
-    """A row's final hidden state in a 64-token step alone == beside another sequence (a batch of 2),
-    bitwise: what keeps a request's output the same alone and in a batch."""
+    """A row's final hidden state and logits in a 64-token step alone == beside another sequence (a
+    batch of 2), bitwise: what keeps a request's output the same alone and in a batch."""
     ids, pos, mask, lengths, cache = step_inputs(decoder, 2, 64)
     with torch.no_grad():
-        alone = fused(ids[:1], pos[:1], mask[:1].contiguous(), lengths[:1], cache[:, :1].clone()).hidden[0]
-        batched = fused(ids, pos, mask, lengths, cache.clone()).hidden[0]
-    return bool(torch.equal(alone, batched))
+        alone = fused(ids[:1], pos[:1], mask[:1].contiguous(), lengths[:1], cache[:, :1].clone())
+        batched = fused(ids, pos, mask, lengths, cache.clone())
+    return bool(torch.equal(alone.hidden[0], batched.hidden[0]) and torch.equal(alone.logits[0], batched.logits[0]))
 
 
 def spec(launches: dict) -> str:
@@ -129,6 +129,10 @@ def curve(decoder: TreeDecoder, path: str | None) -> None:
     for kind in ("cublas", "triton"):
         result[f"{kind}_us"] = timings(FusedDecoder(decoder, kind), cases)
         print(f"{kind}: {result[f'{kind}_us']}", flush=True)
+    steps = [FusedDecoder(decoder, kind)(*cases["B1 T32"]).logits.float() for kind in ("cublas", "triton")]
+    result["triton_vs_cublas_logit_error"] = float((steps[1] - steps[0]).abs().max() / steps[0].abs().max())
+    result["triton_row_bitwise_alone_vs_batch"] = row_is_batch_independent(FusedDecoder(decoder, "triton"), decoder)
+    print({k: result[k] for k in ("triton_vs_cublas_logit_error", "triton_row_bitwise_alone_vs_batch")}, flush=True)
     if path:
         json.dump(result, open(path, "w"), indent=1)
 
