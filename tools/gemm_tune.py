@@ -39,9 +39,8 @@ CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
     "gate_up": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
+    "lm_head": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (32, 64, 128), (4, 8))],
 }
-LM_HEAD_CANDIDATES = [gemm.LoopLaunch(16, n, k, w, s) for n, k, w, s in
-                      itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (3, 4))]  # --gemms lm_head
 
 
 def smollm2_shaped():
@@ -99,26 +98,23 @@ def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list, names: l
     best = dict(gemm.LAUNCHES)
     best_sum = sum(timings(fused, cases).values())
     for name in names:
-        for cand in LM_HEAD_CANDIDATES if name == "lm_head" else CANDIDATES[name]:
+        for cand in CANDIDATES[name]:
             if time.time() > deadline:
                 print("budget spent: search stopped", flush=True)
                 return best
-            trial = best if name == "lm_head" else dict(best, **{name: gemm.GemmLaunch(*cand)})
-            gemm.LAUNCHES, label = trial, str(cand) if name == "lm_head" else spec({name: trial[name]})
-            lm_head, gemm.LM_HEAD = gemm.LM_HEAD, cand if name == "lm_head" else gemm.LM_HEAD
+            trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
+            gemm.LAUNCHES = trial
             try:
                 us = timings(fused, cases)
             except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
-                print(f"{label}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-                gemm.LM_HEAD = lm_head
+                print(f"{spec({name: trial[name]})}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
                 continue
-            rows.append({"launches": label, "us": us})
+            rows.append({"launches": spec(trial), "us": us})
             total = sum(us.values())
-            print(f"{label:24s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items()) + f"  sum {total:7.1f}", flush=True)
+            print(f"{spec({name: trial[name]}):24s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items())
+                  + f"  sum {total:7.1f}", flush=True)
             if total < best_sum:
                 best, best_sum = trial, total
-            elif name == "lm_head":
-                gemm.LM_HEAD = lm_head
     return best
 
 
@@ -141,8 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the search")
-    ap.add_argument("--gemms", default=",".join(CANDIDATES),
-                    help="the GEMMs searched, comma-separated (lm_head: the K-loop GEMM's tiles, gemm.LM_HEAD)")
+    ap.add_argument("--gemms", default=",".join(CANDIDATES), help="the GEMMs searched, comma-separated")
     ap.add_argument("--curve", action="store_true",
                     help="no search: the cuBLAS and Triton steps with the current launches at every width of CURVE")
     args = ap.parse_args()
@@ -162,12 +157,12 @@ def main() -> None:
     rows: list = []
     best = tune(triton_step, cases, start + args.budget, rows, args.gemms.split(","))
     gemm.LAUNCHES = best
-    result.update(rows=rows, best=spec(best), lm_head=str(gemm.LM_HEAD), best_us=timings(triton_step, cases),
+    result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
                   row_bitwise_alone_vs_batch=row_is_batch_independent(triton_step, decoder))
     result["auto_us"] = timings(FusedDecoder(decoder, "auto"), cases)
     os.environ["TREESPEC_FUSED_PDL"] = "0"
     result["best_without_pdl_us"] = timings(triton_step, cases)
-    print(f"best {result['best']}, lm_head {result['lm_head']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
+    print(f"best {result['best']}: {result['best_us']}; without PDL {result['best_without_pdl_us']}; "
           f"cuBLAS {result['cublas_us']}; auto {result['auto_us']}; "
           f"row bitwise alone vs in a batch: {result['row_bitwise_alone_vs_batch']}")
     if args.json:

@@ -165,7 +165,10 @@ class FusedDecoder:
         if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
             self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens)
             # lm_head too: cuBLAS would pick its kernel (and rounding) by the step's width
-            logits = triton_gemm.rows_linear(normed, dec.lm_head.weight, dec.lm_head.bias).view(batch, tokens, -1)
+            logits = residual.new_empty(1, batch * tokens, dec.lm_head.weight.shape[0])
+            triton_gemm.fused_linear(normed, dec.lm_head.weight, dec.lm_head.bias, logits,
+                                     triton_gemm.LAUNCHES["lm_head"])
+            logits = logits.view(batch, tokens, -1)
         else:
             add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
             for i, layer in enumerate(self.layers):

@@ -135,5 +135,7 @@ class FusedEagleHead:
         rows = x.numel() // x.shape[-1]
         if not (self.gemm == "triton" or self.gemm == "auto" and rows <= NARROW_ROWS):
             return F.linear(x, self.lm_weight, self.lm_bias)
-        out = triton_gemm.rows_linear(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias)
+        out = x.new_empty(1, rows, self.lm_weight.shape[0])  # one split: the logits themselves
+        triton_gemm.fused_linear(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias, out,
+                                 triton_gemm.LAUNCHES["lm_head"])
         return out.view(*x.shape[:-1], -1)
