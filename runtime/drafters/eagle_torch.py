@@ -268,5 +268,6 @@ def _fused_head(module: torch.nn.Module, fused: bool | None, cuda: bool):
     from treespec.models.fused_eagle import FusedEagleHead  # Triton: an optional heavy dependency
 
     # the GEMM kind follows the target's (TREESPEC_TORCH_FUSED): cublas, triton, or auto by rows
-    gemm = {"1": "cublas", "cublas": "cublas", "triton": "triton"}.get(os.environ.get("TREESPEC_TORCH_FUSED", ""), "auto")
+    kinds = {"1": "cublas", "cublas": "cublas", "triton": "triton"}
+    gemm = kinds.get(os.environ.get("TREESPEC_TORCH_FUSED", ""), "auto")
     return FusedEagleHead(module, gemm)

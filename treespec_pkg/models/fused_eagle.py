@@ -17,10 +17,10 @@ runtime/drafters/eagle_tree.py. Triton kernels: on CUDA, or on the CPU under TRI
 
 With Triton GEMMs (gemm="triton", or "auto" for forwards of <= NARROW_ROWS rows: a draft's levels)
 a forward is the target's five-kernel layer (plugins/fused/gemm.py, launched with PDL) plus the fc
-GEMM and the final residual add: 7 kernels instead of 14; lm_head is a Triton GEMM too (PDL). fc(concat(embed(x), f)) is split as
-E'[x] + W_f f, with E' = embed @ W_e.T + b computed once at load ([V, H], the embedding rows the
-QKV GEMM's prologue gathers) and W_f f the fc GEMM's fp32 partials that the prologue adds: no
-embedding or concat kernel. A draft only proposes, so its rounding (E' is rounded to the dtype
+GEMM and the final residual add: 7 kernels instead of 14; lm_head is a Triton GEMM too (PDL).
+fc(concat(embed(x), f)) is split as E'[x] + W_f f, with E' = embed @ W_e.T + b computed once at
+load ([V, H], the embedding rows the QKV GEMM's prologue gathers) and W_f f the fc GEMM's fp32
+partials that the prologue adds: no embedding or concat kernel. A draft only proposes, so its rounding (E' is rounded to the dtype
 before the add) never changes what the target accepts.
 """
 from __future__ import annotations
