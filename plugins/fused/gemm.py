@@ -308,3 +308,11 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         D=r.cos.shape[1] if r else 16, DOT_PREC=dot_precision(src.dtype), PDL=bool(pdl),
         BLOCK_M=launch.block_m, BLOCK_N=block_n, BLOCK_K=launch.k_extent(k, split), num_warps=launch.num_warps,
         **pdl)
+
+
+def lm_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) -> [M, N] in x's dtype with LAUNCHES["lm_head"] (one split:
+    the partials are the logits), each row the same bits whatever M, unlike cuBLAS."""
+    out = x.new_empty(1, x.shape[0], weight.shape[0])
+    fused_linear(x, weight, bias, out, LAUNCHES["lm_head"])
+    return out[0]

@@ -48,6 +48,7 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -313,8 +314,6 @@ def _ordered_attention(head_dim: int):
     """The position-ordered Triton kernel's module (bit-identical plain vs tree steps), or None:
     no Triton, a head dim it does not take, or TREESPEC_TORCH_ATTENTION=sdpa (PyTorch's SDPA
     over the buffer)."""
-    import os
-
     if os.environ.get("TREESPEC_TORCH_ATTENTION", "ordered") == "sdpa" or head_dim & (head_dim - 1) or head_dim < 16:
         return None
     try:
@@ -324,16 +323,20 @@ def _ordered_attention(head_dim: int):
     return ordered
 
 
+def requested_gemm() -> str | None:
+    """TREESPEC_TORCH_FUSED as a GEMM kind: None for 0 (the unfused step), "cublas" for 1, else its
+    value (auto unless set). The fused EAGLE head follows it too."""
+    value = os.environ.get("TREESPEC_TORCH_FUSED", "auto")
+    return {"0": None, "1": "cublas"}.get(value, value)
+
+
 def _fused_decoder(decoder, fused: bool | str | None, cuda: bool):
     """The few-kernel step (treespec.models.fused_decoder) when asked for: `fused` True (cuBLAS
     GEMMs), "triton" (Triton GEMMs) or "auto" (Triton for narrow steps, cuBLAS for wide ones), or
     when it is None, on CUDA: TREESPEC_TORCH_FUSED (0, 1 = cublas, triton, auto; auto unless set).
     On the CPU it needs Triton's interpreter (the tests)."""
-    import os
-
     if fused is None:
-        fused = os.environ.get("TREESPEC_TORCH_FUSED", "auto") if cuda else False
-        fused = {"0": False, "1": True, "cublas": True}.get(fused, fused)
+        fused = requested_gemm() if cuda else False
     if not fused:
         return None
     gemm = "cublas" if fused is True else str(fused)

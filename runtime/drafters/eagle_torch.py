@@ -39,6 +39,7 @@ from treespec.models.draft_vocab import DraftVocab
 from treespec.models.eagle import EagleHead
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
 from treespec.runtime.backends.device_tensors import LazyHost
+from treespec.runtime.backends.torch_backend import requested_gemm
 from treespec.runtime.drafters.base import Features
 from treespec.runtime.drafters.eagle import EAGLE_TOP_K, EagleDrafter, EagleStepInputs, PinnedFeatures
 from treespec.runtime.drafters.eagle_tree import Eagle2Buffers, Eagle2Shape, eagle2_draft
@@ -265,9 +266,8 @@ def _fused_head(module: torch.nn.Module, fused: bool | None, cuda: bool):
         return None
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendError("the fused EAGLE head runs on CUDA (on the CPU only under TRITON_INTERPRET=1)")
-    from treespec.models.fused_eagle import FusedEagleHead  # Triton: an optional heavy dependency
+    from treespec.models.fused_decoder import GEMMS  # Triton: an optional heavy dependency
+    from treespec.models.fused_eagle import FusedEagleHead
 
-    # the GEMM kind follows the target's (TREESPEC_TORCH_FUSED): cublas, triton, or auto by rows
-    kinds = {"1": "cublas", "cublas": "cublas", "triton": "triton"}
-    gemm = kinds.get(os.environ.get("TREESPEC_TORCH_FUSED", ""), "auto")
-    return FusedEagleHead(module, gemm)
+    gemm = requested_gemm()  # the target's GEMM kind: cublas, triton, or auto (by rows)
+    return FusedEagleHead(module, gemm if gemm in GEMMS else "auto")

@@ -108,6 +108,54 @@ def fuse_layer(layer: nn.Module, rope_heads: int = 0, head_dim: int = 0) -> Fuse
     return fused
 
 
+def uses_triton(gemm: str, rows: int) -> bool:
+    """Whether a forward of `rows` rows (batch x tokens) runs Triton GEMMs under the GEMM kind `gemm`."""
+    return gemm == "triton" or gemm == "auto" and rows <= NARROW_ROWS
+
+
+@dataclass
+class TritonBuffers:
+    """A Triton-GEMM layer's scratch for M rows: the residual stream's two buffers (a GEMM's programs
+    read one while its first column block writes the other), Q, SiLU*mul's output, and the fp32
+    partial sums that o_proj and down leave for the next kernel to add."""
+
+    stream: tuple[torch.Tensor, torch.Tensor]
+    q: torch.Tensor
+    act: torch.Tensor
+    attn_sums: torch.Tensor
+    mlp_sums: torch.Tensor
+
+    @classmethod
+    def for_rows(cls, residual: torch.Tensor, layer: FusedLayer, heads: int, dim: int) -> "TritonBuffers":
+        """Buffers for the rows of `residual` [M, hidden], which becomes the stream's second buffer."""
+        rows, width = residual.shape
+        launch, inter = triton_gemm.LAUNCHES, layer.down.shape[1]
+
+        def sums(name: str, k: int) -> torch.Tensor:
+            return residual.new_empty(launch[name].splits(k), rows, width, dtype=torch.float32)
+
+        return cls((torch.empty_like(residual), residual), residual.new_empty(rows, heads * dim),
+                   residual.new_empty(rows, inter), sums("o", heads * dim), sums("down", inter))
+
+
+def triton_layer(layer: FusedLayer, start: "triton_gemm.ResidualIn", rope: "triton_gemm.RopeOut", lengths,
+                 ancestors, depths, scale: float, buf: TritonBuffers) -> None:
+    """One decoder layer in five kernels (plugins/fused/gemm.py): `start` (the residual stream into
+    buf.stream[0], normed) -> QKV + RoPE + the K/V write of `rope` -> attention over the cache rows
+    < lengths[b] and each row's ancestors -> o_proj -> add + RMSNorm (into buf.stream[1]) + gate/up +
+    SiLU*mul -> down, whose partials buf.mlp_sums the next kernel adds to buf.stream[1]."""
+    launch, heads, dim = triton_gemm.LAUNCHES, rope.heads, rope.cos.shape[1]
+    rows = rope.q.shape[0]
+    triton_gemm.fused_linear(start, layer.qkv, layer.qkv_bias, rope.q, launch["qkv"], triton_gemm.EPI_QKV_ROPE, rope)
+    q = rope.q.view(rows // rope.tokens, rope.tokens, heads, dim).transpose(1, 2)
+    out = ordered.ordered_tree_attention(q, rope.k_cache, rope.v_cache, lengths, ancestors, depths, scale, pdl=True)
+    triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, buf.attn_sums, launch["o"])
+    mlp_in = triton_gemm.ResidualIn(buf.stream[0], buf.attn_sums, layer.post_norm, buf.stream[1], start.eps)
+    triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, buf.act, launch["gate_up"],
+                             triton_gemm.EPI_SILU_MUL)
+    triton_gemm.fused_linear(buf.act, layer.down, layer.down_bias, buf.mlp_sums, launch["down"])
+
+
 def grown_rope_table(rotary: nn.Module, cos: torch.Tensor | None, sin: torch.Tensor | None, rows: int,
                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [positions, D] fp32 of `rotary` for positions 0..rows-1: the tables given while they
@@ -162,13 +210,10 @@ class FusedDecoder:
         residual = torch.empty(batch * tokens, dec.embed.weight.shape[1], dtype=cache.dtype, device=cache.device)
         normed = torch.empty_like(residual)
         hidden = normed.view(batch, tokens, -1)
-        if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
-            self.triton_layers(ids, residual, normed, ctx, cache, batch, tokens)
+        if uses_triton(self.gemm, batch * tokens):
+            self.triton_layers(ids, residual, normed, ctx, cache, tokens)
             # lm_head too: cuBLAS would pick its kernel (and rounding) by the step's width
-            logits = residual.new_empty(1, batch * tokens, dec.lm_head.weight.shape[0])
-            triton_gemm.fused_linear(normed, dec.lm_head.weight, dec.lm_head.bias, logits,
-                                     triton_gemm.LAUNCHES["lm_head"])
-            logits = logits.view(batch, tokens, -1)
+            logits = triton_gemm.lm_head(normed, dec.lm_head.weight, dec.lm_head.bias).view(batch, tokens, -1)
         else:
             add_rmsnorm(dec.embed.weight, residual, normed, self.layers[0].input_norm, self.eps, ids=ids)
             for i, layer in enumerate(self.layers):
@@ -193,33 +238,16 @@ class FusedDecoder:
         act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
         add_rmsnorm(F.linear(act, layer.down, layer.down_bias), residual, normed, next_norm, self.eps)
 
-    def triton_layers(self, ids, residual, normed, ctx: StepContext, cache, batch: int, tokens: int) -> None:
-        """Every layer in five kernels (plugins/fused/gemm.py), then the final add+RMSNorm into
-        residual/normed [M, hidden]. The residual stream alternates between two buffers (a GEMM's
-        programs read one while its first column block writes the other); o_proj and down leave fp32
-        partial sums that the next kernel adds."""
-        heads, kvh, dim, eps = self.heads, self.kv_heads, self.head_dim, self.eps
-        rows, width = residual.shape
-        launch = triton_gemm.LAUNCHES
-        stream = (torch.empty_like(residual), residual)
-        q = residual.new_empty(rows, heads * dim)
-        act = residual.new_empty(rows, self.layers[0].down.shape[1])
-        attn_sums = residual.new_empty(launch["o"].splits(heads * dim), rows, width, dtype=torch.float32)
-        mlp_sums = residual.new_empty(launch["down"].splits(act.shape[1]), rows, width, dtype=torch.float32)
+    def triton_layers(self, ids, residual, normed, ctx: StepContext, cache, tokens: int) -> None:
+        """Every layer in five kernels (triton_layer), then the final add+RMSNorm into residual/normed
+        [M, hidden]. Layer 0 gathers the embedding rows instead of adding to the residual."""
+        buf = TritonBuffers.for_rows(residual, self.layers[0], self.heads, self.head_dim)
         source, sums = self.decoder.embed.weight, None
         for i, layer in enumerate(self.layers):
-            rope = triton_gemm.RopeOut(q, layer.qk_rot, layer.qk_rot_bias, ctx.pos, ctx.lengths, ctx.cos, ctx.sin,
-                                       cache[2 * i], cache[2 * i + 1], tokens, heads, kvh)
-            start = triton_gemm.ResidualIn(source, sums, layer.input_norm, stream[0], eps, ids if i == 0 else None)
-            triton_gemm.fused_linear(start, layer.qkv, layer.qkv_bias, q, launch["qkv"], triton_gemm.EPI_QKV_ROPE,
-                                     rope)
-            out = ordered.ordered_tree_attention(q.view(batch, tokens, heads, dim).transpose(1, 2), cache[2 * i],
-                                                 cache[2 * i + 1], ctx.lengths, ctx.ancestors, ctx.depths,
-                                                 self.decoder.scale, pdl=True)
-            triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, attn_sums, launch["o"])
-            mlp_in = triton_gemm.ResidualIn(stream[0], attn_sums, layer.post_norm, stream[1], eps)
-            triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, act, launch["gate_up"],
-                                     triton_gemm.EPI_SILU_MUL)
-            triton_gemm.fused_linear(act, layer.down, layer.down_bias, mlp_sums, launch["down"])
-            source, sums = stream[1], mlp_sums
-        add_rmsnorm(mlp_sums, residual, normed, self.final_norm, eps, pdl=True)
+            rope = triton_gemm.RopeOut(buf.q, layer.qk_rot, layer.qk_rot_bias, ctx.pos, ctx.lengths, ctx.cos, ctx.sin,
+                                       cache[2 * i], cache[2 * i + 1], tokens, self.heads, self.kv_heads)
+            start = triton_gemm.ResidualIn(source, sums, layer.input_norm, buf.stream[0], self.eps,
+                                           ids if i == 0 else None)
+            triton_layer(layer, start, rope, ctx.lengths, ctx.ancestors, ctx.depths, self.decoder.scale, buf)
+            source, sums = buf.stream[1], buf.mlp_sums
+        add_rmsnorm(buf.mlp_sums, residual, normed, self.final_norm, self.eps, pdl=True)

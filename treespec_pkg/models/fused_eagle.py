@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from treespec.models.eagle import EagleHead
-from treespec.models.fused_decoder import GEMMS, NARROW_ROWS, _eps, fuse_layer, grown_rope_table
+from treespec.models.fused_decoder import (GEMMS, TritonBuffers, _eps, fuse_layer, grown_rope_table, triton_layer,
+                                           uses_triton)
 from treespec.plugins.fused import gemm as triton_gemm
 from treespec.plugins.fused.kernels import add_rmsnorm, rope_write, silu_mul
 from treespec.plugins.tree_attention import ordered
@@ -77,7 +78,7 @@ class FusedEagleHead:
         Row t's K/V go to cache row write_at[b] + t; its query sees rows < lengths[b] and rows
         lengths[b] + ancestors[b,t,e], e <= depths[b,t]. Returns predicted features [B*T, H]."""
         batch, tokens = ids.shape
-        if self.gemm == "triton" or self.gemm == "auto" and batch * tokens <= NARROW_ROWS:
+        if uses_triton(self.gemm, batch * tokens):
             return self._forward_triton(feats, ids, pos, write_at, lengths, ancestors, depths, key, value)
         heads, dim, layer = self.heads, self.head_dim, self.layer
         fused_in = torch.cat([F.embedding(ids, self.embed).to(feats.dtype), feats.expand(batch, tokens, -1)], -1)
@@ -95,36 +96,25 @@ class FusedEagleHead:
         return residual.add_(F.linear(act, layer.down, layer.down_bias))
 
     def _forward_triton(self, feats, ids, pos, write_at, lengths, ancestors, depths, key, value) -> torch.Tensor:
-        """forward with the Triton GEMMs (module doc): the residual stream alternates between two
-        buffers as in FusedDecoder.triton_layers; the last one ends as the predicted features."""
+        """forward with the Triton GEMMs (module doc): the fc GEMM's partials, then the target's layer
+        (fused_decoder.triton_layer) starting from E'[ids] plus them; the stream's second buffer ends as
+        the predicted features."""
         batch, tokens = ids.shape
         rows, hidden = batch * tokens, self.fc_feat.shape[0]
-        heads, kvh, dim, layer, eps = self.heads, self.kv_heads, self.head_dim, self.layer, self.eps
-        launch = triton_gemm.LAUNCHES
         x = feats.expand(batch, tokens, -1).reshape(rows, hidden).contiguous()
+        buf = TritonBuffers.for_rows(x.new_empty(rows, hidden), self.layer, self.heads, self.head_dim)
+        fc_launch = triton_gemm.LAUNCHES["o"]  # fc has o_proj's shape
+        fc_sums = x.new_empty(fc_launch.splits(hidden), rows, hidden, dtype=torch.float32)
+        triton_gemm.fused_linear(x, self.fc_feat, None, fc_sums, fc_launch)
         cos, sin = self.rope_table(key.shape[2], key.device)
-        stream = (x.new_empty(rows, hidden), x.new_empty(rows, hidden))
-        q, act = x.new_empty(rows, heads * dim), x.new_empty(rows, layer.down.shape[1])
-
-        def sums(name: str, k: int) -> torch.Tensor:
-            return x.new_empty(launch[name].splits(k), rows, hidden, dtype=torch.float32)
-
-        fc_sums, attn_sums, mlp_sums = sums("o", hidden), sums("o", heads * dim), sums("down", act.shape[1])
-        triton_gemm.fused_linear(x, self.fc_feat, None, fc_sums, launch["o"])  # fc has o_proj's shape
-        rope = triton_gemm.RopeOut(q, layer.qk_rot, layer.qk_rot_bias, pos, write_at, cos, sin, key, value, tokens,
-                                   heads, kvh)
-        start = triton_gemm.ResidualIn(self.embed_fc, fc_sums, layer.input_norm, stream[0], eps, ids)
-        triton_gemm.fused_linear(start, layer.qkv, layer.qkv_bias, q, launch["qkv"], triton_gemm.EPI_QKV_ROPE, rope)
-        out = ordered.ordered_tree_attention(q.view(batch, tokens, heads, dim).transpose(1, 2), key, value, lengths,
-                                             ancestors, depths, self.scale, pdl=True)
-        triton_gemm.fused_linear(out.view(rows, heads * dim), layer.o_proj, layer.o_bias, attn_sums, launch["o"])
-        mlp_in = triton_gemm.ResidualIn(stream[0], attn_sums, layer.post_norm, stream[1], eps)
-        triton_gemm.fused_linear(mlp_in, layer.gate_up, layer.gate_up_bias, act, launch["gate_up"],
-                                 triton_gemm.EPI_SILU_MUL)
-        triton_gemm.fused_linear(act, layer.down, layer.down_bias, mlp_sums, launch["down"])
+        layer = self.layer
+        rope = triton_gemm.RopeOut(buf.q, layer.qk_rot, layer.qk_rot_bias, pos, write_at, cos, sin, key, value, tokens,
+                                   self.heads, self.kv_heads)
+        start = triton_gemm.ResidualIn(self.embed_fc, fc_sums, layer.input_norm, buf.stream[0], self.eps, ids)
+        triton_layer(layer, start, rope, lengths, ancestors, depths, self.scale, buf)
         # the add of the down GEMM's partials; its RMSNorm output (into stream[0]) goes unused
-        add_rmsnorm(mlp_sums, stream[1], stream[0], layer.post_norm, eps, pdl=True)
-        return stream[1]
+        add_rmsnorm(buf.mlp_sums, buf.stream[1], buf.stream[0], layer.post_norm, self.eps, pdl=True)
+        return buf.stream[1]
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """lm_head of predicted features [..., H] -> [..., V] in the model dtype (callers take
@@ -133,9 +123,6 @@ class FusedEagleHead:
         by the caller (runtime/drafters/eagle_tree.py, inside the captured draft)."""
         x = predicted.to(self.lm_weight.dtype)
         rows = x.numel() // x.shape[-1]
-        if not (self.gemm == "triton" or self.gemm == "auto" and rows <= NARROW_ROWS):
+        if not uses_triton(self.gemm, rows):
             return F.linear(x, self.lm_weight, self.lm_bias)
-        out = x.new_empty(1, rows, self.lm_weight.shape[0])  # one split: the logits themselves
-        triton_gemm.fused_linear(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias, out,
-                                 triton_gemm.LAUNCHES["lm_head"])
-        return out.view(*x.shape[:-1], -1)
+        return triton_gemm.lm_head(x.reshape(rows, -1).contiguous(), self.lm_weight, self.lm_bias).view(*x.shape[:-1], -1)
