@@ -39,8 +39,9 @@ CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
     "gate_up": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
-    "lm_head": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (32, 64, 128), (4, 8))],
 }
+LOOP_CANDIDATES = [gemm.LoopLaunch(16, n, k, w, s)  # --lm-head: (BLOCK_N, BLOCK_K, warps, stages)
+                   for n, k, w, s in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))]
 
 
 def smollm2_shaped():
@@ -133,6 +134,37 @@ def curve(decoder: TreeDecoder, path: str | None) -> None:
         json.dump(result, open(path, "w"), indent=1)
 
 
+def lm_head_search(decoder: TreeDecoder, deadline: float, path: str | None) -> None:
+    """The Triton step's lm_head (gemm.LM_HEAD, a K loop) with each of LOOP_CANDIDATES, by the summed step
+    time at 1 and 32 tokens; also the lm_head alone on the EAGLE head's shape (8 rows of a 16,384-id draft
+    vocabulary). bench/h100-2026-12-07-2200/lm_head.json also holds the one-K-tile kernel it replaced."""
+    cases = {f"B1 T{t}": step_inputs(decoder, 1, t) for t in (1, 32)}
+    step = FusedDecoder(decoder, "triton")
+    k = decoder.lm_head.weight.shape[1]
+    x = torch.randn(8, k, device="cuda").half()
+    w = torch.randn(16384, k, device="cuda").half()
+    rows: list = []
+    for launch in LOOP_CANDIDATES:
+        if time.time() > deadline:
+            print("budget spent: search stopped", flush=True)
+            break
+        gemm.LM_HEAD = launch
+        try:
+            us = dict(timings(step, cases), eagle_lm_head=round(replay_us(lambda: gemm.lm_head(x, w, None), 50), 1))
+        except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
+            print(f"{launch}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            continue
+        rows.append({"loop": vars(launch), "us": us})
+        print(f"{launch}: {us}", flush=True)
+    best = min(rows, key=lambda r: r["us"]["B1 T1"] + r["us"]["B1 T32"])
+    gemm.LM_HEAD = gemm.LoopLaunch(**best["loop"])
+    result = {"device": torch.cuda.get_device_name(), "rows": rows, "best": best,
+              "best_row_bitwise_alone_vs_batch": row_is_batch_independent(step, decoder)}
+    print(f"best {best}; row bitwise alone vs in a batch: {result['best_row_bitwise_alone_vs_batch']}", flush=True)
+    if path:
+        json.dump(result, open(path, "w"), indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -140,11 +172,15 @@ def main() -> None:
     ap.add_argument("--gemms", default=",".join(CANDIDATES), help="the GEMMs searched, comma-separated")
     ap.add_argument("--curve", action="store_true",
                     help="no search: the cuBLAS and Triton steps with the current launches at every width of CURVE")
+    ap.add_argument("--lm-head", action="store_true", help="no search of the layers' GEMMs: the lm_head's kernel")
     args = ap.parse_args()
     start = time.time()
     decoder = TreeDecoder(smollm2_shaped())
     if args.curve:
         curve(decoder, args.json)
+        return
+    if args.lm_head:
+        lm_head_search(decoder, start + args.budget, args.json)
         return
     cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CASES}
     cublas, triton_step = FusedDecoder(decoder, "cublas"), FusedDecoder(decoder, "triton")

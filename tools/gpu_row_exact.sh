@@ -4,10 +4,11 @@
 # committed EAGLE head (background, CPUs) while the width curve (CURVE=1, tools/gemm_tune.py --curve)
 # and the GPU tests of TESTS run; then `treespec bench` once per value of FUSEDS (TREESPEC_TORCH_FUSED;
 # default auto: the GEMM kind chosen per generation, Triton GEMMs unpadded for trees of <= 32 tokens;
-# triton: Triton GEMMs at every width); then the EAGLE GPU tests on that export (EAGLE_TESTS=1).
+# triton: Triton GEMMs at every width); the host profile of EAGLE generations (PROFILE=1,
+# tools/host_profile.py); then the EAGLE GPU tests on that export (EAGLE_TESTS=1).
 # Logs and JSON land in $OUT.
 #   CURVE, TESTS (e.g. "tests/test_fused_gpu.py tests/test_torch_backend.py"), FUSEDS, TREES, PROMPTS,
-#   TOKENS, EAGLE_TESTS, LIMIT (seconds for the call)
+#   TOKENS, PROFILE, EAGLE_TESTS, LIMIT (seconds for the call)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
@@ -34,5 +35,7 @@ for fused in ${FUSEDS:-auto}; do
     --backends torch --drafters eagle --trees "${TREES:-default,eagle2-d5-k6-n32,eagle2-d4-k4-n16}" --baselines ar \
     --no-curves --json "$OUT/bench-$fused.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -14
 done
+[ -z "${PROFILE:-}" ] || (cd tools && timeout 120 python3 host_profile.py "$A" --out "$OUT/host.pstats" \
+  > "$OUT/host_profile.txt" 2>&1; echo "host profile: exit $?")
 [ -z "${EAGLE_TESTS:-}" ] || TREESPEC_TEST_SMOLLM2_EAGLE=$A gpu_tests eagle_tests tests/test_eagle_gpu.py
 echo "total $(( $(date +%s) - start )) s"

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from treespec.plugins.tree_attention.ordered import tree_ancestors as torch_ancestors
 from treespec.plugins.tree_attention.ordered_check import random_tree
 
-from .gemm import EPI_QKV_ROPE, EPI_SILU_MUL, GemmLaunch, ResidualIn, RopeOut, fused_linear, rotated_rows
+from .gemm import (EPI_QKV_ROPE, EPI_SILU_MUL, GemmLaunch, LoopLaunch, ResidualIn, RopeOut, fused_linear, rotated_rows,
+                   rows_linear)
 from .kernels import add_rmsnorm, rope_write, silu_mul, tree_ancestors
 
 
@@ -127,6 +128,22 @@ def check_gemm(device, dtype, gen) -> float:
     return worst
 
 
+def check_rows_linear(device, dtype, gen) -> float:
+    """The K-loop GEMM (lm_head) against x @ w.T + b, K not a tile multiple, rows not a tile multiple;
+    and a row's result the same bits alone and among other rows."""
+    worst = 0.0
+    for rows, k, n in [(5, 100, 70), (33, 576, 200)]:
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        launch = LoopLaunch(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2)
+        got = rows_linear(x.to(device), w.to(device), bias.to(device), launch)
+        worst = max(worst, _err(got, (x.float() @ w.float().T + bias.float()).to(dtype)))
+        alone = rows_linear(x[2:3].to(device), w.to(device), bias.to(device), launch)
+        worst = max(worst, 0.0 if torch.equal(alone[0], got[2]) else float("inf"))
+    return worst
+
+
 def check_qkv_rope(device, dtype, gen) -> float:
     """The Triton QKV GEMM with the add+RMSNorm prologue (the embedding gather of layer 0 too), RoPE
     and the cache write, with and without bias."""
@@ -190,6 +207,7 @@ def main() -> None:
         result[f"rope_write_{name}"] = check_rope_write(args.device, dtype, gen)
         result[f"silu_mul_{name}"] = check_silu_mul(args.device, dtype, gen)
         result[f"gemm_{name}"] = check_gemm(args.device, dtype, gen)
+        result[f"rows_linear_{name}"] = check_rows_linear(args.device, dtype, gen)
         result[f"qkv_rope_{name}"] = check_qkv_rope(args.device, dtype, gen)
     print(json.dumps(result))
 

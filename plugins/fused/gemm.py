@@ -61,17 +61,13 @@ class GemmLaunch:
 # loop over K slices with 64-row tiles (to read each weight once at 64 rows), 1.48 ms at 64 rows;
 # Triton QKV and gate/up with cuBLAS o_proj and down, 1.28 ms. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
 # (BLOCK_M,BLOCK_N,SPLIT_K,warps) overrides any of them for experiments.
-# lm_head (its logits in the model dtype: SPLIT_K 1): the fastest 1-token step of gemm_tune --gemms lm_head
-# (bench/h100-2026-12-07-late/): 717 us a step against 725-741 with the others that fit shared memory.
 DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8),
-                    "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4),
-                    "lm_head": GemmLaunch(16, 64, 1, 8)}
+                    "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4)}
 
 
 def parse_launches(text: str) -> dict[str, GemmLaunch]:
     rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
-            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16 (lm_head: 1), warps 1, "
-            f"2, 4 or 8")
+            f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16, warps 1, 2, 4 or 8")
     launches = dict(DEFAULT_LAUNCHES)
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, values = item.partition("=")
@@ -80,8 +76,7 @@ def parse_launches(text: str) -> dict[str, GemmLaunch]:
         except ValueError:
             raise ValueError(rule) from None
         blocks_ok = all(b & (b - 1) == 0 and 16 <= b <= 128 for b in (block_m, block_n))
-        split_ok = 1 <= split_k <= (1 if name == "lm_head" else 16)
-        if name not in launches or not blocks_ok or not split_ok or warps not in (1, 2, 4, 8):
+        if name not in launches or not blocks_ok or not 1 <= split_k <= 16 or warps not in (1, 2, 4, 8):
             raise ValueError(rule)
         launches[name] = GemmLaunch(block_m, block_n, split_k, warps)
     return launches
@@ -162,7 +157,7 @@ def fused_linear_kernel(X, IDS, DP, NORM_W, RES_OUT, W, WROT, BIAS, BIAS_ROT, OU
 def _epilogue(acc, acc2, BIAS, BIAS_ROT, OUT, POS, LENGTHS, COS, SIN, KC, VC, rm, rn, n0, split, m_ok, n_ok, M, N, T,
               skb, skh, skr, svb, svh, svr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HQ: tl.constexpr,
               KVH: tl.constexpr, D: tl.constexpr):
-    if EPI == 0:  # partials [SPLIT_K, M, N] (stored in OUT's dtype); split 0 carries the bias
+    if EPI == 0:  # fp32 partials [SPLIT_K, M, N]; split 0 carries the bias
         if HAS_BIAS:
             if split == 0:
                 acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -269,8 +264,7 @@ class RopeOut:
 
 def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                  launch: GemmLaunch, epilogue: int = EPI_PARTIAL, rope: RopeOut | None = None) -> None:
-    """One fused GEMM into `out`: partials [SPLIT_K, M, N] (EPI_PARTIAL: fp32 to be summed, or with one split
-    the product rounded to out's dtype, as lm_head's logits), SiLU(gate) * up [M, N]
+    """One fused GEMM into `out`: fp32 partials [SPLIT_K, M, N] (EPI_PARTIAL), SiLU(gate) * up [M, N]
     of a [2N, K] gate/up weight (EPI_SILU_MUL), or RoPE'd Q, K, V (EPI_QKV_ROPE, `out` = rope.q)."""
     norm = isinstance(x, ResidualIn)
     src = x.residual if norm else x
@@ -310,9 +304,67 @@ def fused_linear(x: torch.Tensor | ResidualIn, weight: torch.Tensor, bias: torch
         **pdl)
 
 
+@dataclass(frozen=True)
+class LoopLaunch:
+    """Tiles of `rows_linear_kernel`, a GEMM that loops over K (fixed per process: it fixes the bits)."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# lm_head: a wide GEMM (49,152 x 576 for SmolLM2) of few rows, so a K loop whose loads pipeline. The
+# default tiles won tools/gemm_tune.py --lm-head on an H100 (bench/h100-2026-12-07-2200/lm_head.json): a
+# Triton step 705 us at 1 token and 828 at 32 (one K tile a program, 576 padded to 1024: 736 and 883);
+# the EAGLE head's lm_head (8 rows of 16,384) 6.1 us (10.8).
+LM_HEAD = LoopLaunch()
+
+
+@triton.jit
+def rows_linear_kernel(X, W, BIAS, OUT, M, N, K, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = W + rn[None, :].to(tl.int64) * K
+    # the first weight tile is read before waiting for the kernel that writes X (PDL)
+    w = tl.load(w_rows + rk[:, None], mask=n_ok[None, :] & (rk < K)[:, None], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    x_rows = X + rm[:, None].to(tl.int64) * K
+    x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
+    acc = tl.dot(x, w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision=DOT_PREC)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # in K order whatever M: a row's bits never depend on M
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + rk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: LoopLaunch) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) -> [M, N] in x's dtype, looping over K."""
+    rows, k = x.shape
+    if x.stride(1) != 1 or x.stride(0) != k or not weight.is_contiguous():
+        raise ValueError("rows_linear needs a contiguous [M, K] input and [N, K] weight")
+    out = x.new_empty(rows, weight.shape[0])
+    pdl = pdl_launch(x.device)
+    grid = (triton.cdiv(rows, launch.block_m), triton.cdiv(weight.shape[0], launch.block_n))
+    rows_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, weight.shape[0], k,
+                             HAS_BIAS=bias is not None, DOT_PREC=dot_precision(x.dtype), PDL=bool(pdl),
+                             BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+                             num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl)
+    return out
+
+
 def lm_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias) -> [M, N] in x's dtype with LAUNCHES["lm_head"] (one split:
-    the partials are the logits), each row the same bits whatever M, unlike cuBLAS."""
-    out = x.new_empty(1, x.shape[0], weight.shape[0])
-    fused_linear(x, weight, bias, out, LAUNCHES["lm_head"])
-    return out[0]
+    """x [M, K] @ weight [N, K].T (+ bias) -> [M, N] in x's dtype, each row the same bits whatever M,
+    unlike cuBLAS (which picks its kernel by shape)."""
+    return rows_linear(x, weight, bias, LM_HEAD)
