@@ -186,12 +186,9 @@ class TorchEagleDrafter(EagleDrafter):
         return read
 
     def _load(self, buf: Eagle2Buffers) -> np.ndarray:
-        """Pending tokens, lengths, counts and feature gather indices into the static inputs (one
-        upload), then the pending features gathered on the device. Returns the counts."""
-        b_n, p = buf.shape.batch, buf.shape.chain
-        host = buf.host.numpy()
-        ids, lengths = host[:b_n * p].reshape(b_n, p), host[b_n * p:b_n * p + b_n]
-        count, gather = host[b_n * p + b_n:b_n * p + 2 * b_n], host[b_n * p + 2 * b_n:].reshape(2, b_n, p)
+        """Pending tokens, lengths, counts and feature rows into the static inputs (one upload), then
+        the pending features gathered on the device. Returns the counts."""
+        ids, lengths, count, gather = buf.host_views()
         ids[:] = 0
         gather[:] = 0
         lengths[:] = self.head.lengths
@@ -201,8 +198,8 @@ class TorchEagleDrafter(EagleDrafter):
             n = len(feats.rows) if feats is not None else 0
             count[b] = n
             ids[b, :n] = self.tokens[b][lengths[b] + 1:lengths[b] + 1 + n]
-            if feats is not None:
-                gather[0, b], gather[1, b, :n] = feats.b, feats.rows
+            if feats is not None and isinstance(feats.hidden, LazyHost):  # row of the output [B_out * T, H]
+                gather[b, :n] = feats.b * feats.hidden.tensor.shape[1] + np.asarray(feats.rows)
             sources.append(feats)
             self.pending[b] = []
         counts = count.copy()
@@ -211,13 +208,17 @@ class TorchEagleDrafter(EagleDrafter):
         return counts
 
     def _gather(self, buf: Eagle2Buffers, sources: list[Features | None]) -> None:
-        """The pending target features into buf.feats: one device gather when every sequence's
-        rows lie in the same step output (the usual case), else per sequence through the host."""
-        _, _, _, gather_b, gather_row = buf.views()
+        """The pending target features into buf.feats: one index_select when every sequence's rows
+        lie in the same step output (the usual case), else per sequence through the host."""
         present = [f for f in sources if f is not None]
         if present and all(f.hidden is present[0].hidden for f in present) and isinstance(present[0].hidden, LazyHost):
-            rows = present[0].hidden.tensor[gather_b, gather_row]
-            buf.feats.copy_(rows.view(buf.feats.shape))
+            out = present[0].hidden.tensor
+            rows = out.reshape(-1, out.shape[-1])
+            feats = buf.feats.view(-1, buf.feats.shape[-1])
+            if rows.dtype == feats.dtype:
+                torch.index_select(rows, 0, buf.gather, out=feats)
+            else:
+                feats.copy_(rows.index_select(0, buf.gather))
             return
         host = np.zeros(buf.feats.shape, np.float32)
         for b, feats in enumerate(sources):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from treespec.models.draft_vocab import target_ids
@@ -68,8 +69,12 @@ class Eagle2Buffers:
         b, p = shape.batch, shape.chain
         self.shape = shape
         cuda = device.type == "cuda"
-        self.host = torch.zeros(b * p + 2 * b + 2 * b * p, dtype=torch.int64, pin_memory=cuda)
+        self.host = torch.zeros(2 * b * p + 2 * b, dtype=torch.int64, pin_memory=cuda)
         self.ints = torch.zeros_like(self.host, device=device)
+        # views of the device ints, made once: ids [B,P], lengths [B], count [B], and gather [B*P] (the rows
+        # of the step output [B_out * T, H] holding each pending feature; 0 past a sequence's count)
+        ids, self.lengths, self.count, self.gather = torch.split(self.ints, [b * p, b, b, b * p])
+        self.ids = ids.view(b, p)
         self.feats = torch.zeros(b, p, hidden, dtype=dtype, device=device)
         self.consts = _Constants.build(shape, device)
         self.scratch = _Scratch.build(shape, device)
@@ -77,11 +82,12 @@ class Eagle2Buffers:
         self.outputs: torch.Tensor | None = None
         self.generation = -1
 
-    def views(self):
-        """(ids [B,P], lengths [B], count [B], gather_b [B*P], gather_row [B*P]) of the device ints."""
+    def host_views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids [B,P], lengths [B], count [B], gather [B,P]) of the host ints, laid out as the device's."""
         b, p = self.shape.batch, self.shape.chain
-        ids, lengths, count, gather_b, gather_row = torch.split(self.ints, [b * p, b, b, b * p, b * p])
-        return ids.view(b, p), lengths, count, gather_b, gather_row
+        host = self.host.numpy()
+        return (host[:b * p].reshape(b, p), host[b * p:b * p + b], host[b * p + b:b * p + 2 * b],
+                host[b * p + 2 * b:].reshape(b, p))
 
 
 @dataclass
@@ -228,7 +234,7 @@ class _TreeKVLevels:
 
     def feed(self) -> torch.Tensor:
         """Feed the pending (target feature, next token) rows, written in place; the root's logits."""
-        ids, lengths, count, _, _ = self.buf.views()
+        ids, lengths, count = self.buf.ids, self.buf.lengths, self.buf.count
         c, head = self.c, self.head
         pos = lengths[:, None] + c.steps
         pred = self.fused.forward(self.buf.feats, ids, pos, lengths, lengths, c.chain_anc, c.chain_depth,
@@ -260,7 +266,7 @@ class _RecomputedLevels:
     def feed(self) -> torch.Tensor:
         """Feed (target feature, next token) rows and commit them; the root row's logits."""
         head = self.head
-        ids, lengths, count, _, _ = self.buf.views()
+        ids, lengths, count = self.buf.ids, self.buf.lengths, self.buf.count
         batch, chain = ids.shape
         steps = torch.arange(chain, device=ids.device)
         pos = lengths[:, None] + steps[None]
