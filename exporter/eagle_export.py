@@ -29,7 +29,10 @@ EAGLE_TOP_K = 16  # candidates per node the drafter offers (eagle2 trees take th
 INPUT_NAMES = ["hidden_states", "input_ids", "position_ids", "tree_mask", "past_lengths", "past_key_0",
                "past_value_0"]
 OUTPUT_NAMES = ["logits", "next_hidden_states", "new_key_0", "new_value_0"]
-DEFAULT_TREE = {"policy": "eagle2", "depth": 6, "top_k": 8, "budget": 63}  # configs/trees/eagle2-d6-k8-n64
+# configs/trees/eagle2-d5-k6-n32: on CUDA the fastest EAGLE tree measured (H100, 2026-12-07: 1,749 tok/s
+# against 1,306 for eagle2-d6-k8-n64, which accepts more per step but verifies 64 rows, past the 32 rows
+# where the torch backend's Triton step is the cheaper; bench/h100-2026-12-07-2200/). The CPU plans its own.
+DEFAULT_TREE = {"policy": "eagle2", "depth": 5, "top_k": 6, "budget": 31}
 
 
 def example_inputs(head: EagleHead, dtype: torch.dtype, batch: int = 2, tokens: int = 3, capacity: int = 5):

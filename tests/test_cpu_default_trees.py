@@ -19,7 +19,7 @@ from treespec.runtime.trees.auto import AutoPlanner, LatencyCurve, StepShape, ma
 from treespec.runtime.trees.config import parse_tree_config
 
 NEW_TOKENS = 16
-GPU_EAGLE = {"policy": "eagle2", "depth": 6, "top_k": 8, "budget": 63}
+GPU_EAGLE = {"policy": "eagle2", "depth": 5, "top_k": 6, "budget": 31}
 STEEP = LatencyCurve([1, 2, 4, 8, 16, 32], [0.01, 0.03, 0.06, 0.12, 0.24, 0.48])  # every token costs
 FLAT = LatencyCurve([1, 32], [0.01, 0.0101])  # verifying more is nearly free
 
