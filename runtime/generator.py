@@ -129,7 +129,7 @@ class TreeGenerator:
         yield self._prefill(state, prompts)
         while not all(state.finished):
             drafted = self._draft(state)  # one tree per sequence
-            out = self._verify_step(drafted.trees)  # the target scores every tree in one step
+            out = self._verify_step(drafted)  # the target scores every tree in one step
             verdicts = self._verify(state, drafted, out)  # the longest path the target agrees with
             yield self._advance(state, drafted, out, verdicts)  # commit, emit, feed the drafter
 
@@ -184,7 +184,8 @@ class TreeGenerator:
         t0 = time.perf_counter()
         drafted = draft_trees(state.tree, state.drafter, state.roots, active=[not f for f in state.finished],
                               rng=state.rng if state.sample_children else None,
-                              temperature=state.sampling.temperature, planner=state.planner)
+                              temperature=state.sampling.temperature, planner=state.planner,
+                              device=self.target.device_trees)
         if drafted.budget is not None:
             self.stats.budgets.append(drafted.budget)
         if state.drafter is not None:  # an `auto` plain step drafted nothing: its features must outlive the step
@@ -192,10 +193,16 @@ class TreeGenerator:
         self.stats.draft_s += time.perf_counter() - t0
         return drafted
 
-    def _verify_step(self, trees: list[Tree]) -> StepOutputs:
+    def _verify_step(self, drafted: DraftedTrees) -> StepOutputs:
+        """The target's step on the drafted trees. Trees the drafter left on the device are verified
+        there, while the host brings them over (drafted.materialize: counted as drafting)."""
         t0 = time.perf_counter()
-        out = self._target_step(trees)
-        self.stats.verify_s += time.perf_counter() - t0
+        if drafted.device_tree is not None:
+            out = self.target.step_device(drafted.device_tree, drafted.materialize)
+        else:
+            out = self._target_step(drafted.trees)
+        self.stats.draft_s += drafted.materialize_s
+        self.stats.verify_s += time.perf_counter() - t0 - drafted.materialize_s
         return out
 
     def _target_step(self, trees: list[Tree]) -> StepOutputs:

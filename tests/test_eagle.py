@@ -151,6 +151,23 @@ def test_eagle_other_backends_lossless(request, bench_ids, backend, tree, vocab)
     assert got == alone[:3]
 
 
+def test_torch_target_verifies_eagle2_trees_on_the_device(eagle_artifacts, bench_ids):
+    """With the torch target the EAGLE-2 draft's trees are verified where they were drafted
+    (TreeBackend.step_device; the host builds its trees meanwhile): the same tokens as with host
+    trees and as plain decoding, batch 3 (sequences finish at different steps)."""
+    ids, alone = bench_ids
+    gen = SpeculativeGenerator.from_artifacts(eagle_artifacts, "torch", "cpu", drafter="eagle")
+    calls = []
+    step_device = gen.target.step_device
+    gen.target.step_device = lambda *args: calls.append(1) or step_device(*args)
+    on_device = [r.token_ids for r in gen.generate_batch(ids[:3], max_new_tokens=NEW_TOKENS, tree="eagle2-d4-k4-n16")]
+    steps = gen.engine.stats.steps
+    gen.target.device_trees = False
+    on_host = [r.token_ids for r in gen.generate_batch(ids[:3], max_new_tokens=NEW_TOKENS, tree="eagle2-d4-k4-n16")]
+    assert len(calls) == steps > 0
+    assert on_device == on_host == alone[:3]
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_eagle_drafts_only_draft_vocab_ids(eagle_artifacts, vocab_artifacts, bench_ids, backend):
     """Every drafted token (the device eagle2 draft on torch, expand on ONNX Runtime) is a target id

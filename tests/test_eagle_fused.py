@@ -67,6 +67,11 @@ def test_top_children_kernels_match_topk_of_log_softmax(result):
     assert result["top_children"]["nan_tokens_in_range"], result["top_children"]
 
 
+def test_drafted_trees_made_on_the_device_match_the_host_trees(result):
+    """What the target verifies without the host (TorchBackend.step_device): ids, depths, masks."""
+    assert result["tree_of"] == {"kernel": True, "torch": True}, result["tree_of"]
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_fused_draft_grows_the_same_trees(result, shape):
     draft = result["drafts"][shape]
@@ -168,6 +173,40 @@ def check_top_children() -> dict:
     return {"same_tokens": bool(torch.equal(tok, ref_tok)),
             "logprob_error": float((lp - torch.gather(ref_lp, -1, ref_tok)).abs().max()),
             "nan_tokens_in_range": bool(((nan_tok >= 0) & (nan_tok < 5000)).all())}
+
+
+def check_tree_of() -> dict:
+    """The trees the target verifies, made from a packed draft on the device: eagle2_kernels.tree_of
+    (one launch) and eagle_tree.device_tree (PyTorch ops) against the host Tree of the same nodes."""
+    import numpy as np
+    import torch
+
+    from treespec.runtime.drafters.eagle2_kernels import tree_of
+    from treespec.runtime.drafters.eagle_tree import device_tree
+    from treespec.runtime.trees.tree import Tree
+
+    rng = np.random.default_rng(5)
+    batch, n, depth = 3, 20, 5
+    packed = np.zeros((batch, 3 * n), np.float32)
+    trees = []
+    for b in range(batch):  # parents first, no node deeper than `depth`
+        parents, depths = [-1], [0]
+        while len(parents) < n + 1:
+            p = int(rng.integers(0, len(parents)))
+            if depths[p] < depth:
+                parents.append(p)
+                depths.append(depths[p] + 1)
+        tokens = rng.integers(0, 1000, n + 1).tolist()
+        packed[b, :n], packed[b, n:2 * n] = tokens[1:], parents[1:]
+        trees.append(Tree(tokens=tokens, parents=parents))
+    roots = torch.tensor([t.tokens[0] for t in trees])
+    want = [torch.tensor(np.stack([t.tokens for t in trees])), torch.tensor(np.stack([t.depths for t in trees])),
+            torch.tensor(np.stack([t.ancestor_mask() for t in trees]))]
+    same = {}
+    for name, got in (("kernel", tree_of(torch.from_numpy(packed), roots, depth)),
+                      ("torch", tuple(vars(device_tree(torch.from_numpy(packed), roots, depth)).values()))):
+        same[name] = all(torch.equal(g, w) for g, w in zip(got, want))
+    return same
 
 
 def _drafters(head):
@@ -356,7 +395,7 @@ def main() -> None:
     model, head = _tiny_head()
     with torch.no_grad():
         result = {"forward": check_forward(head), "forward_cublas": check_forward(head, "cublas"),
-                  "top_children": check_top_children(), "drafts": check_drafts(head),
+                  "top_children": check_top_children(), "tree_of": check_tree_of(), "drafts": check_drafts(head),
                   "launches": check_launches(head), "reset": check_reset(head), "vocab": check_vocab(model, head)}
     print(json.dumps(result))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -72,6 +72,13 @@ class TreeBackend(ABC):
     @abstractmethod
     def step(self, inputs: StepInputs) -> StepOutputs:
         """Run the graph on T tree tokens per sequence against the current cache."""
+
+    # Whether step_device takes trees a drafter left on this backend's device (device_tensors.DeviceTree)
+    device_trees: bool = False
+
+    def step_device(self, tree: Any, overlap: Callable[[], None]) -> StepOutputs:
+        """`step` on trees already on the device; `overlap()` is host work to run while it computes."""
+        raise NotImplementedError(f"{self.name} takes host trees only")
 
     @abstractmethod
     def commit(self, outputs: StepOutputs, accepted: Sequence[Sequence[int]]) -> None:

@@ -3,7 +3,8 @@ ONNX Runtime device-buffer backend: the generator and drafters index them like n
 only the indexed elements cross to the host."""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,6 +36,30 @@ def pad_step(input_ids, position_ids, tree_mask, lengths, tokens: int, out=None)
     pad = np.arange(t, tokens)
     mask[:, pad, pad] = 1
     return ids, pos, mask
+
+
+@dataclass
+class DeviceTree:
+    """Token trees already on the device, as a drafter drafted them (the captured EAGLE-2 draft): the
+    target verifies them without the host building and uploading them (TorchBackend.step_device).
+    ids [B, n] int64 (node 0 the root), depths [B, n] int64, mask [B, n, n] bool (ancestors and self)."""
+
+    ids: Any
+    depths: Any
+    mask: Any
+
+
+def pad_device_step(tree: DeviceTree, lengths, tokens: int, ids, pos, mask) -> None:
+    """pad_step on the device: `tree` padded to `tokens` into the step's ids/pos [B, tokens] and mask
+    [B, tokens, tokens] (int64 views of a static input); `lengths` [B] the cached lengths, on the device."""
+    n = tree.ids.shape[1]
+    ids[:, :n].copy_(tree.ids)
+    ids[:, n:].zero_()
+    pos.copy_(lengths[:, None].expand_as(pos))
+    pos[:, :n] += tree.depths
+    mask.zero_()
+    mask.diagonal(dim1=1, dim2=2).fill_(1)  # padding rows see only themselves
+    mask[:, :n, :n].copy_(tree.mask)
 
 
 class LazyHost:

@@ -49,7 +49,7 @@ runtime/loader.py loads from the artifacts' own `torch_weights`, so it has exact
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -57,7 +57,7 @@ from treespec.errors import BackendError
 
 from treespec.models.tree_model import TreeDecoder
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import BUCKETS, LazyHost, bucket_for, pad_step
+from treespec.runtime.backends.device_tensors import BUCKETS, DeviceTree, LazyHost, bucket_for, pad_device_step, pad_step
 
 SCRATCH = BUCKETS[-1]
 
@@ -84,6 +84,7 @@ ROW_EXACT_ROWS = 32
 
 class TorchBackend(TreeBackend):
     name = "torch"
+    device_trees = True
 
     def __init__(self, model, device: str = "cpu", use_graphs: bool | None = None, min_bucket: int | None = None,
                  host_argmax: bool = True, fused: bool | str | None = None):
@@ -261,10 +262,28 @@ class TorchBackend(TreeBackend):
         del saved
 
     def step(self, inputs: StepInputs) -> StepOutputs:
+        batch, t = inputs.input_ids.shape
+        g, tokens = self._step_graph(batch, t)
+        self._pack(g, inputs, tokens)
+        return self._run(g, t)
+
+    def step_device(self, tree: DeviceTree, overlap: Callable[[], None]) -> StepOutputs:
+        """A step on trees already on the device, padded there: the host neither builds nor uploads
+        them, and `overlap()` (the caller's host work) runs while the device verifies."""
+        batch, t = tree.ids.shape
+        g, tokens = self._step_graph(batch, t)
+        n = batch * tokens
+        g.host[2 * n:2 * n + batch] = self.torch.as_tensor(self._lengths)
+        lengths = g.dev[2 * n:2 * n + batch]
+        lengths.copy_(g.host[2 * n:2 * n + batch], non_blocking=True)
+        pad_device_step(tree, lengths, tokens, g.dev[:n].view(batch, tokens), g.dev[n:2 * n].view(batch, tokens),
+                        g.dev[2 * n + batch:].view(batch, tokens, tokens))
+        return self._run(g, t, overlap)
+
+    def _step_graph(self, batch: int, t: int) -> tuple[_Graph, int]:
+        """The static buffers (and graph) of a [batch, t] step, and the bucket it is padded to."""
         if self._cache is None:
             raise BackendError("reset() must be called before step()")
-        torch = self.torch
-        batch, t = inputs.input_ids.shape
         if batch != self._cache.shape[1]:
             raise BackendError(f"step has batch {batch} but reset() allocated {self._cache.shape[1]}")
         if int(self._lengths.max()) + t > self._cache.shape[3]:
@@ -272,8 +291,12 @@ class TorchBackend(TreeBackend):
         tokens = bucket_for(t, self.min_bucket, batch)
         if tokens is None or int(self._lengths.max()) + tokens > self._cache.shape[3]:
             tokens = t  # a long prefill: run eagerly at its own size
-        g = self._graph_for(batch, tokens)
-        self._pack(g, inputs, tokens)
+        return self._graph_for(batch, tokens), tokens
+
+    def _run(self, g: _Graph, t: int, overlap: Callable[[], None] | None = None) -> StepOutputs:
+        """Run the packed step (replayed from its graph, captured on first use); `overlap()` runs on the
+        host before the one sync per step (the argmax to the host)."""
+        torch, batch, tokens = self.torch, g.batch, g.tokens
         if self.use_graphs and tokens in BUCKETS:
             if g.graph is None:
                 try:
@@ -291,6 +314,8 @@ class TorchBackend(TreeBackend):
             with torch.inference_mode():
                 logits, hidden, argmax = self._forward(g.dev, batch, tokens)
         self.steps += 1
+        if overlap is not None:
+            overlap()
         host_argmax = argmax[:, :t].cpu().numpy() if self.host_argmax else None  # the one sync per step
         return StepOutputs(logits=LazyHost(logits, t), hidden_states=LazyHost(hidden, t),
                            new_kv=(self._lengths.copy(), t), argmax=host_argmax)

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
+
+
+@dataclass
+class WholeDraft:
+    """Trees a drafter grew by itself: `trees()` brings them to the host (waiting for the device);
+    `device` (a device_tensors.DeviceTree, or None) is the same trees where a target on that device
+    can verify them without the host (TreeBackend.step_device) while `trees()` runs."""
+
+    trees: Callable[[], list[Tree]]
+    device: Any = None
 
 
 @dataclass
@@ -92,7 +102,7 @@ class Drafter(ABC):
         already, the others wait (a new slot's prefill, a plain step chosen under load or by `auto`).
         Default: none held."""
 
-    def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> list[Tree] | None:
+    def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> WholeDraft | None:
         """Whole trees for `cfg` grown by the drafter itself (EAGLE-2 in one captured CUDA graph);
         None, the default: the tree policy grows them level by level through `expand`."""
         return None

@@ -169,3 +169,36 @@ def rerank(all_scores, all_tokens, expanded, parent_slot, node_of, kept: int) ->
     rerank_kernel[(batch,)](all_scores, all_tokens, expanded, parent_slot, node_of, packed, c1, expanded.shape[1],
                             kept, BLOCK=triton.next_power_of_2(c1), CHUNK=32, num_warps=8)
     return packed
+
+
+@triton.jit
+def tree_of_kernel(PACKED, ROOTS, IDS, DEPTHS, MASK, N, N1, DEPTH: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    j = tl.arange(0, BLOCK)
+    ok = i < N1
+    row = PACKED + b * 3 * N
+    token = tl.load(row + i - 1, mask=ok & (i > 0), other=0.0).to(tl.int64)
+    tl.store(IDS + b * N1 + i, tl.where(i == 0, tl.load(ROOTS + b), token), mask=ok)
+    cur = i
+    depth = tl.zeros([BLOCK], dtype=tl.int64)
+    anc = j[None, :] == i[:, None]
+    for _ in tl.static_range(DEPTH):  # up one level a pass: the root (node 0) is its own parent
+        depth += (cur > 0).to(tl.int64)
+        cur = tl.load(row + N + cur - 1, mask=ok & (cur > 0), other=0.0).to(tl.int32)
+        anc = anc | (j[None, :] == cur[:, None])
+    tl.store(DEPTHS + b * N1 + i, depth, mask=ok)
+    cell = ok[:, None] & (j < N1)[None, :]
+    tl.store(MASK + (b * N1 + i)[:, None] * N1 + j[None, :], anc.to(tl.int8), mask=cell)
+
+
+def tree_of(packed: torch.Tensor, roots: torch.Tensor, depth: int):
+    """(ids [B, N+1] int64, depths [B, N+1] int64, mask [B, N+1, N+1] bool) of the reranked trees in
+    `packed` (rerank's output) under `roots` [B]: what the target verifies, made in one launch."""
+    batch, n = packed.shape[0], packed.shape[1] // 3
+    ids = torch.empty(batch, n + 1, dtype=torch.int64, device=packed.device)
+    depths = torch.empty_like(ids)
+    mask = torch.empty(batch, n + 1, n + 1, dtype=torch.bool, device=packed.device)
+    tree_of_kernel[(batch,)](packed, roots, ids, depths, mask.view(torch.int8), n, n + 1, DEPTH=depth,
+                             BLOCK=triton.next_power_of_2(n + 1), num_warps=4)
+    return ids, depths, mask

@@ -38,9 +38,9 @@ from treespec.errors import BackendError
 from treespec.models.draft_vocab import DraftVocab
 from treespec.models.eagle import EagleHead
 from treespec.runtime.backends.base import StepInputs, StepOutputs, TreeBackend
-from treespec.runtime.backends.device_tensors import LazyHost
+from treespec.runtime.backends.device_tensors import DeviceTree, LazyHost
 from treespec.runtime.backends.torch_backend import requested_gemm
-from treespec.runtime.drafters.base import Features
+from treespec.runtime.drafters.base import Features, WholeDraft
 from treespec.runtime.drafters.eagle import EAGLE_TOP_K, EagleDrafter, EagleStepInputs, PinnedFeatures
 from treespec.runtime.drafters.eagle_tree import Eagle2Buffers, Eagle2Shape, eagle2_draft
 from treespec.runtime.trees.config import TreeConfig
@@ -142,7 +142,7 @@ class TorchEagleDrafter(EagleDrafter):
         self.use_graphs = head.device.type == "cuda" if use_graphs is None else use_graphs
         self._buffers: dict[Eagle2Shape, Eagle2Buffers] = {}
 
-    def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> list[Tree] | None:
+    def draft_whole(self, cfg: TreeConfig, roots: list[int], active: list[bool]) -> WholeDraft | None:
         if cfg.policy != "eagle2" or self.return_distributions:
             return None
         shape = Eagle2Shape(len(roots), min(cfg.levels, cfg.depth), cfg.top_k, cfg.budget)
@@ -152,20 +152,19 @@ class TorchEagleDrafter(EagleDrafter):
             buf = self._buffers[shape] = Eagle2Buffers(shape, self.hidden_size, self.torch_head.dtype,
                                                        self.torch_head.device)
         with torch.inference_mode():
-            count = self._load(buf)
-            packed = self._run(buf).cpu().numpy()
+            count = self._load(buf, roots)
+            packed, device = self._run(buf)
+            # to the host without waiting for what is queued after the draft (the target's step)
+            buf.packed_host.copy_(packed, non_blocking=True)
+            if buf.ready is not None:
+                buf.ready.record()
         self.torch_head.advance(count)
-        n = shape.kept
-        trees = []
-        for b, root in enumerate(roots):
-            if not active[b]:
-                trees.append(Tree.root_only(root))
-                continue
-            row = packed[b]
-            trees.append(Tree(tokens=[root] + row[:n].astype(np.int64).tolist(),
-                              parents=[-1] + row[n:2 * n].astype(np.int64).tolist(),
-                              logprobs=[0.0] + row[2 * n:].astype(np.float64).tolist()))
-        return trees
+
+        def trees() -> list[Tree]:
+            if buf.ready is not None:
+                buf.ready.synchronize()
+            return _trees(buf.packed_host.numpy(), shape.kept, roots, active)
+        return WholeDraft(trees, device)
 
     # -- host side of a step: pending rows in, the graph run ---------------------------------------
     def _row_reader(self, pending: list[list[Features]]) -> Callable[[Features], np.ndarray]:
@@ -185,13 +184,14 @@ class TorchEagleDrafter(EagleDrafter):
             return f.host()
         return read
 
-    def _load(self, buf: Eagle2Buffers) -> np.ndarray:
-        """Pending tokens, lengths, counts and feature rows into the static inputs (one upload), then
-        the pending features gathered on the device. Returns the counts."""
-        ids, lengths, count, gather = buf.host_views()
+    def _load(self, buf: Eagle2Buffers, roots: list[int]) -> np.ndarray:
+        """Pending tokens, lengths, counts, feature rows and roots into the static inputs (one upload),
+        then the pending features gathered on the device. Returns the counts."""
+        ids, lengths, count, gather, root_ids = buf.host_views()
         ids[:] = 0
         gather[:] = 0
         lengths[:] = self.head.lengths
+        root_ids[:] = roots
         sources = []
         for b, pending in enumerate(self.pending):
             feats = pending[0] if pending else None
@@ -226,7 +226,7 @@ class TorchEagleDrafter(EagleDrafter):
                 host[b, :len(feats.rows)] = feats.host()
         buf.feats.copy_(torch.as_tensor(host))
 
-    def _run(self, buf: Eagle2Buffers) -> torch.Tensor:
+    def _run(self, buf: Eagle2Buffers) -> tuple[torch.Tensor, DeviceTree]:
         """The draft: replayed from its CUDA graph (captured on first use: one-off work), or eagerly."""
         if not self.use_graphs:
             return eagle2_draft(self.torch_head, buf)
@@ -236,6 +236,20 @@ class TorchEagleDrafter(EagleDrafter):
             self.one_off_s += time.perf_counter() - t0
         buf.graph.replay()
         return buf.outputs
+
+
+def _trees(packed: np.ndarray, n: int, roots: list[int], active: list[bool]) -> list[Tree]:
+    """Host trees from the packed draft [B, 3N] (tokens, parents, log-probs); inactive ones root only."""
+    trees = []
+    for b, root in enumerate(roots):
+        if not active[b]:
+            trees.append(Tree.root_only(root))
+            continue
+        row = packed[b]
+        trees.append(Tree(tokens=[root] + row[:n].astype(np.int64).tolist(),
+                          parents=[-1] + row[n:2 * n].astype(np.int64).tolist(),
+                          logprobs=[0.0] + row[2 * n:].astype(np.float64).tolist()))
+    return trees
 
 
 def _capture(head: TorchEagleHead, buf: Eagle2Buffers) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from treespec.models.draft_vocab import target_ids
+from treespec.runtime.backends.device_tensors import DeviceTree
 
 
 @dataclass(frozen=True)
@@ -69,25 +70,29 @@ class Eagle2Buffers:
         b, p = shape.batch, shape.chain
         self.shape = shape
         cuda = device.type == "cuda"
-        self.host = torch.zeros(2 * b * p + 2 * b, dtype=torch.int64, pin_memory=cuda)
+        self.host = torch.zeros(2 * b * p + 3 * b, dtype=torch.int64, pin_memory=cuda)
         self.ints = torch.zeros_like(self.host, device=device)
-        # views of the device ints, made once: ids [B,P], lengths [B], count [B], and gather [B*P] (the rows
-        # of the step output [B_out * T, H] holding each pending feature; 0 past a sequence's count)
-        ids, self.lengths, self.count, self.gather = torch.split(self.ints, [b * p, b, b, b * p])
+        # views of the device ints, made once: ids [B,P], lengths [B], count [B], gather [B*P] (the rows
+        # of the step output [B_out * T, H] holding each pending feature; 0 past a sequence's count) and
+        # the roots [B] (node 0 of each tree)
+        ids, self.lengths, self.count, self.gather, self.roots = torch.split(self.ints, [b * p, b, b, b * p, b])
         self.ids = ids.view(b, p)
+        # the packed draft on the host (pinned: copied without waiting for work queued after the draft)
+        self.packed_host = torch.zeros(b, 3 * shape.kept, pin_memory=cuda)
+        self.ready = torch.cuda.Event() if cuda else None
         self.feats = torch.zeros(b, p, hidden, dtype=dtype, device=device)
         self.consts = _Constants.build(shape, device)
         self.scratch = _Scratch.build(shape, device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: torch.Tensor | None = None
+        self.outputs: tuple[torch.Tensor, DeviceTree] | None = None  # packed draft, trees to verify
         self.generation = -1
 
-    def host_views(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(ids [B,P], lengths [B], count [B], gather [B,P]) of the host ints, laid out as the device's."""
+    def host_views(self) -> tuple[np.ndarray, ...]:
+        """(ids [B,P], lengths [B], count [B], gather [B,P], roots [B]) of the host ints, laid out as the
+        device's."""
         b, p = self.shape.batch, self.shape.chain
-        host = self.host.numpy()
-        return (host[:b * p].reshape(b, p), host[b * p:b * p + b], host[b * p + b:b * p + 2 * b],
-                host[b * p + 2 * b:].reshape(b, p))
+        ids, lengths, count, gather, roots = np.split(self.host.numpy(), np.cumsum([b * p, b, b, b * p]))
+        return ids.reshape(b, p), lengths, count, gather.reshape(b, p), roots
 
 
 @dataclass
@@ -153,12 +158,31 @@ class _Scratch:
                         expanded, torch.zeros(b, c1, dtype=torch.int32, device=device))
 
 
-def eagle2_draft(head, buf: Eagle2Buffers) -> torch.Tensor:
-    """The whole draft on buf's static inputs; returns packed [B, 3N] float32: tokens, parent node
-    indices and own log-probs of the N kept nodes, parents first."""
+def eagle2_draft(head, buf: Eagle2Buffers) -> tuple[torch.Tensor, DeviceTree]:
+    """The whole draft on buf's static inputs: packed [B, 3N] float32 (tokens, parent node indices
+    and own log-probs of the N kept nodes, parents first), and the same trees as the target verifies
+    them (N + 1 nodes with the root)."""
     if getattr(head, "fused", None) is not None and buf.shape.tree_kv:
-        return _draft_tree_kv(head, buf)
-    return _draft_recomputed(head, buf)
+        from treespec.runtime.drafters import eagle2_kernels  # Triton: an optional heavy dependency
+
+        packed = _draft_tree_kv(head, buf)
+        return packed, DeviceTree(*eagle2_kernels.tree_of(packed, buf.roots, buf.shape.depth))
+    packed = _draft_recomputed(head, buf)
+    return packed, device_tree(packed, buf.roots, buf.shape.depth)
+
+
+def device_tree(packed: torch.Tensor, roots: torch.Tensor, depth: int) -> DeviceTree:
+    """The reranked trees of `packed` under `roots` [B] as the target verifies them, in PyTorch ops
+    (eagle2_kernels.tree_of does it in one launch on the fused path): one OR of gathered mask rows per
+    level (after pass d a node's row holds its ancestors up to d levels up; the root is its own parent)."""
+    batch, n = packed.shape[0], packed.shape[1] // 3
+    ids = torch.cat([roots[:, None], packed[:, :n].long()], 1)
+    parents = torch.cat([torch.zeros_like(roots[:, None]), packed[:, n:2 * n].long()], 1)
+    rows = parents[:, :, None].expand(-1, -1, n + 1)
+    mask = torch.eye(n + 1, dtype=torch.bool, device=ids.device).expand(batch, -1, -1)
+    for _ in range(depth):
+        mask = mask | mask.gather(1, rows)
+    return DeviceTree(ids, mask.sum(-1) - 1, mask)
 
 
 def _draft_tree_kv(head, buf: Eagle2Buffers) -> torch.Tensor:

@@ -42,6 +42,7 @@ import heapq
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,6 +65,17 @@ class DraftedTrees:
     draft_s: float = 0.0  # seconds of drafting, the drafter's one-off work left out (Drafter.one_off_s)
     budget: int | None = None  # the node budget an `auto` step chose
     expected: list[float] = field(default_factory=list)  # per tree: sum of exp(value) of its nodes
+    # draft_trees(device=True) and a drafter that leaves its trees on the device: `trees` is empty until
+    # materialize() (run while the target verifies `device_tree`: TreeBackend.step_device)
+    device_tree: Any = None
+    pending: Callable[[], list[Tree]] | None = None
+    materialize_s: float = 0.0  # seconds materialize() took (waiting for the draft, then the trees)
+
+    def materialize(self) -> None:
+        if self.pending is not None:
+            t0 = time.perf_counter()
+            self.trees, self.pending = self.pending(), None
+            self.materialize_s = time.perf_counter() - t0
 
 
 @dataclass
@@ -138,10 +150,11 @@ def build_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int]) -> l
 
 def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
                 active: list[bool] | None = None, rng: np.random.Generator | None = None,
-                temperature: float = 1.0, planner=None) -> DraftedTrees:
+                temperature: float = 1.0, planner=None, device: bool = False) -> DraftedTrees:
     """Grow one tree per sequence. `rng` given (and cfg.sample_children): children of nodes whose
     candidates carry a distribution are drawn from it. `active[b]` False: root only.
-    `planner` (auto_tree.AutoPlanner) picks the `auto` policy's node budget."""
+    `planner` (auto_tree.AutoPlanner) picks the `auto` policy's node budget. `device`: the caller's
+    target verifies trees on the device, so trees a drafter drafted there stay there (DraftedTrees.device_tree)."""
     t0 = time.perf_counter()
     if drafter is not None:
         drafter.one_off_s = 0.0
@@ -151,9 +164,14 @@ def draft_trees(cfg: TreeConfig, drafter: Drafter | None, roots: list[int], *,
     chosen = None
     whole = drafter.draft_whole(cfg, roots, active) if drafter is not None and not sample else None
     if whole is not None:
+        proposals: list[dict[int, np.ndarray]] = [{} for _ in roots]
+        if device and whole.device is not None:  # the `auto` planner never drafts whole trees
+            return DraftedTrees([], proposals, _steady_seconds(t0, drafter), device_tree=whole.device,
+                                pending=whole.trees)
+        trees = whole.trees()
         # only the `auto` planner reads it, and it never drafts whole trees: none on this hot path
-        expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in whole] if planner is not None else []
-        return DraftedTrees(whole, [{} for _ in whole], _steady_seconds(t0, drafter), None, expected)
+        expected = [float(sum(math.exp(v) for v in path_values(t)[1:])) for t in trees] if planner is not None else []
+        return DraftedTrees(trees, proposals, _steady_seconds(t0, drafter), None, expected)
     if cfg.policy != "none" and drafter is not None:
         budget, levels = cfg.budget, None
         ahead = cfg.policy == "auto" and planner is not None and cfg.plan == "ahead" and not sample
