@@ -32,7 +32,7 @@ for fused in ${FUSEDS:-auto}; do
   [ "$left" -gt 60 ] || break
   TREESPEC_TORCH_FUSED=$fused timeout "$left" python3 -m treespec.runtime.cli bench --artifacts "$A" \
     --prompts tests/data/bench.jsonl --num-prompts "${PROMPTS:-20}" --max-new-tokens "${TOKENS:-256}" --device cuda \
-    --backends torch --drafters eagle --trees "${TREES:-default,eagle2-d5-k6-n32,eagle2-d4-k4-n16}" --baselines ar \
+    --backends torch --drafters eagle --trees "${TREES:-default,eagle2-d6-k8-n64,eagle2-d4-k4-n16}" --baselines ar \
     --no-curves --json "$OUT/bench-$fused.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -14
 done
 [ -z "${PROFILE:-}" ] || (cd tools && timeout 120 python3 host_profile.py "$A" --out "$OUT/host.pstats" \
