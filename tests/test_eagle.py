@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -166,6 +168,19 @@ def test_torch_target_verifies_eagle2_trees_on_the_device(eagle_artifacts, bench
     on_host = [r.token_ids for r in gen.generate_batch(ids[:3], max_new_tokens=NEW_TOKENS, tree="eagle2-d4-k4-n16")]
     assert len(calls) == steps > 0
     assert on_device == on_host == alone[:3]
+
+
+def test_bench_host_trees_rows(eagle_artifacts, tmp_path):
+    """`treespec bench --host-trees`: each EAGLE-2 row twice, trees verified on the device and trees
+    the host built, both lossless (the comparison the GPU runs make in one process)."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "treespec.runtime.cli", "bench", "--artifacts", str(eagle_artifacts),
+                    "--num-prompts", "2", "--max-new-tokens", "12", "--device", "cpu", "--backends", "torch",
+                    "--drafters", "eagle", "--trees", "eagle2-d4-k4-n16", "--baselines", "ar", "--no-curves",
+                    "--host-trees", "--json", str(out)], check=True, capture_output=True, timeout=600)
+    rows = [c for c in json.loads(out.read_text())["configs"] if c["drafter"] == "eagle"]
+    assert [(r["name"].endswith("host trees"), r["device_trees"]) for r in rows] == [(False, True), (True, False)]
+    assert all(r["lossless"] for r in rows)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

@@ -8,7 +8,7 @@
 # tools/host_profile.py); then the EAGLE GPU tests on that export (EAGLE_TESTS=1).
 # Logs and JSON land in $OUT.
 #   CURVE, TESTS (e.g. "tests/test_fused_gpu.py tests/test_torch_backend.py"), FUSEDS, TREES, PROMPTS,
-#   TOKENS, PROFILE, EAGLE_TESTS, LIMIT (seconds for the call)
+#   TOKENS, HOST_TREES (bench rows also with host-built trees), PROFILE, EAGLE_TESTS, LIMIT (seconds for the call)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
@@ -33,7 +33,7 @@ for fused in ${FUSEDS:-auto}; do
   TREESPEC_TORCH_FUSED=$fused timeout "$left" python3 -m treespec.runtime.cli bench --artifacts "$A" \
     --prompts tests/data/bench.jsonl --num-prompts "${PROMPTS:-20}" --max-new-tokens "${TOKENS:-256}" --device cuda \
     --backends torch --drafters eagle --trees "${TREES:-default,eagle2-d6-k8-n64,eagle2-d4-k4-n16}" --baselines ar \
-    --no-curves --json "$OUT/bench-$fused.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -14
+    --no-curves ${HOST_TREES:+--host-trees} --json "$OUT/bench-$fused.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -14
 done
 [ -z "${PROFILE:-}" ] || (cd tools && timeout 120 python3 host_profile.py "$A" --out "$OUT/host.pstats" \
   > "$OUT/host_profile.txt" 2>&1; echo "host profile: exit $?")

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, required=True, help="write results here")
     p.add_argument("--plot", type=Path, help="write a PNG here")
     p.add_argument("--threads", type=int)
+    p.add_argument("--host-trees", action="store_true",
+                   help="also run each speculative row with trees the host builds and uploads, where the target "
+                        "would verify a drafter's trees on the device (torch: TreeBackend.device_trees)")
 
 
 def _split(values) -> list[str]:
@@ -260,17 +263,24 @@ def _bench_drafter(bench: BenchRun, backend_name: str, gen, kind: str, trees: li
         except InputError as exc:
             bench.skip(label, str(exc))
             continue
-        engine = TreeGenerator(gen.target, drafter, manifest.eos_token_ids, manifest.dims.max_context)
-        try:
-            runs = bench.timed(engine, cfg)
-        except Exception as exc:  # record and go on with the other configurations
-            bench.skip(label, f"{type(exc).__name__}: {exc}")
-            continue
-        gemm = _gemm_kind(gen.target)
-        row = _summarise(label, runs, references.get(gemm, references[base["gemm"]]))
-        row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__, gemm=gemm,
-                   speedup_vs_tree_none=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
-        bench.add("configs", row)
+        on_device = type(gen.target).device_trees
+        for device_trees in [on_device] + ([False] if on_device and bench.args.host_trees else []):
+            gen.target.device_trees = device_trees
+            row_label = label if device_trees == on_device else f"{label}, host trees"
+            engine = TreeGenerator(gen.target, drafter, manifest.eos_token_ids, manifest.dims.max_context)
+            try:
+                runs = bench.timed(engine, cfg)
+            except Exception as exc:  # record and go on with the other configurations
+                bench.skip(row_label, f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                gen.target.device_trees = on_device
+            gemm = _gemm_kind(gen.target)
+            row = _summarise(row_label, runs, references.get(gemm, references[base["gemm"]]))
+            row.update(backend=backend_name, drafter=kind, tree=tree_name, tree_config=cfg.__dict__, gemm=gemm,
+                       device_trees=device_trees,
+                       speedup_vs_tree_none=round(row["tokens_per_s"] / base["tokens_per_s"], 3))
+            bench.add("configs", row)
 
 
 def _bench_backend(bench: BenchRun, backend_name: str, gen, drafters: list[str], trees: list[str]) -> None:
