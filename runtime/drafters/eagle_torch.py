@@ -13,8 +13,11 @@ captured CUDA graph with static shapes (batch, depth D, top-k K, budget N):
      K best by cumulative log-probability as the next expanded nodes (EAGLE-2's topK_genrate);
   4. rerank all K + (D-1)K^2 drafted candidates with a STABLE sort, so on equal scores a parent
      (drafted earlier) comes first and the best N are ancestor-closed; order them parents first.
-Only the tree (tokens, parents, log-probs: [B, 3N] float32) crosses to the host. Other policies
-grow trees through `expand`, unfused.
+  5. the kept trees as the target verifies them (ids, depths, ancestor masks: eagle2_kernels.tree_of),
+     left on the device: a torch target verifies them there (TorchBackend.step_device) while the host
+     builds its own copy from the packed tree (tokens, parents, log-probs: [B, 3N] float32, copied to
+     pinned memory behind an event), which is all that crosses to the host.
+Other policies grow trees through `expand`, unfused.
 
 The fused head (treespec.models.fused_eagle, ~14 kernels a forward instead of ~50, with the
 tree-KV levels and the Triton bookkeeping of eagle2_kernels) is the default on CUDA
