@@ -76,9 +76,17 @@ class _Graph:
         self.outputs = None
 
 
+def _unpack(packed, batch: int, tokens: int):
+    """(ids [B,T], pos [B,T], lengths [B], mask [B,T,T]): views of a step's packed int64 input (a host
+    array or a device tensor), laid out [ids, pos, lengths, mask]."""
+    n = batch * tokens
+    return (packed[:n].reshape(batch, tokens), packed[n:2 * n].reshape(batch, tokens), packed[2 * n:2 * n + batch],
+            packed[2 * n + batch:].reshape(batch, tokens, tokens))
+
+
 # "auto": the widest step (batch x tree tokens) a generation may have for Triton GEMMs. Up to 32 rows the
-# Triton step beats the cuBLAS one at every width (H100: 878 us at 32 rows, cuBLAS 956-1008 at 8-64);
-# past 32 its 16-row programs run in several waves (1291 us at 64). bench/h100-2026-12-07-late/width_curve.json
+# Triton step beats the cuBLAS one at every width (H100, K-loop lm_head: 825 us at 32 rows, cuBLAS 950-1008
+# at 8-64); past 32 its 16-row programs run in several waves (1170 us at 64). bench/h100-2026-12-07-2200/width_curve.json
 ROW_EXACT_ROWS = 32
 
 
@@ -171,14 +179,11 @@ class TorchBackend(TreeBackend):
         """The whole step from the packed int64 input [ids, pos, lengths, mask] (static shapes)."""
         torch = self.torch
         dec = self.decoder
-        n_ids = batch * tokens
-        ids = packed[:n_ids].view(batch, tokens)
-        pos = packed[n_ids:2 * n_ids].view(batch, tokens)
-        lengths = packed[2 * n_ids:2 * n_ids + batch]
+        ids, pos, lengths, mask = _unpack(packed, batch, tokens)
         if self.fused is not None:
-            out = self.fused(ids, pos, packed[2 * n_ids + batch:].view(batch, tokens, tokens), lengths, self._cache)
+            out = self.fused(ids, pos, mask, lengths, self._cache)
             return out.logits, out.hidden, out.argmax
-        tree_mask = packed[2 * n_ids + batch:].view(batch, tokens, tokens) != 0
+        tree_mask = mask != 0
         cache = self._cache
         if self.ordered:
             ancestors, depths = self._kernel.tree_ancestors(tree_mask)
@@ -227,13 +232,9 @@ class TorchBackend(TreeBackend):
             batch, 1, self.groups * tokens, rows)
 
     def _pack(self, g: _Graph, inputs: StepInputs, tokens: int) -> None:
-        batch = inputs.input_ids.shape[0]
-        host = g.host.numpy()
-        n_ids = batch * tokens
-        views = (host[:n_ids].reshape(batch, tokens), host[n_ids:2 * n_ids].reshape(batch, tokens),
-                 host[2 * n_ids + batch:].reshape(batch, tokens, tokens))
-        pad_step(inputs.input_ids, inputs.position_ids, inputs.tree_mask, self._lengths, tokens, views)
-        host[2 * n_ids:2 * n_ids + batch] = self._lengths
+        ids, pos, lengths, mask = _unpack(g.host.numpy(), inputs.input_ids.shape[0], tokens)
+        pad_step(inputs.input_ids, inputs.position_ids, inputs.tree_mask, self._lengths, tokens, (ids, pos, mask))
+        lengths[:] = self._lengths
         g.dev.copy_(g.host, non_blocking=True)
 
     def _graph_for(self, batch: int, tokens: int) -> _Graph:
@@ -272,12 +273,11 @@ class TorchBackend(TreeBackend):
         them, and `overlap()` (the caller's host work) runs while the device verifies."""
         batch, t = tree.ids.shape
         g, tokens = self._step_graph(batch, t)
-        n = batch * tokens
-        g.host[2 * n:2 * n + batch] = self.torch.as_tensor(self._lengths)
-        lengths = g.dev[2 * n:2 * n + batch]
-        lengths.copy_(g.host[2 * n:2 * n + batch], non_blocking=True)
-        pad_device_step(tree, lengths, tokens, g.dev[:n].view(batch, tokens), g.dev[n:2 * n].view(batch, tokens),
-                        g.dev[2 * n + batch:].view(batch, tokens, tokens))
+        host_lengths = _unpack(g.host, batch, tokens)[2]
+        host_lengths.copy_(self.torch.as_tensor(self._lengths))
+        ids, pos, lengths, mask = _unpack(g.dev, batch, tokens)
+        lengths.copy_(host_lengths, non_blocking=True)
+        pad_device_step(tree, lengths, tokens, ids, pos, mask)
         return self._run(g, t, overlap)
 
     def _step_graph(self, batch: int, t: int) -> tuple[_Graph, int]:
