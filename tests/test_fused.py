@@ -61,17 +61,3 @@ def test_gemm_launches_parse_and_refuse_with_their_rule():
         with pytest.raises(ValueError, match="TREESPEC_FUSED_GEMMS"):
             parse_launches(bad)
     assert GemmLaunch(split_k=12).splits(64) < 12  # a tiny model's K never gets an empty split
-
-
-def test_wide_launches_keep_the_splits_that_fix_a_rows_bits():
-    """TREESPEC_FUSED_GEMMS_WIDE changes wide steps' row/column blocks and warps, never SPLIT_K; steps
-    of more than WIDE_FROM rows take them."""
-    from treespec.plugins.fused import gemm
-
-    narrow = gemm.parse_launches("down=16,32,2,4")
-    wide = gemm.wide_launches("down=64,16,2,8; qkv=32,64,1,4", narrow)
-    assert wide["down"] == gemm.GemmLaunch(64, 16, 2, 8) and wide["o"] == narrow["o"]
-    with pytest.raises(ValueError, match="SPLIT_K must stay 2"):
-        gemm.wide_launches("down=64,16,3,8", narrow)
-    assert gemm.launches_for(gemm.WIDE_FROM) is gemm.LAUNCHES
-    assert gemm.launches_for(gemm.WIDE_FROM + 1) is gemm.WIDE_LAUNCHES

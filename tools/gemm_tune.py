@@ -10,9 +10,7 @@ launches, then one GEMM at a time (down, gate/up, QKV, o_proj) over its candidat
 fixed, keeping the least summed time; then the pick without programmatic dependent launch. Also
 checks that a row's final hidden state is bitwise the same alone and in a batch of two (the Triton
 step's promise; cuBLAS may pick other kernels per shape). Prints the value for TREESPEC_FUSED_GEMMS;
---json writes every timing. --wide searches the launches of wide steps (gemm.WIDE_LAUNCHES, for steps
-of more than gemm.WIDE_FROM rows) with the narrow ones fixed, keeping only those whose rows are bitwise
-the narrow launches' rows, and prints TREESPEC_FUSED_GEMMS_WIDE. Measured on an H100: bench/h100-2026-12-07-night/gemm_tune.json (this
+--json writes every timing. Measured on an H100: bench/h100-2026-12-07-night/gemm_tune.json (this
 search) and gemm_tune_wide.json (a loop over K slices with 64-row tiles, since removed: slower).
 """
 from __future__ import annotations
@@ -42,9 +40,6 @@ CANDIDATES = {  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
     "qkv": [(m, n, 1, w) for m, n, w in itertools.product((16, 64), (16, 32, 64), (4, 8))],
     "o": [(m, n, s, w) for m, n, s, w in itertools.product((16, 64), (16, 32), (1, 3, 9), (4, 8))],
 }
-# --wide: steps of more than gemm.WIDE_FROM rows; row and column blocks and warps only (the splits fix the bits)
-WIDE_CASES = ((1, 48), (1, 64), (8, 8), (4, 16), (1, 128))
-WIDE_CANDIDATES = list(itertools.product((32, 64, 16), (16, 32, 64), (4, 8)))
 LOOP_CANDIDATES = [gemm.LoopLaunch(16, n, k, w, s)  # --lm-head: (BLOCK_N, BLOCK_K, warps, stages)
                    for n, k, w, s in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4))]
 
@@ -96,60 +91,6 @@ def row_is_batch_independent(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
     return bool(torch.equal(alone.hidden[0], batched.hidden[0]) and torch.equal(alone.logits[0], batched.logits[0]))
 
 
-def wide_rows_match_narrow(fused: FusedDecoder, decoder: TreeDecoder) -> bool:
-    """The rows of wide steps (64 tokens at batch 1; 16 tokens at batch 4) bitwise equal to the same rows
-    in narrow steps (their first 16 tokens; the first sequence alone): wide launches keep a row's bits."""
-    ids, pos, mask, lengths, cache = step_inputs(decoder, 4, 64)
-    with torch.no_grad():
-        for batch, tokens in ((1, 64), (4, 16)):
-            wide = fused(ids[:batch, :tokens].contiguous(), pos[:batch, :tokens].contiguous(),
-                         mask[:batch, :tokens, :tokens].contiguous(), lengths[:batch], cache[:, :batch].clone())
-            narrow = fused(ids[:1, :16].contiguous(), pos[:1, :16].contiguous(), mask[:1, :16, :16].contiguous(),
-                           lengths[:1], cache[:, :1].clone())
-            if not (torch.equal(wide.hidden[0, :16], narrow.hidden[0])
-                    and torch.equal(wide.logits[0, :16], narrow.logits[0])):
-                return False
-    return True
-
-
-def wide_search(decoder: TreeDecoder, deadline: float, path: str | None, names: list[str]) -> None:
-    """gemm.WIDE_LAUNCHES, one GEMM at a time over WIDE_CANDIDATES by the summed step time of WIDE_CASES,
-    keeping only candidates whose rows are bitwise those of the narrow launches; then the width curve."""
-    cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in WIDE_CASES}
-    step = FusedDecoder(decoder, "triton")
-    result: dict = {"device": torch.cuda.get_device_name(), "narrow": spec(gemm.LAUNCHES),
-                    "cublas_us": timings(FusedDecoder(decoder, "cublas"), cases)}
-    best = dict(gemm.WIDE_LAUNCHES)
-    result["start_us"] = timings(step, cases)
-    best_sum, rows = sum(result["start_us"].values()), []
-    print(f"cuBLAS {result['cublas_us']}\nTriton, wide = {spec(best)}: {result['start_us']}", flush=True)
-    for name, (block_m, block_n, warps) in itertools.product(names, WIDE_CANDIDATES):
-        if time.time() > deadline:
-            print("budget spent: search stopped", flush=True)
-            break
-        trial = dict(best, **{name: gemm.GemmLaunch(block_m, block_n, gemm.LAUNCHES[name].split_k, warps)})
-        gemm.WIDE_LAUNCHES = trial
-        try:
-            us, exact = timings(step, cases), wide_rows_match_narrow(step, decoder)
-        except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
-            print(f"{spec({name: trial[name]})}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-            continue
-        total = sum(us.values())
-        rows.append({"launches": spec(trial), "us": us, "rows_bitwise_narrow": exact})
-        print(f"{spec({name: trial[name]}):24s} " + "  ".join(f"{k} {v:7.1f}" for k, v in us.items())
-              + f"  sum {total:7.1f}  bitwise {exact}", flush=True)
-        if exact and total < best_sum:
-            best, best_sum = trial, total
-    gemm.WIDE_LAUNCHES = best
-    result.update(rows=rows, best=spec(best), best_us=timings(step, cases),
-                  best_rows_bitwise_narrow=wide_rows_match_narrow(step, decoder))
-    print(f"TREESPEC_FUSED_GEMMS_WIDE={result['best']!r}: {result['best_us']}; "
-          f"bitwise {result['best_rows_bitwise_narrow']}", flush=True)
-    if path:
-        json.dump(result, open(path, "w"), indent=1)
-    curve(decoder, path and path.replace(".json", "_curve.json"))
-
-
 def spec(launches: dict) -> str:
     return ";".join(f"{k}={l.block_m},{l.block_n},{l.split_k},{l.num_warps}" for k, l in launches.items())
 
@@ -163,7 +104,7 @@ def tune(fused: FusedDecoder, cases: dict, deadline: float, rows: list, names: l
                 print("budget spent: search stopped", flush=True)
                 return best
             trial = dict(best, **{name: gemm.GemmLaunch(*cand)})
-            gemm.LAUNCHES = gemm.WIDE_LAUNCHES = trial  # one launch at every width
+            gemm.LAUNCHES = trial
             try:
                 us = timings(fused, cases)
             except Exception as exc:  # a tile the compiler refuses (registers, shared memory): skipped
@@ -232,8 +173,6 @@ def main() -> None:
     ap.add_argument("--curve", action="store_true",
                     help="no search: the cuBLAS and Triton steps with the current launches at every width of CURVE")
     ap.add_argument("--lm-head", action="store_true", help="no search of the layers' GEMMs: the lm_head's kernel")
-    ap.add_argument("--wide", action="store_true",
-                    help="the launches of steps wider than gemm.WIDE_FROM rows (the narrow ones fixed), then --curve")
     args = ap.parse_args()
     start = time.time()
     decoder = TreeDecoder(smollm2_shaped())
@@ -243,20 +182,17 @@ def main() -> None:
     if args.lm_head:
         lm_head_search(decoder, start + args.budget, args.json)
         return
-    if args.wide:
-        wide_search(decoder, start + args.budget, args.json, args.gemms.split(","))
-        return
     cases = {f"B{b} T{t}": step_inputs(decoder, b, t) for b, t in CASES}
     cublas, triton_step = FusedDecoder(decoder, "cublas"), FusedDecoder(decoder, "triton")
     result: dict = {"device": torch.cuda.get_device_name(), "past": PAST, "pdl": use_pdl(torch.device("cuda"))}
     result["cublas_us"] = timings(cublas, cases)
     print(f"cuBLAS step: {result['cublas_us']}", flush=True)
-    gemm.LAUNCHES = gemm.WIDE_LAUNCHES = gemm.parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
+    gemm.LAUNCHES = gemm.parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
     result["triton_default_us"] = timings(triton_step, cases)
     print(f"Triton step, default launches: {result['triton_default_us']}", flush=True)
     rows: list = []
     best = tune(triton_step, cases, start + args.budget, rows, args.gemms.split(","))
-    gemm.LAUNCHES = gemm.WIDE_LAUNCHES = best
+    gemm.LAUNCHES = best
     result.update(rows=rows, best=spec(best), best_us=timings(triton_step, cases),
                   row_bitwise_alone_vs_batch=row_is_batch_independent(triton_step, decoder))
     result["auto_us"] = timings(FusedDecoder(decoder, "auto"), cases)

@@ -15,9 +15,9 @@ Each program holds its whole K range in one tile (BLOCK_K = K / SPLIT_K rounded 
 so it reads its weight tile before it waits for the previous kernel: launched with programmatic
 dependent launch (PDL, Hopper and newer), a kernel's weight reads overlap the kernel before it.
 
-Bit-identity across steps: a row's result depends only on that row and the launch's K tile and splits
-(fixed per GEMM, never per step shape; wide steps may take other row/column blocks: WIDE_LAUNCHES), so
-a row computes the same bits in a 1-token step, a padded step, a tree step or a batch of requests. Must stay in a .py file (Triton's interpreter).
+Bit-identity across steps: a row's result depends only on that row and the launch (tile shapes and
+splits fixed per GEMM, never per step shape), so a row computes the same bits in a 1-token step, a
+padded step, a tree step or a batch of requests. Must stay in a .py file (Triton's interpreter).
 """
 from __future__ import annotations
 
@@ -65,12 +65,10 @@ DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 
                     "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4)}
 
 
-def parse_launches(text: str, base: dict[str, GemmLaunch] | None = None,
-                   var: str = "TREESPEC_FUSED_GEMMS") -> dict[str, GemmLaunch]:
-    """`base` (DEFAULT_LAUNCHES) with the launches of `text` ("name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...")."""
-    rule = (f"{var}={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
+def parse_launches(text: str) -> dict[str, GemmLaunch]:
+    rule = (f"TREESPEC_FUSED_GEMMS={text!r}: want 'name=BLOCK_M,BLOCK_N,SPLIT_K,warps;...' with names from "
             f"{sorted(DEFAULT_LAUNCHES)}, blocks powers of two in 16..128, SPLIT_K 1..16, warps 1, 2, 4 or 8")
-    launches = dict(base or DEFAULT_LAUNCHES)
+    launches = dict(DEFAULT_LAUNCHES)
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, values = item.partition("=")
         try:
@@ -84,30 +82,7 @@ def parse_launches(text: str, base: dict[str, GemmLaunch] | None = None,
     return launches
 
 
-def wide_launches(text: str, narrow: dict[str, GemmLaunch]) -> dict[str, GemmLaunch]:
-    """The launches of steps wider than WIDE_FROM rows: `narrow` with other row and column blocks and
-    warps, never another SPLIT_K (the order a row's sums are added in, which fixes its bits)."""
-    var = "TREESPEC_FUSED_GEMMS_WIDE"
-    launches = parse_launches(text, narrow, var)
-    for name, launch in launches.items():
-        if launch.split_k != narrow[name].split_k:
-            raise ValueError(f"{var}={text!r}: {name}'s SPLIT_K must stay {narrow[name].split_k} (a row's bits)")
-    return launches
-
-
 LAUNCHES = parse_launches(os.environ.get("TREESPEC_FUSED_GEMMS", ""))
-# Steps of more than WIDE_FROM rows (batch x tokens) take WIDE_LAUNCHES: with 16-row programs a wide
-# step's gate/up and down GEMMs need more programs than an H100 has SMs (two waves: 1.17 ms at 64 rows
-# against 0.83 at 32). Only the tiles' rows, columns and warps change, not the K tile or the splits, so a
-# row's bits are the same in a narrow and a wide step: tools/gemm_tune.py --wide keeps only candidates
-# whose rows are bitwise those of the narrow launches, and the GPU tests check tree steps against plain ones.
-WIDE_FROM = 32
-WIDE_LAUNCHES = wide_launches(os.environ.get("TREESPEC_FUSED_GEMMS_WIDE", ""), LAUNCHES)
-
-
-def launches_for(rows: int) -> dict[str, GemmLaunch]:
-    """The layer GEMMs' launches for a step of `rows` rows."""
-    return LAUNCHES if rows <= WIDE_FROM else WIDE_LAUNCHES
 
 
 @triton.jit

@@ -144,8 +144,8 @@ def triton_layer(layer: FusedLayer, start: "triton_gemm.ResidualIn", rope: "trit
     buf.stream[0], normed) -> QKV + RoPE + the K/V write of `rope` -> attention over the cache rows
     < lengths[b] and each row's ancestors -> o_proj -> add + RMSNorm (into buf.stream[1]) + gate/up +
     SiLU*mul -> down, whose partials buf.mlp_sums the next kernel adds to buf.stream[1]."""
-    heads, dim, rows = rope.heads, rope.cos.shape[1], rope.q.shape[0]
-    launch = triton_gemm.launches_for(rows)
+    launch, heads, dim = triton_gemm.LAUNCHES, rope.heads, rope.cos.shape[1]
+    rows = rope.q.shape[0]
     triton_gemm.fused_linear(start, layer.qkv, layer.qkv_bias, rope.q, launch["qkv"], triton_gemm.EPI_QKV_ROPE, rope)
     q = rope.q.view(rows // rope.tokens, rope.tokens, heads, dim).transpose(1, 2)
     out = ordered.ordered_tree_attention(q, rope.k_cache, rope.v_cache, lengths, ancestors, depths, scale, pdl=True)
