@@ -59,7 +59,10 @@ class GemmLaunch:
 # 1-token step 0.70 ms with these and PDL, 0.95 ms without PDL, 0.85 ms with cuBLAS GEMMs; at 64 rows
 # 1.15 ms against cuBLAS's 0.92 (which is why gemm="auto" takes cuBLAS there). Tried and removed: a
 # loop over K slices with 64-row tiles (to read each weight once at 64 rows), 1.48 ms at 64 rows;
-# Triton QKV and gate/up with cuBLAS o_proj and down, 1.28 ms. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
+# Triton QKV and gate/up with cuBLAS o_proj and down, 1.28 ms; other row/column blocks and warps for steps
+# of more than 32 rows only (same K tiles and splits: every candidate's rows stayed bitwise those of the
+# narrow launches), at best 1182 -> 1132 us at 64 rows and 1897 -> 1760 at 128, still above cuBLAS's 912
+# and 1165 (bench/h100-2026-12-08/gemm_wide.json): the wide steps' cost is not the number of programs. TREESPEC_FUSED_GEMMS="qkv=16,32,1,8;o=...;gate_up=...;down=..."
 # (BLOCK_M,BLOCK_N,SPLIT_K,warps) overrides any of them for experiments.
 DEFAULT_LAUNCHES = {"qkv": GemmLaunch(16, 32, 1, 8), "o": GemmLaunch(64, 32, 3, 8),
                     "gate_up": GemmLaunch(16, 32, 1, 8), "down": GemmLaunch(16, 32, 2, 4)}
