@@ -5,10 +5,11 @@
 # and the GPU tests of TESTS run; then `treespec bench` once per value of FUSEDS (TREESPEC_TORCH_FUSED;
 # default auto: the GEMM kind chosen per generation, Triton GEMMs unpadded for trees of <= 32 tokens;
 # triton: Triton GEMMs at every width); the host profile of EAGLE generations (PROFILE=1,
-# tools/host_profile.py); then the EAGLE GPU tests on that export (EAGLE_TESTS=1).
+# tools/host_profile.py); then the EAGLE GPU tests on that export (EAGLE_TESTS=1). KERNELS=1: each kernel's time
+# per step at several widths (tools/kernel_times.py) while the export runs.
 # Logs and JSON land in $OUT.
 #   CURVE, TESTS (e.g. "tests/test_fused_gpu.py tests/test_torch_backend.py"), FUSEDS, TREES, PROMPTS,
-#   TOKENS, HOST_TREES (bench rows also with host-built trees), PROFILE, EAGLE_TESTS, LIMIT (seconds for the call)
+#   TOKENS, HOST_TREES (bench rows also with host-built trees), PROFILE, EAGLE_TESTS, KERNELS, LIMIT (seconds for the call)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
@@ -24,6 +25,8 @@ gpu_tests() {  # NAME FILES...
   echo "$name: exit $? after $(( $(date +%s) - start )) s"; grep -E "passed|failed" "$OUT/$name.log" | tail -2
 }
 [ -z "${CURVE:-}" ] || (cd tools && timeout 150 python3 gemm_tune.py --curve --json "$OUT/width_curve.json" 2>&1 | tail -2)
+[ -z "${KERNELS:-}" ] || (cd tools && timeout 120 python3 kernel_times.py --widths 1x1,1x16,1x32,1x48,1x64,8x8,1x128 \
+  --json "$OUT/kernel_times.json" > "$OUT/kernel_times.log" 2>&1; echo "kernel times: exit $?")
 [ -z "${TESTS:-}" ] || gpu_tests fused_tests $TESTS
 for _ in $(seq 80); do [ -f "$A.done" ] && break; sleep 3; done
 cat "$OUT/export.log"
