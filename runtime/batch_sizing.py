@@ -28,6 +28,12 @@ The full budget is drafted now and then, so the estimates of larger budgets foll
 (acceptance changes with the prompt): every EXPLORE_EVERY steps while it is (nearly) the best
 choice, less often the dearer its step is than the chosen one's, so that exploring never costs more
 than about 1/EXPLORE_EVERY of the time (at 64 streams a full tree's step costs ~10 plain ones).
+Where even the best acceptance seen so far could not pay for a tree at the current width (the load, not
+the text, rules speculation out: LoadSizer.pays), the engine stops speculating for its greedy requests
+altogether, newcomers included, until the width changes: a plain slot costs what it costs in a plain
+server (no explorations, no drafter bookkeeping, no EAGLE catch-up of missed features), which is what
+"never slower than plain decoding under load" needs (at 32 and 64 streams on the H100 the sizer chose
+budget 0 and the server still made 0.57-0.65x plain decoding's tokens/s, its draft phase 4-7x plain's).
 Lossless whatever n is: verification is exact, and only greedy requests are sized (a sampled
 request keeps its tree, so its random draws stay those of the request sent alone).
 """
@@ -54,6 +60,7 @@ DRAFT_SAMPLES = 5
 MEASURE_PAST = 64  # cached tokens per sequence while the curve is measured
 MEASURE_REPS = 3
 MEASURED_TOKENS = 64  # tree tokens per sequence measured (larger trees: the curve's last segment extrapolated)
+RULE_OUT_AFTER = 8  # drafted steps seen before pays() may rule trees out (one text that accepts nothing must not)
 PLAIN = TreeConfig(policy="none")
 
 
@@ -100,6 +107,9 @@ class LoadSizer:
     max_tree_tokens: int  # the target graph's profile: T per sequence at most
     curves: dict[int, LatencyCurve] = field(default_factory=dict)
     gain: dict[int, float] = field(default_factory=dict)  # E(n)
+    best_gain: dict[int, float] = field(default_factory=dict)  # the highest E(n) estimate so far (pays())
+    recorded: int = 0  # drafted steps recorded
+    rule_out_after: int = RULE_OUT_AFTER
     draft_s: dict[int, deque] = field(default_factory=dict)  # recent draft seconds per budget
     steps: int = 0
     explored: int = 0  # the step that last drafted the full budget
@@ -121,6 +131,22 @@ class LoadSizer:
         full = min(self.max_tree_tokens, MEASURED_TOKENS, max(budget, 15) + 1) - 1
         self.curves[width] = measure_width(backend, width, capacity, self.sizes(full))
         return self.curves[width]
+
+    def pays(self, width: int, full: int) -> bool:
+        """Whether a tree could beat plain decoding at `width` with the best acceptance seen so far (each
+        budget's highest estimate): False only where drafting and verifying even such trees costs more
+        than the tokens they would add, i.e. where the load, not the text, rules speculation out. Then
+        the engine decodes its greedy requests plainly, drafter untouched (BatchEngine._plain_under_load):
+        a speculative server under that load pays neither the explorations nor EAGLE's feature catch-up."""
+        curve = self.curves.get(width)
+        if curve is None or self.recorded < self.rule_out_after or full <= 0:
+            return True
+        plain = 1.0 / curve(1)
+        for n in self.candidates(full):
+            known = [m for m in self.best_gain if m <= n]
+            if n > 0 and known and self.best_gain[max(known)] / (self._draft(n) + curve(n + 1)) > plain:
+                return True
+        return False
 
     def choose(self, width: int, full: int) -> int:
         """The budget for the next step of a batch of `width` whose configs allow up to `full` nodes."""
@@ -161,12 +187,14 @@ class LoadSizer:
         if budget <= 0 or not steps:
             return
         self.draft_s.setdefault(budget, deque(maxlen=DRAFT_SAMPLES)).append(draft_s)
+        self.recorded += 1
         sums: dict[int, list[int]] = {}
         for tree, verdict in steps:
             for n, tokens in tokens_if_cut(tree, verdict, self.candidates(budget)).items():
                 sums.setdefault(n, []).append(tokens)
         for n, values in sums.items():
             self.gain[n] = _ema(self.gain.get(n), float(np.mean(values)))
+            self.best_gain[n] = max(self.best_gain.get(n, 0.0), self.gain[n])
         self.tokens_per_step = _ema(self.tokens_per_step or None, float(np.mean([len(v.tokens) for _, v in steps])))
 
 

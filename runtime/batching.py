@@ -23,7 +23,8 @@ engine is empty it allocates the smallest width in WIDTHS that holds the request
 last SHRINK_AFTER_S, and when more requests wait than it holds it stops admitting until its
 running requests finish, then grows (one request's time, once per rise in load). At one stream
 it steps a batch of 1, like the Python API. The node budget of greedy requests' trees is chosen
-per step for the current width (runtime/batch_sizing.py), down to plain decoding.
+per step for the current width (runtime/batch_sizing.py), down to plain decoding, and where no tree
+can pay at the width, greedy requests decode plainly with the drafter left alone (_plain_under_load).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from treespec.runtime.backends.base import StepInputs, StepOutputs
-from treespec.runtime.batch_sizing import LoadSizer, max_budget, sized
+from treespec.runtime.batch_sizing import PLAIN, LoadSizer, max_budget, sized
 from treespec.runtime.drafters.base import Features
 from treespec.runtime.generator import TreeGenerator
 from treespec.runtime.trees.config import TreeConfig
@@ -46,6 +47,7 @@ from treespec.runtime.trees.tree import Tree, batch_tree_inputs, chain_tree
 from treespec.runtime.verify import SamplingParams, sample_from, target_distribution, verify_tree
 
 PAD_TREE = chain_tree([0])
+PLAIN_ENTRY = ("none", PLAIN)  # a non-drafting slot's (group key, tree config)
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHRINK_AFTER_S = 2.0  # a width holds while demand was that high this recently
 PHASES = ("admit", "draft", "target", "host")
@@ -74,6 +76,7 @@ class _Slot:
     root: int = 0
     done: bool = False
     tree_key: str = ""  # repr of its tree config, once: slots with equal configs draft together
+    drafting: bool = True  # False: decodes plainly (tree none, or the load rules trees out), drafter untouched
 
 
 @dataclass
@@ -95,6 +98,7 @@ class EngineStats:
     running: int = 0
     budget: int = 0  # nodes per sequence the last sized step drafted (0: plain decoding)
     resizes: int = 0
+    plain_under_load: int = 0  # greedy requests decoded plainly because no tree paid at their width
     # Where the engine thread's time goes, cumulative (the metrics endpoint's
     # treespec_engine_<phase>_seconds_total): prefills of newcomers, drafting (sizing included), the
     # target step (its host packing and output copy included), and the rest of a step on the host
@@ -263,7 +267,9 @@ class BatchEngine:
         for req in requests:
             b = self.slots.index(None)
             limit = min(req.max_new_tokens, self.engine.max_context - len(req.prompt))
-            self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit, tree_key=repr(req.tree))
+            drafting = self.drafter is not None and req.tree.policy != "none" and not self._plain_under_load(req)
+            self.slots[b] = placed[b] = _Slot(req, np.random.default_rng(req.seed), limit, tree_key=repr(req.tree),
+                                              drafting=drafting)
             self.target.lengths[b] = 0  # the slot's old rows are dead: past_lengths masks them
         trees = [chain_tree(placed[b].req.prompt) if b in placed else PAD_TREE for b in range(len(self.slots))]
         out = self._target_step(trees)
@@ -273,10 +279,18 @@ class BatchEngine:
         for b, slot in placed.items():
             last = len(slot.req.prompt) - 1
             slot.root = self._first_token(out, b, last, slot)
-            if self.drafter is not None:
+            if slot.drafting:
                 self.drafter.reset_slot(b, slot.req.prompt + [slot.root])
                 self.drafter.accept(b, [], Features(out.hidden_states, b, list(range(len(slot.req.prompt)))))
             self._emit(b, [slot.root])
+
+    def _plain_under_load(self, req: SlotRequest) -> bool:
+        """Whether a greedy request is decoded plainly because no tree can pay at this width even
+        with the best acceptance seen (LoadSizer.pays): then it costs what it costs in a plain server."""
+        plain = (self.sizer is not None and req.sampling.greedy and req.tree.policy != "none"
+                 and not self.sizer.pays(len(self.slots), max_budget(req.tree)))
+        self.stats.plain_under_load += plain
+        return plain
 
     @staticmethod
     def _first_token(out: StepOutputs, b: int, last: int, slot: _Slot) -> int:
@@ -294,12 +308,19 @@ class BatchEngine:
     def _configs(self) -> dict[int, tuple[str, TreeConfig]]:
         """Each running slot's (group key, tree config) for this step: greedy slots' budgets sized for
         the load. Equal keys draft together."""
-        configs = {b: (s.tree_key, s.req.tree) for b, s in enumerate(self.slots) if s is not None}
+        configs = {b: (s.tree_key, s.req.tree) if s.drafting else PLAIN_ENTRY
+                   for b, s in enumerate(self.slots) if s is not None}
         if self.sizer is None or self.drafter is None:
             return configs
-        greedy = [b for b in configs if self.slots[b].req.sampling.greedy]
+        greedy = [b for b in configs if self.slots[b].drafting and self.slots[b].req.sampling.greedy]
         full = max((max_budget(configs[b][1]) for b in greedy), default=0)
         if full <= 0:
+            return configs
+        if not self.sizer.pays(len(self.slots), full):  # for good: see _plain_under_load
+            for b in greedy:
+                self.slots[b].drafting, configs[b] = False, PLAIN_ENTRY
+            self.stats.plain_under_load += len(greedy)
+            self.stats.budget = 0
             return configs
         budget = self.stats.budget = self.sizer.choose(len(self.slots), full)
         for b in greedy:
@@ -351,7 +372,7 @@ class BatchEngine:
         for b, verdict in verdicts.items():
             slot = self.slots[b]
             slot.root = verdict.tokens[-1]
-            if self._emit(b, verdict.tokens) and self.drafter is not None and slot.req.tree.policy != "none":
+            if self._emit(b, verdict.tokens) and slot.drafting:
                 self.drafter.accept(b, verdict.tokens, Features(out.hidden_states, b, verdict.path))
         seconds = self.stats.seconds
         seconds["draft"] += drafted - start

@@ -60,6 +60,24 @@ def test_the_sizer_goes_plain_when_speculation_stops_paying_and_full_when_it_pay
 
 
 
+def test_trees_pay_unless_the_load_rules_them_out_whatever_the_text():
+    """pays() asks whether any tree could beat plain decoding at a width with the best acceptance seen
+    so far: the load, not the last request's text, decides when the engine stops speculating."""
+    flat, steep = LatencyCurve([1, 64], [1e-3, 1.1e-3]), LatencyCurve([1, 64], [1e-3, 64e-3])
+    sizer = LoadSizer(64, curves={1: flat, 8: steep})
+    assert sizer.pays(8, 63)  # nothing known yet: explore
+    tree = _tree()
+    sizer.record(3, 0.1e-3, [(tree, Verdict([0], [9]))])
+    assert sizer.pays(8, 3)  # one drafted step that accepted nothing rules nothing out
+    sizer = LoadSizer(64, curves={1: flat, 8: steep})
+    sizer.record(3, 0.1e-3, [(tree, Verdict([0, 1, 3], [1, 3, 9]))])  # 3 tokens a step
+    for _ in range(30):  # then a text the drafter does not know: the estimate falls to ~1 token a step
+        sizer.record(3, 0.1e-3, [(tree, Verdict([0], [9]))])
+    assert sizer.gain[3] < 1.1 and sizer.best_gain[3] == 3.0
+    assert sizer.choose(1, 3) == 0 and sizer.pays(1, 3)  # this text: plain; the load: trees may pay
+    assert not sizer.pays(8, 3)  # at width 8 a token costs what a tree node costs: no tree ever pays
+
+
 def test_one_slow_draft_a_graph_capture_does_not_price_the_tree_out():
     """The first draft of a shape captures its CUDA graph (tens of ms, measured on the H200): the
     sizer must not keep choosing plain decoding after the next few ordinary drafts (it did, with a
@@ -184,3 +202,26 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts, device):
             gen.close()
     assert caches[True].shape == caches[False].shape and caches[True].shape[1] > MAX_TOKENS // 2
     np.testing.assert_allclose(caches[True], caches[False], atol=1e-5)
+
+
+def test_requests_decode_plainly_where_the_load_rules_trees_out(artifacts):
+    """Where a verified token costs as much as a drafted node (a step's time linear in its tokens), no
+    tree can pay at any acceptance: after its first (exploring) step the running request goes plain for
+    good, later requests are admitted plain (drafter untouched), and every output is the request alone."""
+    from treespec.runtime.api import SpeculativeGenerator
+    from treespec.runtime.batching import WIDTHS, BatchEngine
+
+    gen = SpeculativeGenerator.from_artifacts(artifacts, backend="torch", device="cpu", drafter="eagle",
+                                              tree="eagle2-d4-k4-n16")
+    alone = {i: list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for i, p in enumerate(PROMPTS)}
+    engine = BatchEngine(gen.engine, 8, gen.manifest.profile("target").tree_tokens[2], budget=gen.default_tree.budget)
+    engine.sizer.curves = {w: LatencyCurve([1, 64], [1e-3 * w, 64e-3 * w]) for w in WIDTHS}  # linear in tokens
+    engine.sizer.rule_out_after = 1  # (8 drafted steps by default; this linear curve explores once a request)
+    try:
+        assert _run_engine(engine, gen, PROMPTS[:1]) == {0: alone[0]}
+        assert engine.sizer.best_gain and engine.stats.plain_under_load == 1  # drafted once, then plain
+        assert _run_engine(engine, gen, PROMPTS) == alone
+        assert engine.stats.plain_under_load == 1 + len(PROMPTS)
+    finally:
+        engine.close()
+        gen.close()

@@ -57,7 +57,12 @@ def test_loadtest_compares_speculative_and_plain_through_one_server_losslessly(s
     for row in rows.values():
         split = row["server_ms_per_step"]
         assert set(split) == {"admit", "draft", "target", "host"} and split["target"] > 0, split
-    assert rows[("default", 1)]["server_ms_per_step"]["draft"] > rows[("none", 1)]["server_ms_per_step"]["draft"]
+    # speculation shows: the speculative level drafted more than the plain one, unless no tree paid at
+    # its width even with the best acceptance seen (the tiny random drafter accepts next to nothing)
+    # and its requests were decoded plainly, which the metrics count
+    assert "treespec_requests_plain_under_load" in gauges
+    assert (rows[("default", 1)]["server_ms_per_step"]["draft"] > rows[("none", 1)]["server_ms_per_step"]["draft"]
+            or gauges["treespec_requests_plain_under_load"] > 0)
 
 
 def test_loadtest_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

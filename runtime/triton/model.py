@@ -24,8 +24,8 @@ Custom metrics on Triton's metrics endpoint: treespec_requests_total{outcome}, t
 treespec_steps_total, treespec_steps_by_tokens_total{tokens} (verification steps by the tokens each
 produced: the acceptance's distribution) and treespec_mean_accepted_tokens (tokens per verification
 step since the instance started); per instance, the batch engine's gauges (treespec_tree_budget,
-treespec_batch_width, treespec_batch_running, treespec_tokens_per_step) and where its thread's time
-went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens, steps and seconds are counted
+treespec_batch_width, treespec_batch_running, treespec_tokens_per_step, treespec_requests_plain_under_load)
+and where its thread's time went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens, steps and seconds are counted
 in the instance and published in bulk (publish_counts: before a request's final response, and with
 the engine's gauges): every metric call from the stub is a round trip to the server process, and
 counting as it happened took three such calls per step and request, beside the response's own send.
@@ -154,6 +154,8 @@ class TreespecModel:
             "running": pb_utils.MetricFamily("treespec_batch_running", "Requests in the running batch", gauge),
             "rate": pb_utils.MetricFamily("treespec_tokens_per_step", "Tokens per sequence and speculative "
                                           "batched step (moving average: the acceptance)", gauge),
+            "plain": pb_utils.MetricFamily("treespec_requests_plain_under_load", "Greedy requests decoded "
+                                           "plainly because no tree paid at the batch width (since start)", gauge),
             **{f"seconds_{phase}": pb_utils.MetricFamily(f"treespec_engine_{phase}_seconds_total",
                                                          f"Seconds the batch engine spent in {phase}", counter)
                for phase in PHASES},
@@ -165,7 +167,7 @@ class TreespecModel:
         self.m_by_tokens: dict[int, object] = {}  # made on first use, one per count of tokens
         self.m_mean = self._fam["mean"].Metric(labels={**label, "instance": self.instance})
         self.m_engine = {k: self._fam[k].Metric(labels={**label, "instance": self.instance})
-                         for k in ("budget", "width", "running", "rate")}
+                         for k in ("budget", "width", "running", "rate", "plain")}
         self.m_seconds = {phase: self._fam[f"seconds_{phase}"].Metric(labels={**label, "instance": self.instance})
                           for phase in PHASES}
         self._published_seconds = dict.fromkeys(PHASES, 0.0)
@@ -273,6 +275,7 @@ class TreespecModel:
         stats, sizer = self.batch.stats, self.batch.sizer
         self.m_engine["budget"].set(stats.budget)
         self.m_engine["width"].set(stats.width)
+        self.m_engine["plain"].set(stats.plain_under_load)
         self.m_engine["running"].set(sum(s is not None for s in self.batch.slots))
         if sizer is not None:
             self.m_engine["rate"].set(sizer.tokens_per_step)
