@@ -18,8 +18,10 @@ request rates). So the engine picks the budget n per step that maximises tokens 
   its n best nodes by cumulative draft log-probability (what every policy keeps when its budget is
   smaller; ancestor-closed, since a child never scores above its parent) follow from the ranks of
   the accepted path's nodes. An exponential moving average per n. E(0) = 1: plain decoding.
-* draft_s(n): the measured draft time of steps drafted with n nodes: the median of its last
-  DRAFT_SAMPLES (a budget not yet drafted borrows the nearest larger one's), less the drafter's
+* draft_s(n): the measured draft time of steps drafted with n nodes at width W (drafting W trees costs
+  more than one: priced with the width-1 drafts, the sizer kept full trees at 8 streams, where drafting
+  them took 6.3 ms a step on the H100): the median of its last DRAFT_SAMPLES (a budget not yet drafted
+  borrows the nearest larger one's, a width not yet drafted the nearest width's), less the drafter's
   one-off work (Drafter.one_off_s): the first draft of a shape captures its CUDA graph (tens of ms),
   and a draft after plain steps or an admission first feeds the drafter the features it missed
   (EAGLE's catch-up). With those in, the first H200 serving runs priced every tree out for good:
@@ -110,7 +112,7 @@ class LoadSizer:
     best_gain: dict[int, float] = field(default_factory=dict)  # the highest E(n) estimate so far (pays())
     recorded: int = 0  # drafted steps recorded
     rule_out_after: int = RULE_OUT_AFTER
-    draft_s: dict[int, deque] = field(default_factory=dict)  # recent draft seconds per budget
+    draft_s: dict[tuple[int, int], deque] = field(default_factory=dict)  # recent draft seconds per (width, budget)
     steps: int = 0
     explored: int = 0  # the step that last drafted the full budget
     budget: int = 0  # the last choice (metrics)
@@ -144,7 +146,7 @@ class LoadSizer:
         plain = 1.0 / curve(1)
         for n in self.candidates(full):
             known = [m for m in self.best_gain if m <= n]
-            if n > 0 and known and self.best_gain[max(known)] / (self._draft(n) + curve(n + 1)) > plain:
+            if n > 0 and known and self.best_gain[max(known)] / (self._draft(width, n) + curve(n + 1)) > plain:
                 return True
         return False
 
@@ -158,7 +160,7 @@ class LoadSizer:
             self.budget = full  # explore: every candidate's estimate is refreshed from this step
         else:
             curve = self.curves[width]
-            cost = {n: self._draft(n) + curve(n + 1) for n in self.candidates(full)}
+            cost = {n: self._draft(width, n) + curve(n + 1) for n in self.candidates(full)}
             rate = {n: self._gain(n) / cost[n] for n in cost}
             best = max(rate, key=lambda n: (rate[n], -n))
             every = min(EXPLORE_EVERY * max(1.0, cost[full] / cost[best]), EXPLORE_EVERY_MAX)
@@ -173,20 +175,20 @@ class LoadSizer:
         known = [m for m in self.gain if m <= n]
         return self.gain[max(known)] if known else 1.0  # never drafted at or below n: assume nothing
 
-    def _draft(self, n: int) -> float:
-        if n == 0:
+    def _draft(self, width: int, n: int) -> float:
+        if n == 0 or not self.draft_s:
             return 0.0
-        if not self.draft_s:
-            return 0.0
-        larger = [m for m in self.draft_s if m >= n]
-        return statistics.median(self.draft_s[min(larger) if larger else max(self.draft_s)])  # (numpy's: 15 us)
+        near = min({w for w, _ in self.draft_s}, key=lambda w: (abs(w - width), w))
+        samples = {m: q for (w, m), q in self.draft_s.items() if w == near}
+        larger = [m for m in samples if m >= n]
+        return statistics.median(samples[min(larger) if larger else max(samples)])  # (numpy's: 15 us)
 
-    def record(self, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
-        """After a verified step drafted with `budget` nodes: its draft time (one-off work left out)
+    def record(self, width: int, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
+        """After a verified step of `width` drafted with `budget` nodes: its draft time (one-off work left out)
         and, per candidate n, the tokens its trees would have given cut to n nodes."""
         if budget <= 0 or not steps:
             return
-        self.draft_s.setdefault(budget, deque(maxlen=DRAFT_SAMPLES)).append(draft_s)
+        self.draft_s.setdefault((width, budget), deque(maxlen=DRAFT_SAMPLES)).append(draft_s)
         self.recorded += 1
         sums: dict[int, list[int]] = {}
         for tree, verdict in steps:

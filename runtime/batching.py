@@ -367,7 +367,7 @@ class BatchEngine:
         self.stats.peak = max(self.stats.peak, len(verdicts))
         if self.sizer is not None:
             sized_slots = [b for b in verdicts if configs[b][1].policy != "none" and self.slots[b].req.sampling.greedy]
-            self.sizer.record(self.stats.budget, draft_s, [(trees[b], verdicts[b]) for b in
+            self.sizer.record(len(self.slots), self.stats.budget, draft_s, [(trees[b], verdicts[b]) for b in
                                                            _sample(sized_slots, RECORD_SLOTS, self.stats.steps)])
         for b, verdict in verdicts.items():
             slot = self.slots[b]

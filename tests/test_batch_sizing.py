@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from treespec.runtime.batch_sizing import EXPLORE_EVERY, LoadSizer, sized, tokens_if_cut
+from treespec.runtime.batch_sizing import EXPLORE_EVERY, RULE_OUT_AFTER, LoadSizer, sized, tokens_if_cut
 from treespec.runtime.trees.auto import LatencyCurve
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
@@ -67,15 +67,29 @@ def test_trees_pay_unless_the_load_rules_them_out_whatever_the_text():
     sizer = LoadSizer(64, curves={1: flat, 8: steep})
     assert sizer.pays(8, 63)  # nothing known yet: explore
     tree = _tree()
-    sizer.record(3, 0.1e-3, [(tree, Verdict([0], [9]))])
+    sizer.record(1, 3, 0.1e-3, [(tree, Verdict([0], [9]))])
     assert sizer.pays(8, 3)  # one drafted step that accepted nothing rules nothing out
     sizer = LoadSizer(64, curves={1: flat, 8: steep})
-    sizer.record(3, 0.1e-3, [(tree, Verdict([0, 1, 3], [1, 3, 9]))])  # 3 tokens a step
+    sizer.record(1, 3, 0.1e-3, [(tree, Verdict([0, 1, 3], [1, 3, 9]))])  # 3 tokens a step
     for _ in range(30):  # then a text the drafter does not know: the estimate falls to ~1 token a step
-        sizer.record(3, 0.1e-3, [(tree, Verdict([0], [9]))])
+        sizer.record(1, 3, 0.1e-3, [(tree, Verdict([0], [9]))])
     assert sizer.gain[3] < 1.1 and sizer.best_gain[3] == 3.0
     assert sizer.choose(1, 3) == 0 and sizer.pays(1, 3)  # this text: plain; the load: trees may pay
     assert not sizer.pays(8, 3)  # at width 8 a token costs what a tree node costs: no tree ever pays
+
+
+def test_drafts_are_priced_at_the_width_they_ran_at():
+    """Drafting 8 trees costs more than drafting one: a width is priced with its own drafts (the nearest
+    width's until it has some)."""
+    flat = LatencyCurve([1, 64], [1e-3, 1.1e-3])
+    sizer = LoadSizer(64, curves={1: flat, 8: flat})
+    tree, good = _tree(), Verdict([0, 1, 3], [1, 3, 9])
+    for _ in range(RULE_OUT_AFTER):
+        sizer.record(1, 3, 0.2e-3, [(tree, good)])
+    assert sizer.pays(1, 3) and sizer.pays(8, 3)  # 3 tokens for 1.2 ms, at width 8 too until drafted there
+    for _ in range(3):
+        sizer.record(8, 3, 10e-3, [(tree, good)])
+    assert sizer.pays(1, 3) and not sizer.pays(8, 3)  # 3 tokens for 11 ms at width 8: plain's 1 ms wins
 
 
 def test_one_slow_draft_a_graph_capture_does_not_price_the_tree_out():
@@ -86,10 +100,10 @@ def test_one_slow_draft_a_graph_capture_does_not_price_the_tree_out():
     sizer = LoadSizer(64, curves={1: flat}, gain={0: 1.0, 63: 3.4})
     tree = _tree()
     verdict = Verdict([0, 1, 3], [1, 3, 9])
-    sizer.record(63, 0.08, [(tree, verdict)])  # capture
+    sizer.record(1, 63, 0.08, [(tree, verdict)])  # capture
     assert sizer.choose(1, 63) == 0  # with nothing else known, 80 ms of drafting does not pay
     for _ in range(2):
-        sizer.record(63, 0.9e-3, [(tree, verdict)])
+        sizer.record(1, 63, 0.9e-3, [(tree, verdict)])
     assert sizer.choose(1, 63) == 63
 
 @pytest.fixture(scope="module")
