@@ -30,9 +30,9 @@ The full budget is drafted now and then, so the estimates of larger budgets foll
 (acceptance changes with the prompt): every EXPLORE_EVERY steps while it is (nearly) the best
 choice, less often the dearer its step is than the chosen one's, so that exploring never costs more
 than about 1/EXPLORE_EVERY of the time (at 64 streams a full tree's step costs ~10 plain ones).
-Where even the best acceptance seen so far could not pay for a tree at the current width (the load, not
-the text, rules speculation out: LoadSizer.pays), the engine stops speculating for its greedy requests
-altogether, newcomers included, until the width changes: a plain slot costs what it costs in a plain
+Where plain decoding was the best choice PLAIN_RUN steps in a row at a width of several requests, or
+even the best acceptance seen so far could not pay for a tree at the width (LoadSizer.pays), the engine
+stops speculating for its greedy requests altogether, newcomers included, until the width changes: a plain slot costs what it costs in a plain
 server (no explorations, no drafter bookkeeping, no EAGLE catch-up of missed features), which is what
 "never slower than plain decoding under load" needs (at 32 and 64 streams on the H100 the sizer chose
 budget 0 and the server still made 0.57-0.65x plain decoding's tokens/s, its draft phase 4-7x plain's).
@@ -63,6 +63,7 @@ MEASURE_PAST = 64  # cached tokens per sequence while the curve is measured
 MEASURE_REPS = 3
 MEASURED_TOKENS = 64  # tree tokens per sequence measured (larger trees: the curve's last segment extrapolated)
 RULE_OUT_AFTER = 8  # drafted steps seen before pays() may rule trees out (one text that accepts nothing must not)
+PLAIN_RUN = 64  # choices of plain decoding in a row at a width of several requests that rule trees out there
 PLAIN = TreeConfig(policy="none")
 
 
@@ -111,6 +112,7 @@ class LoadSizer:
     gain: dict[int, float] = field(default_factory=dict)  # E(n)
     best_gain: dict[int, float] = field(default_factory=dict)  # the highest E(n) estimate so far (pays())
     recorded: int = 0  # drafted steps recorded
+    plain_run: dict[int, int] = field(default_factory=dict)  # per width: choices of budget 0 in a row
     rule_out_after: int = RULE_OUT_AFTER
     draft_s: dict[tuple[int, int], deque] = field(default_factory=dict)  # recent draft seconds per (width, budget)
     steps: int = 0
@@ -135,14 +137,17 @@ class LoadSizer:
         return self.curves[width]
 
     def pays(self, width: int, full: int) -> bool:
-        """Whether a tree could beat plain decoding at `width` with the best acceptance seen so far (each
-        budget's highest estimate): False only where drafting and verifying even such trees costs more
-        than the tokens they would add, i.e. where the load, not the text, rules speculation out. Then
-        the engine decodes its greedy requests plainly, drafter untouched (BatchEngine._plain_under_load):
-        a speculative server under that load pays neither the explorations nor EAGLE's feature catch-up."""
+        """Whether trees may still pay at `width`. False where the sizer chose plain decoding PLAIN_RUN
+        times in a row at a width of several requests (their texts together, not one of them), or where
+        drafting and verifying even a tree with the best acceptance seen so far (each budget's highest
+        estimate) costs more than the tokens it would add. Then the engine decodes its greedy requests
+        plainly, drafter untouched (BatchEngine._plain_under_load): a speculative server under that load
+        pays neither the explorations nor EAGLE's feature catch-up."""
         curve = self.curves.get(width)
         if curve is None or self.recorded < self.rule_out_after or full <= 0:
             return True
+        if width > 1 and self.plain_run.get(width, 0) >= PLAIN_RUN:
+            return False
         plain = 1.0 / curve(1)
         for n in self.candidates(full):
             known = [m for m in self.best_gain if m <= n]
@@ -165,6 +170,7 @@ class LoadSizer:
             best = max(rate, key=lambda n: (rate[n], -n))
             every = min(EXPLORE_EVERY * max(1.0, cost[full] / cost[best]), EXPLORE_EVERY_MAX)
             self.budget = full if self.steps - self.explored >= every else best
+            self.plain_run[width] = self.plain_run.get(width, 0) + 1 if best == 0 else 0
         if self.budget == full:
             self.explored = self.steps
         return self.budget

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from treespec.runtime.batch_sizing import EXPLORE_EVERY, RULE_OUT_AFTER, LoadSizer, sized, tokens_if_cut
+from treespec.runtime.batch_sizing import EXPLORE_EVERY, PLAIN_RUN, RULE_OUT_AFTER, LoadSizer, sized, tokens_if_cut
 from treespec.runtime.trees.auto import LatencyCurve
 from treespec.runtime.trees.config import TreeConfig
 from treespec.runtime.trees.tree import Tree
@@ -61,8 +61,9 @@ def test_the_sizer_goes_plain_when_speculation_stops_paying_and_full_when_it_pay
 
 
 def test_trees_pay_unless_the_load_rules_them_out_whatever_the_text():
-    """pays() asks whether any tree could beat plain decoding at a width with the best acceptance seen
-    so far: the load, not the last request's text, decides when the engine stops speculating."""
+    """pays() rules trees out at a width where no tree could beat plain decoding even with the best
+    acceptance seen so far, or where plain decoding was the sizer's choice PLAIN_RUN times in a row for
+    several requests' texts together: the load, not one request's text, stops the engine speculating."""
     flat, steep = LatencyCurve([1, 64], [1e-3, 1.1e-3]), LatencyCurve([1, 64], [1e-3, 64e-3])
     sizer = LoadSizer(64, curves={1: flat, 8: steep})
     assert sizer.pays(8, 63)  # nothing known yet: explore
@@ -76,6 +77,14 @@ def test_trees_pay_unless_the_load_rules_them_out_whatever_the_text():
     assert sizer.gain[3] < 1.1 and sizer.best_gain[3] == 3.0
     assert sizer.choose(1, 3) == 0 and sizer.pays(1, 3)  # this text: plain; the load: trees may pay
     assert not sizer.pays(8, 3)  # at width 8 a token costs what a tree node costs: no tree ever pays
+    sizer.curves[4] = flat
+    for _ in range(PLAIN_RUN - 1):  # (the full tree still explored now and then)
+        sizer.choose(4, 3)
+        sizer.choose(1, 3)
+    assert sizer.pays(4, 3)
+    sizer.choose(4, 3)
+    assert not sizer.pays(4, 3)  # plain decoding chosen PLAIN_RUN times in a row for 4 requests' texts
+    assert sizer.pays(1, 3)  # one request's text alone never rules trees out
 
 
 def test_drafts_are_priced_at_the_width_they_ran_at():
