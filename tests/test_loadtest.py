@@ -61,8 +61,9 @@ def test_loadtest_compares_speculative_and_plain_through_one_server_losslessly(s
     # its width even with the best acceptance seen (the tiny random drafter accepts next to nothing)
     # and its requests were decoded plainly, which the metrics count
     assert "treespec_requests_plain_under_load" in gauges
+    assert rows[("none", 1)]["plain_under_load"] == rows[("none", 3)]["plain_under_load"] == 0  # tree none: not counted
     assert (rows[("default", 1)]["server_ms_per_step"]["draft"] > rows[("none", 1)]["server_ms_per_step"]["draft"]
-            or gauges["treespec_requests_plain_under_load"] > 0)
+            or rows[("default", 1)]["plain_under_load"] + rows[("default", 3)]["plain_under_load"] > 0)
 
 
 def test_loadtest_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

@@ -69,6 +69,9 @@ def level_summary(clients: int, mode: str, samples: list, before: dict, after: d
         # them): with W sequences running, one engine step takes about W times these.
         if phases:
             out["server_ms_per_step"] = {k: round(v / steps * 1e3, 3) for k, v in sorted(phases.items())}
+    plain = "treespec_requests_plain_under_load"
+    if plain in after:  # greedy requests of this level (warm-up included) the load made plain
+        out["plain_under_load"] = int(after[plain] - before.get(plain, 0))
     return out
 
 
@@ -112,6 +115,8 @@ def print_level(s: dict) -> None:
     if "budget_p50" in s:
         extra = f" budget p50 {s['budget_p50']:.0f} (range {s['budget_min']:.0f}-{s['budget_max']:.0f}), width {s['width_max']:.0f}"
     acc = f" acc/step {s['server_tokens_per_step']:.2f}" if "server_tokens_per_step" in s else ""
+    if s.get("plain_under_load"):
+        extra += f", {s['plain_under_load']} plain under load"
     if "server_ms_per_step" in s:
         acc += " ms/step " + " ".join(f"{k} {v:.2f}" for k, v in s["server_ms_per_step"].items())
     print(f"[{s['mode']}] {s['clients']:3d} streams: {s['total_tokens_per_s']:9.1f} tok/s total, "
