@@ -169,6 +169,7 @@ if load_:
                                               / max(rows[("none", c)]["total_tokens_per_s"], 1e-9), 3),
                           "budget_p50": rows[("default", c)].get("budget_p50"),
                           "tokens_per_step": rows[("default", c)].get("server_tokens_per_step"),
+                          "plain_under_load": rows[("default", c)].get("plain_under_load"),
                           "speculative_ms_per_step": rows[("default", c)].get("server_ms_per_step"),
                           "plain_ms_per_step": rows[("none", c)].get("server_ms_per_step"),
                           "errors": rows[("default", c)]["errors"] + rows[("none", c)]["errors"],
