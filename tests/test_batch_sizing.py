@@ -229,8 +229,9 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts, device):
 
 def test_requests_decode_plainly_where_the_load_rules_trees_out(artifacts):
     """Where a verified token costs as much as a drafted node (a step's time linear in its tokens), no
-    tree can pay at any acceptance: after its first (exploring) step the running request goes plain for
-    good, later requests are admitted plain (drafter untouched), and every output is the request alone."""
+    tree can pay at any acceptance. A request alone keeps its own tree (as the Python API drafts it); in
+    a batch the first step explores, then the running requests go plain for good and later ones are
+    admitted plain (drafter untouched). Every output is the request alone."""
     from treespec.runtime.api import SpeculativeGenerator
     from treespec.runtime.batching import WIDTHS, BatchEngine
 
@@ -242,9 +243,11 @@ def test_requests_decode_plainly_where_the_load_rules_trees_out(artifacts):
     engine.sizer.rule_out_after = 1  # (8 drafted steps by default; this linear curve explores once a request)
     try:
         assert _run_engine(engine, gen, PROMPTS[:1]) == {0: alone[0]}
-        assert engine.sizer.best_gain and engine.stats.plain_under_load == 1  # drafted once, then plain
+        assert engine.stats.plain_under_load == 0 and not engine.sizer.best_gain  # alone: its tree, unsized
         assert _run_engine(engine, gen, PROMPTS) == alone
-        assert engine.stats.plain_under_load == 1 + len(PROMPTS)
+        # each request of the burst plain once (the first may have started alone, with its own tree)
+        assert len(PROMPTS) - 1 <= engine.stats.plain_under_load <= len(PROMPTS)
+        assert engine.sizer.best_gain
     finally:
         engine.close()
         gen.close()
