@@ -314,16 +314,16 @@ class BatchEngine:
             return configs
         greedy = [b for b in configs if self.slots[b].drafting and self.slots[b].req.sampling.greedy]
         full = max((max_budget(configs[b][1]) for b in greedy), default=0)
-        if full <= 0 or len(self.slots) == 1 and all(configs[b][1].policy != "auto" for b in greedy):
-            # One request alone keeps its tree, as the Python API drafts it: on the H100 the sizer's
-            # per-text estimates made 1-stream serving 663 tok/s where fixed trees made 804 (plain 566-611);
-            # an `auto` tree is sized (the engine has no per-request planner for it)
-            return configs
-        if not self.sizer.pays(len(self.slots), full):  # for good: see _plain_under_load
+        if full > 0 and not self.sizer.pays(len(self.slots), full):  # for good: see _plain_under_load
             for b in greedy:
                 self.slots[b].drafting, configs[b] = False, PLAIN_ENTRY
             self.stats.plain_under_load += len(greedy)
-            self.stats.budget = 0
+            full = 0
+        if full <= 0 or len(self.slots) == 1 and all(configs[b][1].policy != "auto" for b in greedy):
+            # One request alone keeps its tree, as the Python API drafts it (its steps still feed the
+            # estimates): on the H100 the sizer's per-text estimates made 1-stream serving 663 tok/s where
+            # fixed trees made 804 (plain 566-611); an `auto` tree is sized (the engine has no planner for it)
+            self.stats.budget = full
             return configs
         budget = self.stats.budget = self.sizer.choose(len(self.slots), full)
         for b in greedy:

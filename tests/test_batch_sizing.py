@@ -161,7 +161,9 @@ def test_sized_batches_are_lossless_and_the_width_follows_demand(artifacts, back
         assert outs == alone
         # a burst grows the width to 8 (through 2 or 4 when the engine wakes between two submissions)
         assert engine.stats.width == 8 and {1, 8} <= set(engine.sizer.curves)
-        assert engine.sizer.gain and engine.sizer.steps > 0
+        # the sizer chose budgets at width 8, or found that no tree pays there (the tiny random drafters
+        # accept next to nothing) and the batch decoded plainly
+        assert engine.sizer.gain and (engine.sizer.steps > 0 or engine.stats.plain_under_load > 0)
         print(f"\n{drafter}: budgets {sorted(engine.sizer.gain)}, gain {engine.sizer.gain}, last {engine.stats.budget}")
     finally:
         engine.close()
@@ -212,10 +214,12 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts, device):
         alone = [list(gen.generate(p, max_new_tokens=MAX_TOKENS).token_ids) for p in PROMPTS[:3]]
         if reuse and device == "cpu":
             _reuse_output_buffer(gen.target)
+        # 4 slots stepped whatever the demand (a request alone at width 1 would keep its tree, unsized)
         engine = BatchEngine(gen.engine, 4, gen.manifest.profile("target").tree_tokens[2],
-                             budget=gen.default_tree.budget)
+                             budget=gen.default_tree.budget, elastic=False)
         turns = iter(range(10**6))
         engine.sizer.choose = lambda width, full: full if next(turns) % 3 == 2 else 0  # 2 plain steps in 3
+        engine.sizer.rule_out_after = 10**9  # the plain steps are this test's, never the load's
         try:  # one request at a time: the steps do not depend on when requests arrive
             assert [_run_engine(engine, gen, [p])[0] for p in PROMPTS[:3]] == alone
             head = engine.drafter.torch_head
@@ -229,9 +233,8 @@ def test_plain_steps_under_load_keep_the_drafters_features(artifacts, device):
 
 def test_requests_decode_plainly_where_the_load_rules_trees_out(artifacts):
     """Where a verified token costs as much as a drafted node (a step's time linear in its tokens), no
-    tree can pay at any acceptance. A request alone keeps its own tree (as the Python API drafts it); in
-    a batch the first step explores, then the running requests go plain for good and later ones are
-    admitted plain (drafter untouched). Every output is the request alone."""
+    tree can pay at any acceptance: after its first (drafted) step the running request goes plain for
+    good, later requests are admitted plain (drafter untouched), and every output is the request alone."""
     from treespec.runtime.api import SpeculativeGenerator
     from treespec.runtime.batching import WIDTHS, BatchEngine
 
@@ -243,11 +246,9 @@ def test_requests_decode_plainly_where_the_load_rules_trees_out(artifacts):
     engine.sizer.rule_out_after = 1  # (8 drafted steps by default; this linear curve explores once a request)
     try:
         assert _run_engine(engine, gen, PROMPTS[:1]) == {0: alone[0]}
-        assert engine.stats.plain_under_load == 0 and not engine.sizer.best_gain  # alone: its tree, unsized
+        assert engine.sizer.best_gain and engine.stats.plain_under_load == 1  # drafted once, then plain
         assert _run_engine(engine, gen, PROMPTS) == alone
-        # each request of the burst plain once (the first may have started alone, with its own tree)
-        assert len(PROMPTS) - 1 <= engine.stats.plain_under_load <= len(PROMPTS)
-        assert engine.sizer.best_gain
+        assert engine.stats.plain_under_load == 1 + len(PROMPTS)
     finally:
         engine.close()
         gen.close()
