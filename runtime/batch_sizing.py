@@ -32,10 +32,11 @@ choice, less often the dearer its step is than the chosen one's, so that explori
 than about 1/EXPLORE_EVERY of the time (at 64 streams a full tree's step costs ~10 plain ones).
 Where plain decoding was the best choice PLAIN_RUN steps in a row at a width of several requests, or
 even the best acceptance seen so far could not pay for a tree at the width (LoadSizer.pays), the engine
-stops speculating for its greedy requests altogether, newcomers included, until the width changes: a plain slot costs what it costs in a plain
-server (no explorations, no drafter bookkeeping, no EAGLE catch-up of missed features), which is what
-"never slower than plain decoding under load" needs (at 32 and 64 streams on the H100 the sizer chose
-budget 0 and the server still made 0.57-0.65x plain decoding's tokens/s, its draft phase 4-7x plain's).
+stops speculating for its greedy requests altogether, newcomers included, until the width changes: a
+plain slot costs what it costs in a plain server (no explorations, no drafter bookkeeping, no EAGLE
+catch-up of missed features), which is what "never slower than plain decoding under load" needs (at 32
+and 64 streams on the H100 the sizer chose budget 0 and the server still made 0.57-0.65x plain
+decoding's tokens/s, its draft phase 4-7x plain's).
 Lossless whatever n is: verification is exact, and only greedy requests are sized (a sampled
 request keeps its tree, so its random draws stay those of the request sent alone).
 """

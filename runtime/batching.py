@@ -23,8 +23,9 @@ engine is empty it allocates the smallest width in WIDTHS that holds the request
 last SHRINK_AFTER_S, and when more requests wait than it holds it stops admitting until its
 running requests finish, then grows (one request's time, once per rise in load). At one stream
 it steps a batch of 1, like the Python API. The node budget of greedy requests' trees is chosen
-per step for the current width (runtime/batch_sizing.py), down to plain decoding, and where no tree
-can pay at the width, greedy requests decode plainly with the drafter left alone (_plain_under_load).
+per step for the current width (runtime/batch_sizing.py), down to plain decoding, and where the load
+rules trees out at the width, greedy requests decode plainly with the drafter left alone
+(_plain_under_load). A request alone keeps its own tree, as the Python API drafts it.
 """
 from __future__ import annotations
 
@@ -285,8 +286,8 @@ class BatchEngine:
             self._emit(b, [slot.root])
 
     def _plain_under_load(self, req: SlotRequest) -> bool:
-        """Whether a greedy request is decoded plainly because no tree can pay at this width even
-        with the best acceptance seen (LoadSizer.pays): then it costs what it costs in a plain server."""
+        """Whether a greedy request is decoded plainly because the load rules trees out at this width
+        (LoadSizer.pays): then it costs what it costs in a plain server."""
         plain = (self.sizer is not None and req.sampling.greedy and req.tree.policy != "none"
                  and not self.sizer.pays(len(self.slots), max_budget(req.tree)))
         self.stats.plain_under_load += plain
@@ -307,7 +308,7 @@ class BatchEngine:
     # one step of every running slot -------------------------------------------------------------
     def _configs(self) -> dict[int, tuple[str, TreeConfig]]:
         """Each running slot's (group key, tree config) for this step: greedy slots' budgets sized for
-        the load. Equal keys draft together."""
+        the load (a request alone keeps its tree unless it is `auto`). Equal keys draft together."""
         configs = {b: (s.tree_key, s.req.tree) if s.drafting else PLAIN_ENTRY
                    for b, s in enumerate(self.slots) if s is not None}
         if self.sizer is None or self.drafter is None:

@@ -21,14 +21,14 @@ $TREESPEC_TRITON_WATCH/<pid>.json, so the supervisor (runtime/triton/supervisor.
 that is stuck inside one step past it, and the model is reloaded for the next request.
 
 Custom metrics on Triton's metrics endpoint: treespec_requests_total{outcome}, treespec_tokens_total,
-treespec_steps_total, treespec_steps_by_tokens_total{tokens} (verification steps by the tokens each
-produced: the acceptance's distribution) and treespec_mean_accepted_tokens (tokens per verification
-step since the instance started); per instance, the batch engine's gauges (treespec_tree_budget,
-treespec_batch_width, treespec_batch_running, treespec_tokens_per_step, treespec_requests_plain_under_load)
-and where its thread's time went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens, steps and seconds are counted
-in the instance and published in bulk (publish_counts: before a request's final response, and with
-the engine's gauges): every metric call from the stub is a round trip to the server process, and
-counting as it happened took three such calls per step and request, beside the response's own send.
+treespec_steps_total, treespec_steps_by_tokens_total{tokens} (verification steps by the tokens each produced:
+the acceptance's distribution) and treespec_mean_accepted_tokens (tokens per verification step since the
+instance started); per instance, the batch engine's gauges (treespec_tree_budget, treespec_batch_width,
+treespec_batch_running, treespec_tokens_per_step, treespec_requests_plain_under_load) and where its thread's
+time went (treespec_engine_{admit,draft,target,host}_seconds_total). Tokens, steps and seconds are counted in
+the instance and published in bulk (publish_counts: before a request's final response, and with the engine's
+gauges): every metric call from the stub is a round trip to the server process, and counting as it happened
+took three such calls per step and request, beside the response's own send.
 """
 from __future__ import annotations
 
