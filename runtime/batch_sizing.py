@@ -149,10 +149,10 @@ class LoadSizer:
             return True
         if width > 1 and self.plain_run.get(width, 0) >= PLAIN_RUN:
             return False
-        plain = 1.0 / curve(1)
+        plain, drafts = 1.0 / curve(1), self._drafts(width)
         for n in self.candidates(full):
-            known = [m for m in self.best_gain if m <= n]
-            if n > 0 and known and self.best_gain[max(known)] / (self._draft(width, n) + curve(n + 1)) > plain:
+            best = _at_or_below(self.best_gain, n)
+            if n > 0 and best is not None and best / (_draft(drafts, n) + curve(n + 1)) > plain:
                 return True
         return False
 
@@ -166,7 +166,8 @@ class LoadSizer:
             self.budget = full  # explore: every candidate's estimate is refreshed from this step
         else:
             curve = self.curves[width]
-            cost = {n: self._draft(width, n) + curve(n + 1) for n in self.candidates(full)}
+            drafts = self._drafts(width)
+            cost = {n: _draft(drafts, n) + curve(n + 1) for n in self.candidates(full)}
             rate = {n: self._gain(n) / cost[n] for n in cost}
             best = max(rate, key=lambda n: (rate[n], -n))
             every = min(EXPLORE_EVERY * max(1.0, cost[full] / cost[best]), EXPLORE_EVERY_MAX)
@@ -177,18 +178,15 @@ class LoadSizer:
         return self.budget
 
     def _gain(self, n: int) -> float:
-        if n == 0:
-            return 1.0
-        known = [m for m in self.gain if m <= n]
-        return self.gain[max(known)] if known else 1.0  # never drafted at or below n: assume nothing
+        gain = _at_or_below(self.gain, n) if n > 0 else 1.0
+        return 1.0 if gain is None else gain  # never drafted at or below n: assume nothing
 
-    def _draft(self, width: int, n: int) -> float:
-        if n == 0 or not self.draft_s:
-            return 0.0
+    def _drafts(self, width: int) -> dict[int, float]:
+        """Median draft seconds per budget at `width`, or at the nearest width that drafted ({}: none)."""
+        if not self.draft_s:
+            return {}
         near = min({w for w, _ in self.draft_s}, key=lambda w: (abs(w - width), w))
-        samples = {m: q for (w, m), q in self.draft_s.items() if w == near}
-        larger = [m for m in samples if m >= n]
-        return statistics.median(samples[min(larger) if larger else max(samples)])  # (numpy's: 15 us)
+        return {m: statistics.median(q) for (w, m), q in self.draft_s.items() if w == near}  # (numpy's: 15 us)
 
     def record(self, width: int, budget: int, draft_s: float, steps: list[tuple[Tree, Verdict]]) -> None:
         """After a verified step of `width` drafted with `budget` nodes: its draft time (one-off work left out)
@@ -205,6 +203,20 @@ class LoadSizer:
             self.gain[n] = _ema(self.gain.get(n), float(np.mean(values)))
             self.best_gain[n] = max(self.best_gain.get(n, 0.0), self.gain[n])
         self.tokens_per_step = _ema(self.tokens_per_step or None, float(np.mean([len(v.tokens) for _, v in steps])))
+
+
+def _at_or_below(table: dict[int, float], n: int) -> float | None:
+    """The estimate of the largest budget <= n in `table` (None: nothing drafted at or below n)."""
+    known = [m for m in table if m <= n]
+    return table[max(known)] if known else None
+
+
+def _draft(drafts: dict[int, float], n: int) -> float:
+    """Draft seconds for n nodes from LoadSizer._drafts: the nearest larger budget's (else the largest)."""
+    if n == 0 or not drafts:
+        return 0.0
+    larger = [m for m in drafts if m >= n]
+    return drafts[min(larger) if larger else max(drafts)]
 
 
 def _ema(old: float | None, new: float) -> float:

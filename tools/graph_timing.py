@@ -6,9 +6,9 @@ from typing import Callable
 import torch
 
 
-def replay_us(work: Callable[[], object], reps: int) -> float:
-    """Microseconds per replay of a CUDA graph of `work()`: called once first (Triton compiles,
-    cuBLAS picks its kernels), captured, replayed once to warm up, then `reps` times back to back."""
+def captured(work: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `work()`: called once first (Triton compiles, cuBLAS picks its kernels),
+    captured, replayed once to warm up."""
     work()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -16,6 +16,12 @@ def replay_us(work: Callable[[], object], reps: int) -> float:
         work()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def replay_us(work: Callable[[], object], reps: int) -> float:
+    """Microseconds per replay of a CUDA graph of `work()` (`captured`), replayed `reps` times back to back."""
+    graph = captured(work)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):

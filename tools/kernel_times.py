@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import torch
 from gemm_tune import smollm2_shaped, step_inputs  # tools/ is the script's folder, hence on sys.path
+from graph_timing import captured
 
 from treespec.models.fused_decoder import FusedDecoder
 from treespec.models.tree_model import TreeDecoder
@@ -26,12 +27,7 @@ REPS = 20
 def kernel_us(fused: FusedDecoder, inputs) -> dict[str, float]:
     """Microseconds per step by kernel name (the name's first 60 characters), from graph replays."""
     with torch.no_grad():
-        fused(*inputs)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fused(*inputs)
-        graph.replay()
-        torch.cuda.synchronize()
+        graph = captured(lambda: fused(*inputs))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(REPS):
                 graph.replay()
